@@ -1,0 +1,130 @@
+"""Adapter I/O in PEFT's format, natively: save a wrapped model's LoRA, load any PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_cli.errors import UserError, atomic_path, atomic_write_text
+from lora_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
+from lora_cli.lora.layer import is_conv1d, linear_shape
+from lora_cli.lora.peft_format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    AdapterConfig,
+    adapter_files,
+    read_adapter_config,
+)
+from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets, suffix_matches
+
+_KEY_RX = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: AdapterConfig,
+    dtype: torch.dtype = torch.float32,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT key layout) atomically."""
+    out_dir = Path(out_dir)
+    tensors = {
+        KEY_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in lora_state_dict(model).items()
+    }
+    write_adapter(out_dir, config, tensors, metadata)
+
+
+def write_adapter(
+    out_dir: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write PEFT-keyed tensors and their config; weights first, so a config never names missing weights."""
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2) + "\n")
+
+
+def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed by module path (`….lora_A.weight`), PEFT's prefix removed."""
+    _, weights = adapter_files(path)
+    try:
+        raw = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights}: cannot read the adapter weights ({e}); the file is corrupt or truncated") from None
+    problems = [k for k in raw if not k.startswith(KEY_PREFIX)]
+    if problems:
+        raise UserError(
+            f"{weights}: tensor names lack PEFT's '{KEY_PREFIX}' prefix (e.g. {problems[0]!r}); not a PEFT adapter"
+        )
+    return {k[len(KEY_PREFIX) :]: v for k, v in raw.items()}
+
+
+def adapter_module_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The linear modules PEFT would wrap for this config (list = suffix match, str = full-match regex)."""
+    targets = config.target_modules
+    if targets == ALL_LINEAR:
+        return resolve_targets(model, ALL_LINEAR)
+    names = linear_modules(model)
+    if isinstance(targets, str):
+        return sorted(n for n in names if re.fullmatch(targets, n))
+    return sorted(n for n in names if any(suffix_matches(n, t) for t in targets))
+
+
+def check_adapter_fits(
+    model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str
+) -> list[str]:
+    """Every name / shape / dtype / finiteness problem of `tensors` against `model`, raised together.
+
+    Returns the module paths to wrap.
+    """
+    paths = adapter_module_paths(model, config)
+    modules = dict(model.named_modules())
+    problems: list[str] = []
+    for key, t in tensors.items():
+        m = _KEY_RX.match(key)
+        if not m:
+            problems.append(f"unsupported tensor {key!r}")
+        elif m["path"] not in paths:
+            where = "is not a linear module of the base" if m["path"] not in modules else "is not in target_modules"
+            problems.append(f"{m['path']} {where}")
+        elif not t.is_floating_point():
+            problems.append(f"{key} has dtype {t.dtype}")
+        elif not torch.isfinite(t).all():
+            problems.append(f"{key} holds NaN or inf")
+    for path in paths:
+        a, b = tensors.get(f"{path}.lora_A.weight"), tensors.get(f"{path}.lora_B.weight")
+        if a is None or b is None:
+            problems.append(f"no lora_A/lora_B weights for {path}")
+            continue
+        n_in, n_out = linear_shape(modules[path])
+        r, _ = config.rank_and_alpha(path)
+        if tuple(a.shape) != (r, n_in):
+            problems.append(f"{path}.lora_A is {tuple(a.shape)}, the base needs ({r}, {n_in})")
+        if tuple(b.shape) != (n_out, r):
+            problems.append(f"{path}.lora_B is {tuple(b.shape)}, the base needs ({n_out}, {r})")
+        if config.fan_in_fan_out != is_conv1d(modules[path]):
+            problems.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {path} ({type(modules[path]).__name__})")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise UserError(f"adapter {source} does not fit this base model: {shown}")
+    return paths
+
+
+def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0) -> AdapterConfig:
+    """Wrap `model` with the adapter at `path` (any PEFT LoRA adapter) and load its weights."""
+    config = read_adapter_config(path)
+    tensors = read_adapter_tensors(path)
+    paths = check_adapter_fits(model, config, tensors, str(path))
+    inject_lora(model, paths, config.rank_and_alpha, dropout=dropout, use_rslora=config.use_rslora)
+    with torch.no_grad():
+        for p, layer in lora_layers(model).items():
+            layer.lora_A.weight.copy_(tensors[f"{p}.lora_A.weight"])
+            layer.lora_B.weight.copy_(tensors[f"{p}.lora_B.weight"])
+    return config

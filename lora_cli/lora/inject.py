@@ -1,0 +1,121 @@
+"""Putting LoRA into a model and taking it out again: wrap, freeze, collect, merge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_cli.errors import UserError
+from lora_cli.lora.layer import LoraLinear, linear_shape
+
+# (module path) -> (r, lora_alpha); lets adapters with PEFT's rank_pattern / alpha_pattern load.
+RankFn = Callable[[str], tuple[int, float]]
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """The model's LoRA layers by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def inject_lora(
+    model: nn.Module,
+    paths: list[str],
+    r: int | RankFn,
+    lora_alpha: float | None = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> dict[str, LoraLinear]:
+    """Freeze every weight of `model`, then wrap each module in `paths` with a LoraLinear.
+
+    `r` is an int (with `lora_alpha`) or a function path → (r, alpha). Only the LoRA A/B train afterwards.
+    Refuses a model that already holds LoRA layers (wrapping twice is always a bug).
+    """
+    if lora_layers(model):
+        raise UserError("the model already has LoRA layers; refusing to wrap it twice")
+    tied = _tied_output_paths(model)
+    bad = [p for p in paths if p in tied]
+    if bad:
+        raise UserError(f"cannot put LoRA on {', '.join(bad)}: its weight is tied to the input embeddings")
+    model.requires_grad_(False)
+    layers = {}
+    for path in paths:
+        r_i, alpha_i = r(path) if callable(r) else (r, lora_alpha if lora_alpha is not None else 2 * r)
+        layer = LoraLinear.from_base(model.get_submodule(path), r_i, alpha_i, dropout, use_rslora)
+        _set_submodule(model, path, layer)
+        layers[path] = layer
+    return layers
+
+
+def _tied_output_paths(model: nn.Module) -> set[str]:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not (callable(get_in) and callable(get_out)):
+        return set()
+    emb, head = get_in(), get_out()
+    if emb is None or head is None or emb.weight is not head.weight:
+        return set()
+    return {name for name, m in model.named_modules() if m is head}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight and put the plain base modules back. Returns `model`."""
+    for path, layer in lora_layers(model).items():
+        _set_submodule(model, path, layer.to_base())
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{module path}.lora_A.weight` (r, in) and `.lora_B.weight` (out, r) for every LoRA layer."""
+    out = {}
+    for path, layer in lora_layers(model).items():
+        out[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach()
+        out[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+    return out
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """Trainable vs total parameter counts of a LoRA-wrapped model."""
+
+    trainable: int
+    total: int
+    trainable_bytes: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.trainable:,} trainable of {self.total:,} parameters ({self.percent:.3f}%), "
+            f"{self.trainable_bytes / 2**20:.2f} MB"
+        )
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    """Count trainable and total parameters (each shared tensor once)."""
+    seen: set[int] = set()
+    trainable = total = nbytes = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return ParamReport(trainable, total, nbytes)
+
+
+def expected_trainable(model: nn.Module) -> int:
+    """Σ r·(in + out) over the LoRA layers: the closed form the trainable count must equal."""
+    return sum(layer.r * sum(linear_shape(layer.base_layer)) for layer in lora_layers(model).values())

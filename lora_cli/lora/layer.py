@@ -1,0 +1,131 @@
+"""The LoRA layer: one class wrapping a frozen base linear (`nn.Linear` or GPT-2's `Conv1D`).
+
+    y = base(x) + scaling · B A dropout(x),   A: (r, in) kaiming-uniform(a=√5),  B: (out, r) zeros
+
+so a freshly wrapped model computes exactly what the base did. `merge()` folds the delta into the base
+weight in fp32 (idempotent; `unmerge()` undoes it) and `to_base()` returns the plain base module again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / √r with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear` or a `Conv1D`."""
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return n_in, n_out
+    return module.in_features, module.out_features
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Modules we know how to wrap: `nn.Linear` (and subclasses, e.g. 4-bit linears) and `Conv1D`."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update. Build it with `LoraLinear.from_base`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"rank must be >= 1, got {r}")
+        n_in, n_out = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        # LoRA weights live in fp32 whatever the base dtype: they are tiny and train better so.
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(n_in, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, n_out, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_base(
+        cls, base_layer: nn.Module, r: int, lora_alpha: float, dropout: float = 0.0, use_rslora: bool = False
+    ) -> LoraLinear:
+        """Wrap `base_layer` (frozen in place) with a zero-initialised LoRA update."""
+        base_layer.requires_grad_(False)
+        return cls(base_layer, r, lora_alpha, dropout, use_rslora)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A kaiming-uniform with a = √5 (|A| ≤ 1/√in), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (some model code reads `.weight` of its projections directly)."""
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        # (…, in) → (…, r) → (…, out); the scaling is applied on the small (…, r) tensor.
+        h = F.linear(self.lora_dropout(x), a) * self.scaling
+        return result + F.linear(h, b).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A in fp32, in the base weight's layout ((in, out) for Conv1D)."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W + scaling · B A, computed in fp32 and cast back. A second call does nothing."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        merged = w.float() + self.delta_weight().to(w.device)
+        if not torch.isfinite(merged).all():
+            raise ValueError("merging would put non-finite values into the weight; the adapter is broken")
+        w.copy_(merged.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − scaling · B A (fp32). A call on an unmerged layer does nothing."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        self.merged = False
+
+    def to_base(self) -> nn.Module:
+        """Merge and return the plain base module (no LoRA code left in it)."""
+        self.merge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}"

@@ -1,0 +1,171 @@
+"""PEFT's on-disk adapter format, without torch: the config, the file names, the safetensors header.
+
+`inspect` uses only this module, so it answers without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import UserError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+# Metadata key (safetensors header) recording that the base was a dequantized GGUF file.
+GGUF_BASE_KEY = "lora_cli.base_gguf"
+
+# PEFT LoraConfig keys that only describe, or only matter while initialising / training.
+_BENIGN_KEYS = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
+    "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights", "runtime_config", "megatron_core",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
+    "ensure_weight_tying", "monteclora_config",
+    "layers_pattern",  # has no effect without layers_to_transform, which is refused
+}
+# init_lora_weights values that change the *base* weights: such adapters need the modified base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA hyper-parameters an adapter needs; reads and writes PEFT's `adapter_config.json`."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """r and alpha of one module, honouring rank_pattern / alpha_pattern (PEFT's first-match rule)."""
+        return (
+            _pattern_value(self.rank_pattern, module_path, self.r),
+            _pattern_value(self.alpha_pattern, module_path, self.lora_alpha),
+        )
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The dict PEFT's LoraConfig reads (sorted target list)."""
+        targets = sorted(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        alpha = int(self.lora_alpha) if float(self.lora_alpha).is_integer() else self.lora_alpha
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": targets,
+            "use_rslora": self.use_rslora,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "bias": "none",
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "modules_to_save": None,
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> AdapterConfig:
+        """Validate a PEFT config: features we do not implement are refused by name, all at once."""
+        problems = []
+        peft_type = d.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise UserError(f"{source}: not a LoRA adapter (peft_type {peft_type!r}); only LoRA is supported")
+        for key, value in d.items():
+            if key in _BENIGN_KEYS or value in (None, False, {}, [], "", 0):
+                continue
+            problems.append(f"{key}={json.dumps(value)[:60]}")
+        if d.get("bias", "none") not in ("none", None):
+            problems.append(f"bias={d['bias']!r} (bias training)")
+        init = d.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            problems.append(f"init_lora_weights={init!r} (it changes the base weights)")
+        missing = [k for k in ("r", "lora_alpha", "target_modules") if d.get(k) in (None, "", [])]
+        if problems:
+            raise UserError(f"{source} uses features lora does not implement: {', '.join(problems)}")
+        if missing:
+            raise UserError(f"{source} lacks {', '.join(missing)}; is this a LoRA adapter?")
+        try:
+            cfg = cls(
+                r=int(d["r"]),
+                lora_alpha=float(d["lora_alpha"]),
+                target_modules=d["target_modules"] if isinstance(d["target_modules"], str)
+                else [str(t) for t in d["target_modules"]],
+                lora_dropout=float(d.get("lora_dropout") or 0.0),
+                use_rslora=bool(d.get("use_rslora", False)),
+                fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
+                base_model_name_or_path=d.get("base_model_name_or_path"),
+                rank_pattern={str(k): int(v) for k, v in (d.get("rank_pattern") or {}).items()},
+                alpha_pattern={str(k): float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
+            )
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: malformed value ({e})") from None
+        if cfg.r < 1 or any(v < 1 for v in cfg.rank_pattern.values()):
+            raise UserError(f"{source}: rank must be >= 1")
+        return cfg
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """(config, weights) of an adapter directory, or a UserError saying what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"adapter {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise UserError(f"adapter {str(path)!r} is not a directory (expected a run or adapter directory)")
+    config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config.is_file():
+        raise UserError(f"{str(path)!r} is not an adapter: it has no {CONFIG_NAME}")
+    if not weights.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise UserError(
+                f"{str(path)!r} holds only adapter_model.bin (pickle); convert it to safetensors first"
+            )
+        raise UserError(f"{str(path)!r} is not a complete adapter: it has no {WEIGHTS_NAME}")
+    return config, weights
+
+
+def read_adapter_config(path: str | Path) -> AdapterConfig:
+    """Parse and validate the adapter_config.json of an adapter directory."""
+    config_path, _ = adapter_files(path)
+    try:
+        d = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{config_path}: expected a JSON object")
+    return AdapterConfig.from_peft_dict(d, source=str(config_path))
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """({tensor name: {dtype, shape, data_offsets}}, metadata) from a safetensors file's header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000 or n > path.stat().st_size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a valid safetensors file ({e})") from None
+    meta = header.pop("__metadata__", None) or {}
+    return header, meta

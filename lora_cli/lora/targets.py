@@ -1,0 +1,126 @@
+"""Which modules to wrap: resolving `--targets` against a model, and naming them for PEFT.
+
+`attention` is read from the model itself: the innermost modules whose class name says they are
+attention (LlamaAttention, GPT2Attention, GPTNeoXAttention, FalconAttention, …) and the linear layers
+inside them. That covers fused projections (Phi-3 `qkv_proj`, GPT-2 `c_attn`, NeoX `query_key_value`)
+and never picks an MLP layer that merely shares a name (GPT-2's `mlp.c_proj`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from torch import nn
+
+from lora_cli.errors import UserError
+from lora_cli.lora.layer import is_linear_like
+
+ATTENTION = "attention"
+ALL_LINEAR = "all-linear"
+REGEX_PREFIX = "re:"
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every wrappable linear module of the model, by dotted path."""
+    return {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """The output projection (lm_head) is never a target of `all-linear`, as in PEFT."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, m in model.named_modules():
+        if (head is not None and m is head) or name.split(".")[-1] in ("lm_head", "embed_out"):
+            names.add(name)
+    return names
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower()
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """Linear layers inside the model's innermost attention modules, detected by class name."""
+    attn = {name: m for name, m in model.named_modules() if name and _is_attention(m)}
+    innermost = [n for n in attn if not any(o != n and o.startswith(n + ".") for o in attn)]
+    linears = linear_modules(model)
+    return sorted(name for name in linears if any(name.startswith(a + ".") for a in innermost))
+
+
+def suffix_matches(name: str, key: str) -> bool:
+    """PEFT's list rule: `key` is the whole module path or a suffix of it on a dotted boundary."""
+    return name == key or name.endswith("." + key)
+
+
+def describe_linears(model: nn.Module, limit: int = 12) -> str:
+    """A short list of the model's linear modules by their last name, with counts, for error messages."""
+    counts = Counter(name.split(".")[-1] for name in linear_modules(model))
+    shown = ", ".join(f"{k} (×{v})" if v > 1 else k for k, v in counts.most_common(limit))
+    more = len(counts) - limit
+    return shown + (f", … {more} more" if more > 0 else "") if counts else "none"
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Module paths to wrap for `--targets` (attention | all-linear | comma list | re:PATTERN).
+
+    Raises UserError naming the model's linear modules when nothing matches.
+    """
+    linears = linear_modules(model)
+    if isinstance(targets, list):
+        spec = ",".join(targets)
+        keys = [t.strip() for t in targets if t.strip()]
+    else:
+        spec = targets.strip()
+        keys = [t.strip() for t in spec.split(",") if t.strip()]
+    if spec == ATTENTION:
+        found = attention_projections(model)
+        if not found:
+            raise UserError(
+                f"cannot find the attention projections of {type(model).__name__}; name them with --targets "
+                f"(its linear modules: {describe_linears(model)}), or use --targets all-linear"
+            )
+        return found
+    if spec == ALL_LINEAR:
+        heads = _output_head_names(model)
+        found = sorted(n for n in linears if n not in heads)
+    elif spec.startswith(REGEX_PREFIX):
+        pattern = spec[len(REGEX_PREFIX) :]
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"--targets: invalid regular expression {pattern!r}: {e}") from None
+        found = sorted(n for n in linears if rx.fullmatch(n))
+    else:
+        found = sorted(n for n in linears if any(suffix_matches(n, k) for k in keys))
+        unmatched = [k for k in keys if not any(suffix_matches(n, k) for n in linears)]
+        if found and unmatched:
+            raise UserError(
+                f"--targets: no linear module matches {', '.join(unmatched)} "
+                f"(the model's linear modules: {describe_linears(model)})"
+            )
+    if not found:
+        raise UserError(
+            f"--targets {spec!r} matched no linear module of {type(model).__name__} "
+            f"(its linear modules: {describe_linears(model)})"
+        )
+    return found
+
+
+def peft_target_names(model: nn.Module, wrapped: list[str]) -> list[str]:
+    """The shortest dotted suffixes that make PEFT's suffix match wrap exactly `wrapped`, sorted.
+
+    GPT-2's attention `c_proj` becomes `attn.c_proj`, since a bare `c_proj` would also hit the MLP.
+    """
+    wrapped_set = set(wrapped)
+    all_names = [n for n, _ in model.named_modules() if n]
+    names = set()
+    for path in wrapped:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            key = ".".join(parts[-k:])
+            if all(n in wrapped_set for n in all_names if suffix_matches(n, key)):
+                names.add(key)
+                break
+    return sorted(names)

@@ -1,0 +1,274 @@
+"""The LoRA core against PEFT (the oracle) and closed forms, on tiny models of many architectures."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from tiny import tiny_model
+
+from lora_cli.errors import UserError
+from lora_cli.lora import (
+    AdapterConfig,
+    LoraLinear,
+    expected_trainable,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    param_report,
+    peft_target_names,
+    resolve_targets,
+)
+from lora_cli.lora.adapter import load_adapter, save_adapter
+
+ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon"]
+EXPECTED_ATTENTION = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "llama-tied": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "gpt_neox": ["attention.query_key_value", "attention.dense"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "falcon": ["self_attention.query_key_value", "self_attention.dense"],
+}
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7], [3, 4, 8, 16, 32, 64, 100, 120]])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def randomize_b(model, seed=1):
+    """Give every lora_B non-zero values so the adapter actually changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def wrapped(arch, r=4, alpha=8, rslora=False, targets="attention"):
+    model = tiny_model(arch)
+    paths = resolve_targets(model, targets)
+    inject_lora(model, paths, r, alpha, use_rslora=rslora)
+    randomize_b(model)
+    return model.eval(), paths
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_targets_by_name(arch):
+    model = tiny_model(arch)
+    paths = resolve_targets(model, "attention")
+    n_layers = 2
+    for suffix in EXPECTED_ATTENTION[arch]:
+        assert sum(p.endswith("." + suffix) for p in paths) == n_layers, (suffix, paths)
+    assert len(paths) == n_layers * len(EXPECTED_ATTENTION[arch])
+    assert not any(".mlp." in p for p in paths)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_init_is_identity_and_only_lora_trains(arch):
+    base = tiny_model(arch)
+    model = copy.deepcopy(base)
+    inject_lora(model, resolve_targets(model, "attention"), r=4, lora_alpha=8)
+    assert torch.equal(logits(base), logits(model))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert param_report(model).trainable == expected_trainable(model)
+    # closed form by hand: Σ r·(in + out) over wrapped layers
+    by_hand = 0
+    for layer in lora_layers(model).values():
+        w = layer.base_layer.weight
+        by_hand += 4 * (w.shape[0] + w.shape[1])
+    assert param_report(model).trainable == by_hand
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_equals_peft_with_same_weights(arch, rslora):
+    ours, paths = wrapped(arch, r=4, alpha=8, rslora=rslora)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=peft_target_names(ours, paths), use_rslora=rslora,
+                          lora_dropout=0.0, fan_in_fan_out=arch == "gpt2")
+    theirs = peft.get_peft_model(tiny_model(arch), cfg).eval()
+    peft_paths = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert peft_paths == paths
+    with torch.no_grad():
+        for p, layer in lora_layers(ours).items():
+            m = theirs.base_model.model.get_submodule(p)
+            m.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            m.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    diff = (logits(ours) - logits(theirs)).abs().max().item()
+    assert diff < 1e-5
+    assert (logits(ours) - logits(tiny_model(arch))).abs().max() > 1e-3  # the adapter does something
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "gpt_neox", "llama-tied"])
+def test_saved_adapter_loads_in_peft(tmp_path, arch):
+    ours, paths = wrapped(arch)
+    cfg = AdapterConfig(r=4, lora_alpha=8, target_modules=peft_target_names(ours, paths),
+                        fan_in_fan_out=arch == "gpt2", base_model_name_or_path="tiny")
+    save_adapter(ours, tmp_path, cfg)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == sorted(saved["target_modules"])
+    theirs = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    peft_paths = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert peft_paths == paths
+    assert (logits(ours) - logits(theirs)).abs().max().item() < 1e-5
+    # and back into ours
+    again = tiny_model(arch)
+    load_adapter(again, tmp_path)
+    assert (logits(ours) - logits(again.eval())).abs().max().item() < 1e-6
+
+
+def test_gpt2_never_writes_a_bare_c_proj():
+    model = tiny_model("gpt2")
+    names = peft_target_names(model, resolve_targets(model, "attention"))
+    assert "c_proj" not in names and "attn.c_proj" in names
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_made_adapter_with_rslora_and_patterns_loads_in_ours(tmp_path, arch):
+    targets = ["q_proj", "v_proj", "o_proj"] if arch == "llama" else ["c_attn", "attn.c_proj"]
+    pattern_key = "v_proj" if arch == "llama" else "c_attn"
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=True,
+                          rank_pattern={pattern_key: 2}, alpha_pattern={pattern_key: 3},
+                          fan_in_fan_out=arch == "gpt2", init_lora_weights=False)
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(tiny_model(arch), cfg).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = tiny_model(arch)
+    loaded = load_adapter(ours, tmp_path)
+    assert loaded.use_rslora and loaded.rank_pattern == {pattern_key: 2}
+    assert {layer.r for layer in lora_layers(ours).values()} == {2, 4}
+    assert (logits(ours.eval()) - logits(theirs)).abs().max().item() < 1e-5
+
+
+def test_peft_regex_target_modules_load(tmp_path):
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*layers\.1\.self_attn\.(q|k)_proj",
+                          init_lora_weights=False)
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(tiny_model("llama"), cfg).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = tiny_model("llama")
+    load_adapter(ours, tmp_path)
+    assert sorted(lora_layers(ours)) == ["model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"]
+    assert (logits(ours.eval()) - logits(theirs)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_merge_unmerge(arch):
+    model, _ = wrapped(arch)
+    before = logits(model)
+    weights = {p: layer.base_layer.weight.clone() for p, layer in lora_layers(model).items()}
+    for layer in lora_layers(model).values():
+        layer.merge()
+    merged = logits(model)
+    assert (merged - before).abs().max().item() < 1e-5
+    for layer in lora_layers(model).values():
+        layer.merge()  # idempotent
+    assert torch.equal(logits(model), merged)
+    for p, layer in lora_layers(model).items():
+        layer.unmerge()
+        assert (layer.base_layer.weight - weights[p]).abs().max().item() < 1e-6
+    assert (logits(model) - before).abs().max().item() < 1e-6
+
+
+def test_merge_lora_returns_a_plain_model():
+    model, paths = wrapped("gpt2")
+    before = logits(model)
+    merge_lora(model)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert type(model.get_submodule(paths[0])).__name__ == "Conv1D"
+    assert (logits(model) - before).abs().max().item() < 1e-5
+
+
+def test_delta_weight_closed_form():
+    model, _ = wrapped("llama", r=4, alpha=8)
+    layer = next(iter(lora_layers(model).values()))
+    expected = (8 / 4) * layer.lora_B.weight @ layer.lora_A.weight
+    assert torch.allclose(layer.delta_weight(), expected)
+    x = torch.randn(3, layer.lora_A.weight.shape[1])
+    assert torch.allclose(layer(x), layer.base_layer(x) + x @ expected.T, atol=1e-6)
+
+
+def test_init_distribution_matches_peft():
+    layer = LoraLinear.from_base(torch.nn.Linear(64, 32), r=8, lora_alpha=16)
+    assert layer.lora_A.weight.abs().max() <= 1 / 64**0.5
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+# ---- failures are loud and name things ----
+
+def test_no_match_names_the_models_linear_modules():
+    with pytest.raises(UserError, match=r"q_proj.*gate_proj|gate_proj.*q_proj"):
+        resolve_targets(tiny_model("llama"), "nonexistent_proj")
+
+
+def test_regex_and_all_linear_targets():
+    model = tiny_model("llama")
+    assert resolve_targets(model, r"re:.*layers\.0\.mlp\.(up|down)_proj") == [
+        "model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+    all_lin = resolve_targets(model, "all-linear")
+    assert "lm_head" not in all_lin and len(all_lin) == 2 * 7
+    with pytest.raises(UserError, match="invalid regular expression"):
+        resolve_targets(model, "re:(")
+
+
+def test_wrapping_twice_is_refused():
+    model, paths = wrapped("llama")
+    with pytest.raises(UserError, match="twice"):
+        inject_lora(model, paths, 4, 8)
+
+
+@pytest.mark.parametrize("feature,value", [("use_dora", True), ("modules_to_save", ["lm_head"]),
+                                           ("layers_to_transform", [0]), ("lora_bias", True),
+                                           ("exclude_modules", ["q_proj"])])
+def test_unimplemented_peft_features_are_refused_by_name(tmp_path, feature, value):
+    d = peft_config_on_disk(tmp_path)
+    d[feature] = value
+    with pytest.raises(UserError, match=feature):
+        AdapterConfig.from_peft_dict(d)
+
+
+def peft_config_on_disk(tmp_path):
+    """What peft itself writes for a plain LoRA config (~41 keys, many null)."""
+    peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    return json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+def test_peft_default_config_dict_is_accepted(tmp_path):
+    d = peft_config_on_disk(tmp_path)
+    cfg = AdapterConfig.from_peft_dict(d)
+    assert (cfg.r, cfg.lora_alpha, cfg.target_modules) == (4, 8.0, ["q_proj"])
+
+
+def test_mismatches_are_collected_together(tmp_path):
+    ours, paths = wrapped("llama")
+    save_adapter(ours, tmp_path, AdapterConfig(r=4, lora_alpha=8, target_modules=peft_target_names(ours, paths)))
+    other = tiny_model("gpt_neox")  # no q_proj/k_proj/… at all
+    with pytest.raises(UserError, match=r"does not fit.*;.*;"):
+        load_adapter(other, tmp_path)
+    wide = tiny_model("llama")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"lora_A is \(4, 32\), the base needs \(3, 32\)"):
+        load_adapter(wide, tmp_path)
+
+
+def test_non_finite_adapter_is_refused(tmp_path):
+    ours, paths = wrapped("llama")
+    with torch.no_grad():
+        next(iter(lora_layers(ours).values())).lora_A.weight[0, 0] = float("nan")
+    save_adapter(ours, tmp_path, AdapterConfig(r=4, lora_alpha=8, target_modules=peft_target_names(ours, paths)))
+    with pytest.raises(UserError, match="NaN"):
+        load_adapter(tiny_model("llama"), tmp_path)

@@ -1,0 +1,87 @@
+"""Tiny models and a tiny tokenizer, built offline from configs, for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?,.:;'\"()[]{}<>-_+=*/\\|@#$%^&~`",
+    "user assistant system hello world what is the capital of France Paris Berlin Rome Madrid",
+    "Question: Answer: The answer is yes no maybe. color colour red green blue purple",
+] * 20
+
+
+def _common(vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=256)
+
+
+def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
+    """A 2-layer config of `arch` with hidden size 32 (64 where the architecture needs it)."""
+    c = _common(vocab)
+    if arch == "llama":
+        return tf.LlamaConfig(**c, num_key_value_heads=2)
+    if arch == "llama-tied":
+        return tf.LlamaConfig(**c, num_key_value_heads=2, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**c, num_key_value_heads=2)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**c, num_key_value_heads=2, head_dim=8)
+    if arch == "mistral":
+        return tf.MistralConfig(**c, num_key_value_heads=2)
+    if arch == "gemma":
+        return tf.GemmaConfig(**c, num_key_value_heads=2, head_dim=8)
+    if arch == "phi3":
+        return tf.Phi3Config(**c, num_key_value_heads=4, pad_token_id=0)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**c)
+    if arch == "opt":
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            ffn_dim=64, max_position_embeddings=256, word_embed_proj_dim=32)
+    if arch == "falcon":
+        return tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               new_decoder_architecture=False, multi_query=True)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, vocab: int = 128, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny causal LM in fp32 and eval mode."""
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, vocab), dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML) -> tf.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few lines, with ChatML specials (pad = eos)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=320, min_frequency=1, special_tokens=SPECIALS)
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
+                                     bos_token="<|im_start|>", pad_token="<|im_end|>", unk_token=None)
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+def save_tiny(path: str | Path, arch: str = "llama", chat_template: str | None = CHATML, seed: int = 0) -> Path:
+    """Save a tiny model + tokenizer in transformers layout (safetensors) and return the directory."""
+    path = Path(path)
+    tok = tiny_tokenizer(chat_template)
+    model = tiny_model(arch, vocab=len(tok), seed=seed)
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
