@@ -21,7 +21,7 @@ CORPUS = [
 
 def _common(vocab: int) -> dict:
     return dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=64, max_position_embeddings=256)
+                intermediate_size=64, max_position_embeddings=256, initializer_range=0.2)
 
 
 def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:

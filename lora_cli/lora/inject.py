@@ -73,6 +73,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Put the original base modules back, discarding the LoRA updates (unmerged). Returns `model`."""
+    for path, layer in lora_layers(model).items():
+        layer.unmerge()
+        _set_submodule(model, path, layer.base_layer)
+    return model
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`{module path}.lora_A.weight` (r, in) and `.lora_B.weight` (out, r) for every LoRA layer."""
     out = {}

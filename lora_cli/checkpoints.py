@@ -1,0 +1,158 @@
+"""Checkpoints (save / find / resume), the run-directory lock, and interruption by signals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_cli.errors import UserError, atomic_dir
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+_STEP_RX = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (their state file exists), oldest first. Temp dirs never match."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_RX.match(d.name)
+        if m and (d / STATE_NAME).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states of this process (JSON-able + tensors)."""
+    np_state = np.random.get_state()
+    return {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer, scheduler, state: dict,
+                    rank: int = 0, world_size: int = 1) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (temp dir, then rename). Called on the main process;
+    `write_adapter(dir)` writes the adapter files."""
+    target = checkpoint_dir(run_dir, step)
+    with atomic_dir(target) as tmp:
+        write_adapter(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
+        (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
+    return target
+
+
+def load_checkpoint_state(ckpt: Path, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore optimizer, scheduler and RNG from `ckpt`; return its trainer state."""
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        rng_file = ckpt / f"rng_state_{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((ckpt / STATE_NAME).read_text())
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from None
+
+
+def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:
+    """Keep the newest `keep` checkpoints plus the best one by eval loss."""
+    ckpts = list_checkpoints(run_dir)
+    newest = {s for s, _ in ckpts[-keep:]}
+    for s, d in ckpts:
+        if s not in newest and s != best_step:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """An OS file lock on the run directory (released automatically if the process dies)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir} is in use by another lora run (locked); wait for it or pick another "
+                            "--output") from None
+        yield
+    finally:
+        fh.close()
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks after each step; a second signal aborts at once.
+
+    Explicit handlers, since a background process of a non-interactive shell starts with SIGINT ignored.
+    """
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+def output_dir_problem(run_dir: Path, force: bool, resume: bool) -> str | None:
+    """Why we may not write into `run_dir`, or None."""
+    if resume or force or not run_dir.exists():
+        return None
+    if run_dir.is_file():
+        return f"--output {run_dir} is a file"
+    if any(p.name != ".lock" for p in run_dir.iterdir()):
+        return f"--output {run_dir} exists and is not empty; pass --force to overwrite it, or --resume to continue it"
+    return None

@@ -1,0 +1,59 @@
+"""The `lora` command line: registers the commands and turns user errors into one `error:` line.
+
+Nothing heavy is imported here: `lora --help` must answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from lora_cli.commands import export, generate, inspect, merge, train
+from lora_cli.errors import UserError
+
+app = typer.Typer(
+    name="lora",
+    help="Fine-tune Hugging Face causal language models with LoRA: train, merge, export, generate, inspect.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+for module in (train, merge, export, generate, inspect):
+    module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: `--debug` (anywhere) or LORA_DEBUG=1 shows tracebacks instead of one-line errors."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("LORA_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="lora", standalone_mode=True)
+    except UserError as e:
+        if debug:
+            raise
+        _fail(str(e))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail("interrupted", code=130)
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")
+    except Exception as e:  # a bug, not a user mistake: still one line, with the way to see more
+        if debug:
+            raise
+        if "out of memory" in str(e).lower():
+            _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")
+        _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    message = " ".join(message.split("\n"))
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

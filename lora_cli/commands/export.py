@@ -1,0 +1,32 @@
+"""`lora export`: the small shareable adapter (PEFT format, float16 by default) plus a model card."""
+
+from __future__ import annotations
+
+import typer
+
+
+def export_command(
+    adapter: str = typer.Argument(..., help="Run directory, checkpoint, or adapter directory."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory to write."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+) -> None:
+    """Write a small adapter that PEFT, vLLM and other servers load as it is, with a README model card."""
+    from lora_cli.commands.common import dtype_name
+    from lora_cli.display import stderr_console
+
+    name = dtype_name(dtype)
+    import torch
+
+    from lora_cli.exporting import export_adapter
+
+    info = export_adapter(adapter, output, getattr(torch, name), force)
+    line = f"wrote {info['output']}: adapter {info['size_bytes'] / 2**20:.2f} MB ({name})"
+    if info["base_size_bytes"]:
+        line += (f", {100 * info['size_bytes'] / info['base_size_bytes']:.2f}% of the base model's "
+                 f"{info['base_size_bytes'] / 2**20:.0f} MB")
+    stderr_console().print(line)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)

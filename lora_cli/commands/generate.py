@@ -1,0 +1,103 @@
+"""`lora generate`: try a model, with or without adapters (switched in place on one base load)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def generate_command(
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, local directory, or .gguf file."),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="Adapter directory; repeat to "
+                                                "compare several on one base load."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="A file of prompts, one per line."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message (chat models)."),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Send the prompt as raw text, without the chat template."),
+    compare: bool = typer.Option(False, "--compare", help="Also answer with the base model, side by side."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Maximum tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+) -> None:
+    """Generate an answer (streamed), with the chat template when the model has one."""
+    from pathlib import Path
+
+    from lora_cli.commands.common import dtype_name
+    from lora_cli.errors import UserError
+
+    adapters = adapter or []
+    prompts = [prompt] if prompt else []
+    if prompt_file:
+        if not Path(prompt_file).is_file():
+            raise UserError(f"--prompt-file {prompt_file!r} does not exist")
+        prompts += [line for line in Path(prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give --prompt TEXT or --prompt-file FILE")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    from lora_cli.lora.peft_format import adapter_files
+
+    for a in adapters:
+        adapter_files(a)  # a missing adapter fails before the model loads
+    dtype = dtype_name(dtype, ("auto", "float32", "bfloat16", "float16"))
+    _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, dtype,
+         trust_remote_code, allow_pickle)
+
+
+def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, dtype,
+         trust_remote_code, allow_pickle) -> None:
+    import sys
+    import time
+
+    import torch
+    from rich.table import Table
+    from transformers import TextStreamer
+
+    from lora_cli.display import stderr_console
+    from lora_cli.generation import chat_template_for, generate, prompt_ids
+    from lora_cli.lora.adapter import load_adapter
+    from lora_cli.lora.inject import unload_lora
+    from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
+
+    console = stderr_console()
+    source = resolve_model(model_ref, allow_pickle)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(source, trust_remote_code, status=console.print)
+    model = load_model(source, torch_dtype(dtype, device), trust_remote_code, allow_pickle,
+                       status=console.print).to(device).eval()
+    template = None if no_chat else chat_template_for(tok, adapters)
+    variants = ([None] if compare or not adapters else []) + adapters
+    answers: dict[str, list[str]] = {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        unload_lora(model)
+        if variant:
+            load_adapter(model, variant)
+            model.to(device)
+        label = variant or "base"
+        switch = f" (loaded in {time.perf_counter() - t0:.2f} s)" if variant else ""
+        answers[label] = []
+        for p in prompts:
+            console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
+            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+            ids = prompt_ids(tok, p, template, system).to(device)
+            answers[label].append(generate(model, tok, ids, max_new_tokens, temperature, top_p, streamer))
+            sys.stdout.flush()
+    if len(variants) > 1:
+        table = Table(title="answers", show_lines=True)
+        table.add_column("prompt")
+        for label in answers:
+            table.add_column(label)
+        for i, p in enumerate(prompts):
+            table.add_row(p, *(answers[label][i].strip() for label in answers))
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)

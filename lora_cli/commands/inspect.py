@@ -1,0 +1,47 @@
+"""`lora inspect`: what an adapter is, as a table or JSON. Never imports torch."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def inspect_command(
+    adapter: str = typer.Argument(..., help="Run directory or adapter directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object on stdout."),
+) -> None:
+    """Rank, alpha, targets, trainable parameters, size, dtype and base model of an adapter."""
+    from lora_cli.inspection import adapter_facts
+
+    facts = adapter_facts(adapter)
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    from rich.console import Console
+
+    from lora_cli.display import kv_table
+
+    ranks = ", ".join(f"r={k} ×{v}" for k, v in facts["ranks"].items())
+    rows = [
+        ("base model", f"{facts['base_model_name_or_path']}"
+                       + (" (dequantized GGUF: not the Hub's original weights)" if facts["base_is_gguf"] else "")),
+        ("rank", f"{facts['r']} ({ranks})" if len(facts["ranks"]) > 1 else str(facts["r"])),
+        ("alpha / scaling", f"{facts['lora_alpha']:g} / {facts['scaling']:.4g}"
+                            + (" (rsLoRA: alpha/√r)" if facts["use_rslora"] else "")),
+        ("targets", ", ".join(f"{k} ×{v}" for k, v in facts["modules"].items())
+                    + f"  ({facts['num_modules']} modules)"),
+        ("trainable params", f"{facts['trainable_params']:,}"),
+        ("size", f"{facts['size_bytes'] / 2**20:.2f} MB ({facts['dtype']})"),
+    ]
+    s = facts.get("train_summary")
+    if s:
+        line = f"{s.get('steps')} steps, final loss {s.get('final_loss') or float('nan'):.4f}"
+        if s.get("eval_loss") is not None:
+            line += f", eval loss {s['eval_loss']:.4f}"
+        rows.append(("training", line + f", {s.get('wall_time_s')} s"))
+    Console(highlight=False).print(kv_table(f"adapter {adapter}", rows))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)

@@ -1,0 +1,43 @@
+"""`lora merge`: bake an adapter into its base model's weights (streaming, shard by shard)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def merge_command(
+    adapter: str = typer.Argument(..., help="Run directory, checkpoint, or any PEFT LoRA adapter directory."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for the merged model."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model [default: the adapter's "
+                                       "base_model_name_or_path]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the base's]."),
+    verify: bool = typer.Option(False, "--verify", help="Compare merged logits with base + adapter."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled base weights."),
+) -> None:
+    """Bake the adapter into the base weights: a plain transformers model, no LoRA code needed to load it."""
+    import time
+
+    from lora_cli.commands.common import dtype_name, run_chat_template
+    from lora_cli.display import stderr_console
+
+    dtype = dtype_name(dtype)
+    console = stderr_console()
+    import torch
+
+    from lora_cli.merging import merge_to_directory, verify_merge
+
+    t0 = time.perf_counter()
+    result = merge_to_directory(adapter, output, base, getattr(torch, dtype) if dtype else None, force, allow_pickle,
+                                run_chat_template(adapter), status=console.print)
+    console.print(f"merged {result.merged_modules} weights into {result.output} ({result.shards} shard(s), "
+                  f"{result.dtype or 'base dtype'}) in {time.perf_counter() - t0:.1f} s")
+    if verify:
+        diff = verify_merge(adapter, output, base, allow_pickle=allow_pickle)
+        console.print(f"verify: max |logits(merged) − logits(base + adapter)| = {diff:.3g}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge")(merge_command)

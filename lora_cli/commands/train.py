@@ -1,0 +1,73 @@
+"""`lora train`: its flags are generated from TrainConfig, so defaults live in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Optional
+
+import typer
+
+from lora_cli.config import TrainConfig
+
+EXTRA_FLAGS = {
+    "config": (Optional[str], typer.Option(None, "--config", "-c", help="YAML file with option values "
+                                           "(keys = option names with underscores).", rich_help_panel="Run")),
+    "dry_run": (bool, typer.Option(False, "--dry-run", help="Print the resolved config as YAML and exit; write "
+                                   "nothing.", rich_help_panel="Run")),
+    "resume": (bool, typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint.",
+                                  rich_help_panel="Run")),
+    "force": (bool, typer.Option(False, "--force", help="Overwrite an existing --output directory.",
+                                 rich_help_panel="Run")),
+}
+
+
+def _config_params() -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        base = next((a for a in getattr(hint, "__args__", ()) if a is not type(None)), hint)
+        flag = "--" + f.name.replace("_", "-")
+        decl = [flag] if base is not bool else [f"{flag}/--no-{flag[2:]}"]
+        default = "" if f.default is None else f" [default: {f.default}]"
+        option = typer.Option(None, *decl, help=f.metadata["help"] + default, show_default=False,
+                              rich_help_panel=f.metadata["group"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[base]))
+    for name, (ann, option) in EXTRA_FLAGS.items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=ann))
+    return params
+
+
+def train_command(**kwargs) -> None:
+    """Fine-tune MODEL on DATA with LoRA and write a run directory (PEFT-format adapter, metrics, config)."""
+    import sys
+
+    from lora_cli.display import stderr_console
+
+    config_path, dry_run, resume, force = (kwargs.pop(k) for k in EXTRA_FLAGS)
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    cfg = TrainConfig.from_sources(given, config_path)
+    if dry_run:
+        from lora_cli.training import resolve_run_config
+
+        cfg = resolve_run_config(cfg, resume, given).resolved()
+        cfg.validate()
+        sys.stdout.write(cfg.to_yaml())
+        return
+    if not resume:
+        cfg.resolved().validate()  # every flag problem at once, before any model loads
+    from lora_cli.training import train
+
+    train(cfg, stderr_console(), given, resume=resume, force=force)
+
+
+_params = _config_params()
+train_command.__signature__ = inspect.Signature(_params)
+train_command.__annotations__ = {p.name: p.annotation for p in _params}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=train_command.__doc__)(train_command)

@@ -1,0 +1,225 @@
+"""TrainConfig: the one place for `lora train` defaults. YAML keys are its field names, flags the same
+names with dashes; precedence flag > `--config` YAML > default; unknown keys are errors.
+
+No torch here: `lora train --help` and `--dry-run` build this without loading anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from lora_cli.errors import UserError, check
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+SCHEDULERS = ("cosine", "linear", "constant")
+# Only these may be given again with --resume (they change how long/what is logged, not what is learned).
+RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "eval_every", "log_every")
+
+
+def _opt(default: Any, help: str, group: str = "Training") -> Any:
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `lora train` needs; saved as train_config.yaml in the run directory."""
+
+    model: str | None = _opt(None, "Hub id, local transformers directory, or .gguf file.", "Model and data")
+    data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
+    data_split: str = _opt("train", "Split to read from a Hub dataset.", "Model and data")
+    eval_data: str | None = _opt(None, "Evaluation data (same formats as --data).", "Model and data")
+    eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when there is no eval data.", "Model and data")
+    output: str | None = _opt(None, "Run directory [default: runs/<model>-<yyyymmdd-hhmmss>].", "Model and data")
+    chat_template: str | None = _opt(None, "Jinja chat template file to use instead of the tokenizer's.", "Model and data")
+    max_length: int = _opt(1024, "Maximum tokens per sequence (longer text is chunked, chats truncated).", "Model and data")
+    packing: bool = _opt(False, "Pack several records into each sequence (no attention across records).", "Model and data")
+    train_on_prompt: bool = _opt(False, "Put the loss on every token, prompts included.", "Model and data")
+    rank: int = _opt(16, "LoRA rank r.", "LoRA")
+    alpha: float | None = _opt(None, "LoRA alpha [default: 2 × rank]; scaling = alpha / rank.", "LoRA")
+    dropout: float = _opt(0.05, "Dropout on the LoRA branch input.", "LoRA")
+    targets: str = _opt("attention", "attention | all-linear | comma list of module names | re:PATTERN.", "LoRA")
+    rslora: bool = _opt(False, "rsLoRA scaling: alpha / √rank.", "LoRA")
+    epochs: int = _opt(1, "Passes over the training data.")
+    max_steps: int | None = _opt(None, "Optimizer steps; wins over --epochs and cycles through the data.")
+    lr: float = _opt(2e-4, "Peak learning rate (AdamW).")
+    warmup: float = _opt(0.03, "Warmup: < 1 is a fraction of the steps, >= 1 a step count.")
+    scheduler: str = _opt("cosine", "cosine | linear | constant.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
+    batch_size: int = _opt(4, "Sequences per device per micro-batch.")
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.")
+    seed: int = _opt(0, "Random seed: same seed, data and machine give the same adapter.")
+    dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16/fp16 on GPU).", "Hardware")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, more time.", "Hardware")
+    eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
+    log_every: int = _opt(1, "Steps between metrics.jsonl rows.", "Logging and checkpoints")
+    save_every: int = _opt(0, "Steps between checkpoints (0 = every 10% of the run).", "Logging and checkpoints")
+    save_total_limit: int = _opt(3, "Checkpoints kept: the newest N plus the best by eval loss.", "Logging and checkpoints")
+    trust_remote_code: bool = _opt(False, "Allow the model repository's own Python code to run.", "Safety")
+    allow_pickle: bool = _opt(False, "Allow loading pickled weights (*.bin, *.pt): only from sources you trust.", "Safety")
+
+    # ---- derived values ----
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    # ---- building ----
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_sources(cls, flags: dict[str, Any], yaml_path: str | None = None) -> TrainConfig:
+        """flag > YAML > default. `flags` holds only the flags the user actually gave."""
+        values: dict[str, Any] = {}
+        if yaml_path:
+            values.update(read_yaml_config(yaml_path))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a plain dict (YAML), coercing types; unknown keys and bad types are errors."""
+        known = set(cls.field_names())
+        unknown = [k for k in values if k not in known]
+        problems = [f"unknown key {k!r}" + _did_you_mean(k, known) for k in unknown]
+        hints = get_type_hints(cls)
+        clean = {}
+        for k, v in values.items():
+            if k in known:
+                try:
+                    clean[k] = _coerce(v, hints[k])
+                except (TypeError, ValueError):
+                    problems.append(f"{k}: expected {_type_name(hints[k])}, got {v!r}")
+        check(problems, source)
+        return cls(**clean)
+
+    def resolved(self, now: float | None = None) -> TrainConfig:
+        """Normalise aliases and fill the defaults that depend on other values (alpha, output)."""
+        c = dataclasses.replace(self)
+        c.dtype = DTYPE_ALIASES.get(c.dtype, c.dtype)
+        if c.alpha is None:
+            c.alpha = 2.0 * c.rank if isinstance(c.rank, int) else None
+        if c.output is None and c.model:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+            c.output = f"runs/{model_short_name(c.model)}-{stamp}"
+        return c
+
+    def validate(self) -> None:
+        """Check every value; raise one UserError that lists all problems."""
+        p = []
+        if not self.model:
+            p.append("--model is required")
+        if not self.data:
+            p.append("--data is required")
+        if self.rank < 1:
+            p.append(f"--rank must be >= 1 (got {self.rank})")
+        if self.alpha is not None and not self.alpha > 0:
+            p.append(f"--alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.dropout < 1:
+            p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            p.append(f"--lr must be > 0 (got {self.lr})")
+        if self.warmup < 0:
+            p.append(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.scheduler not in SCHEDULERS:
+            p.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
+        if DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
+            p.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        for name in ("batch_size", "grad_accum", "max_length", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps < 1:
+            p.append(f"--max-steps must be >= 1 (got {self.max_steps})")
+        for name in ("eval_every", "save_every", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                p.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.save_total_limit < 1:
+            p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit})")
+        if not 0 <= self.eval_split < 1:
+            p.append(f"--eval-split must be a fraction in [0, 1) (got {self.eval_split})")
+        if self.targets.startswith("re:"):
+            try:
+                re.compile(self.targets[3:])
+            except re.error as e:
+                p.append(f"--targets: invalid regular expression ({e})")
+        if self.chat_template and not Path(self.chat_template).is_file():
+            p.append(f"--chat-template {self.chat_template!r} is not a file")
+        check(p, "invalid configuration")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False, allow_unicode=True)
+
+
+def model_short_name(model: str) -> str:
+    """`HuggingFaceTB/SmolLM2-135M-Instruct` → `SmolLM2-135M-Instruct`; `x/y.Q4_1.gguf` → `y.Q4_1`."""
+    name = Path(model.rstrip("/")).name
+    return re.sub(r"\.gguf$", "", name) or "model"
+
+
+def read_yaml_config(path: str) -> dict[str, Any]:
+    """A `--config` YAML file as a dict, or a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path!r}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--config {path!r}: not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path!r}: expected a mapping of option: value, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    TrainConfig.from_dict(data, source=f"--config {path}")  # report unknown keys / types now
+    return data
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """YAML value → the field's type (int/float/str/bool, optionally None)."""
+    args = getattr(hint, "__args__", None)
+    if args and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError
+        return str(value)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    args = getattr(hint, "__args__", None)
+    if args:
+        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    return hint.__name__
+
+
+def _did_you_mean(key: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,356 @@
+"""Records → token ids + loss labels.
+
+Record shapes are detected by their keys (SPEC "DATA"). Chat records are rendered with the chat template
+prefix by prefix: the text before each assistant turn (with the generation prompt) and after it. Every
+rendering must be a prefix of the next (a template that rewrites earlier turns is refused), and the
+characters between them are the assistant's: the tokens that start there carry the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import UserError
+
+IGNORE = -100
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+EVAL_SPLIT_NAMES = ("valid", "validation", "val", "test")
+SHARE_GPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+ACCEPTED_SHAPES = ("text", "prompt+completion", "messages", "instruction+input+output (alpaca)",
+                   "conversations (ShareGPT)")
+# For tokenizers without a chat template (GPT-2, NeoX, base models). Prefix-stable by construction.
+BUILTIN_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant: {%- endif -%}"
+)
+
+
+@dataclass
+class Example:
+    """One training sequence: token ids and labels (IGNORE where there is no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_loss(self) -> int:
+        """Loss tokens: labels are predicted from the previous position, so position 0 never counts."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+@dataclass
+class EncodeStats:
+    records: int = 0
+    examples: int = 0
+    dropped_no_loss: int = 0
+    truncated: int = 0
+    chunked: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    shape: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- loading
+
+def load_records(spec: str, split: str = "train") -> tuple[list[dict], list[dict] | None]:
+    """(train records, eval records or None) from a file, a directory with train.*/valid.*, or a Hub id."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        train = _split_file(p, ("train",))
+        if train is None:
+            raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)})")
+        valid = _split_file(p, EVAL_SPLIT_NAMES)
+        return read_file(train), (read_file(valid) if valid else None)
+    if p.exists():
+        return read_file(p), None
+    if p.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"data file {spec!r} does not exist")
+    return _read_hub(spec, split), None
+
+
+def _split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in DATA_SUFFIXES:
+            if (directory / f"{name}{suffix}").is_file():
+                return directory / f"{name}{suffix}"
+    return None
+
+
+def read_file(path: Path) -> list[dict]:
+    """Records of a local data file, read through `datasets`."""
+    import datasets
+
+    suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise UserError(f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty")
+    if suffix in (".jsonl", ".json"):
+        _check_json(path)
+    builder, kwargs = {".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
+                       ".parquet": ("parquet", {}), ".txt": ("text", {"sample_by": "paragraph"})}[suffix]
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path}: {msg}") from None
+    records = ds.to_list()
+    if suffix == ".txt":
+        records = [{"text": r["text"].strip()} for r in records if r["text"].strip()]
+    if not records:
+        raise UserError(f"{path} holds no records")
+    return records
+
+
+def _check_json(path: Path) -> None:
+    """Point at the first malformed line: datasets' own error does not say where."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    if not stripped:
+        raise UserError(f"{path} is empty")
+    if stripped[0] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        if not all(isinstance(r, dict) for r in data):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "
+                        f"did not provide it: {msg}") from None
+    return ds.to_list()
+
+
+def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `fraction` of the records (at least one) for evaluation, reproducibly."""
+    idx = list(range(len(records)))
+    random.Random(seed).shuffle(idx)
+    n_eval = max(1, round(len(records) * fraction))
+    if n_eval >= len(records):
+        raise UserError(f"--eval-split {fraction} leaves no training records ({len(records)} in all)")
+    held = set(idx[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+# ---------------------------------------------------------------- record shapes
+
+def record_shape(rec: Any) -> str | None:
+    """'text' | 'prompt_completion' | 'messages' | 'alpaca' | 'sharegpt', or None if unknown."""
+    if not isinstance(rec, dict):
+        return None
+    if "messages" in rec:
+        return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "text" in rec:
+        return "text"
+    return None
+
+
+def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
+    """(messages, is_prompt_completion) for chat-like shapes; raises UserError on malformed content."""
+    if shape == "prompt_completion":
+        return [{"role": "user", "content": _str(rec["prompt"], where, "prompt")},
+                {"role": "assistant", "content": _str(rec["completion"], where, "completion")}], True
+    if shape == "alpaca":
+        prompt = _str(rec["instruction"], where, "instruction")
+        extra = rec.get("input")
+        if extra:
+            prompt = f"{prompt}\n\n{_str(extra, where, 'input')}"
+        return [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": _str(rec["output"], where, "output")}], True
+    turns = rec[shape if shape == "messages" else "conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: '{'messages' if shape == 'messages' else 'conversations'}' must be a non-empty list")
+    messages = []
+    for j, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise UserError(f"{where}: turn {j} is not an object")
+        if shape == "messages":
+            role, content = t.get("role"), t.get("content")
+        else:
+            role, content = SHARE_GPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise UserError(f"{where}: turn {j} has an unknown role {t.get('role', t.get('from'))!r}")
+        messages.append({"role": role, "content": _str(content, where, f"turn {j} content")})
+    return messages, False
+
+
+def _str(value: Any, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------- encoding
+
+class Encoder:
+    """Turns records into Examples with one tokenizer, template and length limit."""
+
+    def __init__(self, tokenizer, max_length: int, chat_template: str | None = None,
+                 train_on_prompt: bool = False) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.has_template = bool(chat_template or getattr(tokenizer, "chat_template", None))
+        self.template = chat_template or getattr(tokenizer, "chat_template", None) or BUILTIN_CHAT_TEMPLATE
+        self.train_on_prompt = train_on_prompt
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise UserError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
+
+    def encode_all(self, records: list[dict], name: str = "data") -> tuple[list[Example], EncodeStats]:
+        """Encode every record; all records must share one shape."""
+        stats = EncodeStats(records=len(records))
+        if not records:
+            raise UserError(f"{name}: no records")
+        first = record_shape(records[0])
+        if first is None:
+            raise UserError(f"{name} record 0: unknown shape (keys: {_keys(records[0])}); "
+                            f"expected one of: {', '.join(ACCEPTED_SHAPES)}")
+        stats.shape = first
+        examples: list[Example] = []
+        for i, rec in enumerate(records):
+            where = f"{name} record {i}"
+            shape = record_shape(rec)
+            if shape != first:
+                raise UserError(f"{where}: shape {shape or 'unknown'} (keys: {_keys(rec)}) differs from the first "
+                                f"record's ({first}); one file holds one shape: {', '.join(ACCEPTED_SHAPES)}")
+            for ex in self.encode(rec, shape, where, stats):
+                if ex.n_loss == 0:
+                    stats.dropped_no_loss += 1
+                    continue
+                examples.append(ex)
+        stats.examples = len(examples)
+        stats.tokens = sum(len(e.input_ids) for e in examples)
+        stats.loss_tokens = sum(e.n_loss for e in examples)
+        if not examples:
+            raise UserError(f"{name}: no record has a token to learn from after truncation to "
+                            f"--max-length {self.max_length} ({stats.dropped_no_loss} dropped)")
+        return examples, stats
+
+    def encode(self, rec: dict, shape: str, where: str, stats: EncodeStats) -> list[Example]:
+        if shape == "text":
+            return self._text(_str(rec["text"], where, "text"), stats)
+        messages, is_pc = to_chat(rec, shape, where)
+        if is_pc and not self.has_template:
+            return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
+        return [self._chat(messages, where, stats)]
+
+    def _text(self, text: str, stats: EncodeStats) -> list[Example]:
+        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
+        if not ids or ids[-1] != self.eos_id:
+            ids.append(self.eos_id)
+        chunks = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        if len(chunks) > 1:
+            stats.chunked += 1
+        return [Example(c, list(c)) for c in chunks]
+
+    def _plain_pair(self, prompt: str, completion: str, stats: EncodeStats) -> Example:
+        p = list(self.tok(prompt, add_special_tokens=True)["input_ids"])
+        c = list(self.tok(completion, add_special_tokens=False)["input_ids"]) + [self.eos_id]
+        labels = (list(p) if self.train_on_prompt else [IGNORE] * len(p)) + c
+        return self._truncate(Example(p + c, labels), stats)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
+
+    def _chat(self, messages: list[dict], where: str, stats: EncodeStats) -> Example:
+        spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
+        previous = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            full = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(previous) and full.startswith(prompt)):
+                raise UserError(f"{where}: the chat template rewrites earlier turns when the conversation "
+                                "grows, so loss masks cannot be derived safely; use --chat-template FILE with "
+                                "a template that only appends")
+            spans.append((len(prompt), len(full)))
+            previous = full
+        text = self.render(messages, add_generation_prompt=False)
+        if not text.startswith(previous):
+            raise UserError(f"{where}: the chat template rewrites earlier turns; use --chat-template FILE")
+        ids, starts = self._tokenize_with_starts(text, spans)
+        if self.train_on_prompt:
+            labels = list(ids)
+        else:
+            labels = [t if any(s <= st < e for s, e in spans) else IGNORE for t, st in zip(ids, starts)]
+        return self._truncate(Example(ids, labels), stats)
+
+    def _tokenize_with_starts(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Token ids of `text` and each token's first character offset."""
+        if getattr(self.tok, "is_fast", False):
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]]
+        # Slow tokenizers have no offsets: tokenize piece by piece at the span boundaries.
+        cuts = sorted({0, len(text), *(x for span in spans for x in span)})
+        ids, starts = [], []
+        for a, b in zip(cuts, cuts[1:]):
+            piece = list(self.tok(text[a:b], add_special_tokens=False)["input_ids"])
+            ids += piece
+            starts += [a] * len(piece)
+        return ids, starts
+
+    def _truncate(self, ex: Example, stats: EncodeStats) -> Example:
+        if len(ex.input_ids) > self.max_length:
+            stats.truncated += 1
+            return Example(ex.input_ids[: self.max_length], ex.labels[: self.max_length])
+        return ex
+
+
+def _keys(rec: Any) -> str:
+    return ", ".join(sorted(map(str, rec))) if isinstance(rec, dict) else type(rec).__name__
+
+
+# ---------------------------------------------------------------- batching
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,63 @@
+"""Generating text with a base model, optionally with one or more adapters switched in place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lora_cli.data import BUILTIN_CHAT_TEMPLATE
+
+CHAT_SHAPES = ("messages", "prompt_completion", "alpaca", "sharegpt")
+
+
+def chat_template_for(tokenizer, adapter_dirs: list[str]) -> str | None:
+    """The template to prompt with: a run's --chat-template, the tokenizer's, or our built-in one when a
+    run trained on chat records with a tokenizer that has none. None means raw text."""
+    from lora_cli.commands.common import run_chat_template
+
+    for a in adapter_dirs:
+        t = run_chat_template(a)
+        if t:
+            return t
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    for a in adapter_dirs:
+        summary = Path(a) / "train_summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("data_shape") in CHAT_SHAPES:
+            return BUILTIN_CHAT_TEMPLATE
+    return None
+
+
+def prompt_ids(tokenizer, prompt: str, template: str | None, system: str | None = None) -> torch.Tensor:
+    if template is None:
+        return tokenizer(prompt, return_tensors="pt")["input_ids"]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """EOS of the tokenizer and of the generation config (end-of-turn included)."""
+    ids = set()
+    for x in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(x, int):
+            ids.add(x)
+        elif isinstance(x, list):
+            ids.update(i for i in x if isinstance(i, int))
+    return sorted(ids)
+
+
+def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, streamer=None) -> str:
+    """Greedy unless temperature > 0; stops at EOS / end of turn. Returns the new text."""
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,69 @@
+"""Facts about an adapter from its JSON and safetensors header alone (no torch: answers instantly)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lora_cli.lora.peft_format import (
+    GGUF_BASE_KEY,
+    KEY_PREFIX,
+    adapter_files,
+    read_adapter_config,
+    read_safetensors_header,
+)
+
+
+def adapter_facts(path: str | Path) -> dict[str, Any]:
+    """r, alpha, scaling, targets, trainable params, size, dtype, base, training summary (if a run)."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    _, weights = adapter_files(path)
+    header, meta = read_safetensors_header(weights)
+    modules = Counter()
+    ranks = Counter()
+    params = 0
+    dtypes = Counter()
+    for key, info in header.items():
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        params += n
+        dtypes[info["dtype"]] += 1
+        if key.endswith(".lora_A.weight"):
+            module = key[len(KEY_PREFIX):].rsplit(".lora_A", 1)[0]
+            modules[module.split(".")[-1]] += 1
+            ranks[info["shape"][0]] += 1
+    scaling = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    facts: dict[str, Any] = {
+        "path": str(path),
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "base_is_gguf": GGUF_BASE_KEY in meta or str(config.base_model_name_or_path or "").endswith(".gguf"),
+        "r": config.r,
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "lora_alpha": config.lora_alpha,
+        "scaling": scaling,
+        "use_rslora": config.use_rslora,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "target_modules": config.target_modules,
+        "modules": dict(sorted(modules.items())),
+        "num_modules": sum(modules.values()),
+        "trainable_params": params,
+        "size_bytes": weights.stat().st_size,
+        "dtype": _dtype_name(dtypes.most_common(1)[0][0]) if dtypes else None,
+        "fan_in_fan_out": config.fan_in_fan_out,
+    }
+    summary = path / "train_summary.json"
+    if summary.is_file():
+        try:
+            facts["train_summary"] = json.loads(summary.read_text())
+        except json.JSONDecodeError:
+            facts["train_summary"] = None
+    return facts
+
+
+def _dtype_name(st: str) -> str:
+    return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(st, st)

@@ -1,0 +1,85 @@
+"""The training loss: summed token cross-entropy over loss positions only.
+
+The fast path runs the decoder body, keeps the hidden states of positions that carry a label, and
+computes the LM head + cross-entropy there in chunks, with a custom backward that stores only the
+gradient w.r.t. those hidden states: the (tokens × vocab) logits never exist in full. It applies when
+the LM head is a plain frozen linear and the model does nothing after it (no soft-capping or scale);
+otherwise the model's own forward computes full logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_cli.data import IGNORE
+
+CHUNK_ROWS = 2048
+# Config attributes of models that post-process logits after the head: those use the plain path.
+_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(h W^T + b, y) over rows, chunked; saves d loss / d h (rows × hidden), not the logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for i in range(0, h.shape[0], chunk):
+            hc = h[i : i + chunk]
+            logits = F.linear(hc, weight, bias).float()  # (c, vocab)
+            y = targets[i : i + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_h is not None:
+                # d CE / d logits = softmax − onehot; then back through the (frozen) head.
+                probs = torch.exp(logits - lse[:, None])
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad_h[i : i + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output head if the fast path may use it, else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.requires_grad:
+        return None
+    if any(getattr(model.config, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESS):
+        return None
+    if not hasattr(model, "base_model") or model.base_model is model:
+        return None
+    return head
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a causal LM; forward returns (Σ token loss, number of loss tokens).
+
+    Accelerate/DDP wrap this module, so gradient synchronisation sees the whole computation.
+    """
+
+    def __init__(self, model: nn.Module, fused: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.head = plain_head(model) if fused else None
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        keep = targets != IGNORE
+        n = keep.sum()
+        if self.head is None:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
+            logits = out.logits[:, :-1][keep].float()
+            return F.cross_entropy(logits, targets[keep], reduction="sum"), n
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state
+        h = hidden[:, :-1][keep]  # (n, hidden)
+        return _LinearCrossEntropy.apply(h, self.head.weight, self.head.bias, targets[keep], CHUNK_ROWS), n

@@ -1,0 +1,220 @@
+"""Streaming merge: W' = W + scaling · B A, shard by shard straight through safetensors.
+
+Peak memory stays near one shard plus the adapter: read a shard, merge the weights it holds (fp32
+arithmetic, cast to the output dtype), write it, free it. The output is a plain transformers directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_cli.errors import UserError, atomic_dir
+from lora_cli.lora.layer import lora_scaling
+from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config
+from lora_cli.models import ModelSource, ensure_gguf_converted, resolve_model
+
+INDEX_NAME = "model.safetensors.index.json"
+# Files of a model directory that are not weights and that the merged model keeps.
+_KEEP_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
+_SKIP_NAMES = {INDEX_NAME, "adapter_config.json", "lora_cli_gguf.json"}
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    merged_modules: int
+    shards: int
+    dtype: str | None
+
+
+def base_directory(source: ModelSource, status=None) -> Path:
+    """A local transformers directory holding the base's safetensors (downloading a Hub id's files)."""
+    if source.kind == "dir":
+        return Path(source.path)
+    if source.is_gguf:
+        return ensure_gguf_converted(source.path, status)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                  "*.jinja", "*.tiktoken"]))
+    except Exception as e:
+        raise UserError(f"cannot get base model {source.ref!r} from the Hub ({type(e).__name__}); pass --base "
+                        "with a local directory or .gguf file") from None
+
+
+def weight_shards(base_dir: Path) -> list[str]:
+    """The safetensors shard file names of a model directory."""
+    index = base_dir / INDEX_NAME
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise UserError(f"{base_dir} has no safetensors weights (model.safetensors or {INDEX_NAME})")
+
+
+def _header_keys(path: Path) -> dict[str, list[int]]:
+    from lora_cli.lora.peft_format import read_safetensors_header
+
+    header, _ = read_safetensors_header(path)
+    return {k: v["shape"] for k, v in header.items()}
+
+
+def match_weights(adapter_paths: list[str], checkpoint_keys: dict[str, list[int]]) -> dict[str, str]:
+    """Module path → checkpoint key of its weight. Keys may lack the model's prefix (GPT-2's `h.0…`)."""
+    found, problems = {}, []
+    for path in adapter_paths:
+        full = path + ".weight"
+        if full in checkpoint_keys:
+            found[path] = full
+            continue
+        cands = [k for k in checkpoint_keys if full.endswith("." + k)]
+        if len(cands) == 1:
+            found[path] = cands[0]
+        else:
+            problems.append(f"{path} ({'no weight' if not cands else 'ambiguous'} in the base checkpoint)")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise UserError(f"the adapter does not fit this base model: {shown}")
+    return found
+
+
+def delta(config: AdapterConfig, path: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """scaling · B A in fp32, (out, in); transposed by the caller for fan_in_fan_out weights."""
+    r, alpha = config.rank_and_alpha(path)
+    return (b.float() @ a.float()) * lora_scaling(r, alpha, config.use_rslora)
+
+
+def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | None = None,
+                       dtype: torch.dtype | None = None, force: bool = False, allow_pickle: bool = False,
+                       chat_template: str | None = None, status=None) -> MergeResult:
+    """Bake the adapter into the base weights and write a plain transformers directory at `output`."""
+    from lora_cli.lora.adapter import read_adapter_tensors
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    config = read_adapter_config(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
+    ref = base or config.base_model_name_or_path
+    if not ref:
+        raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
+    source = resolve_model(ref, allow_pickle)
+    base_dir = base_directory(source, status)
+    shards = weight_shards(base_dir)
+    keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
+    all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    weight_of = match_weights(paths, all_keys)
+    _check_shapes(config, tensors, weight_of, all_keys)
+
+    merged = 0
+    with atomic_dir(output) as tmp:
+        for shard in shards:
+            state = load_file(str(base_dir / shard))
+            for path, key in weight_of.items():
+                if key not in state:
+                    continue
+                w = state[key]
+                d = delta(config, path, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"])
+                new = w.float() + (d.T if config.fan_in_fan_out else d)
+                if not torch.isfinite(new).all():
+                    raise UserError(f"merging {path} gives non-finite weights; the adapter is broken")
+                state[key] = new.to(dtype or w.dtype)
+                merged += 1
+            if dtype is not None:
+                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt"})
+            del state
+        _copy_side_files(base_dir, tmp, shards, dtype)
+        _write_tokenizer_and_generation(base_dir, tmp, chat_template)
+    return MergeResult(output, merged, len(shards), str(dtype).replace("torch.", "") if dtype else None)
+
+
+def _check_shapes(config, tensors, weight_of, all_keys) -> None:
+    problems = []
+    for path, key in weight_of.items():
+        a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+        want = [b.shape[0], a.shape[1]]
+        if config.fan_in_fan_out:
+            want = want[::-1]
+        if list(all_keys[key]) != want:
+            problems.append(f"{path}: base weight {list(all_keys[key])}, adapter gives {want}")
+    if problems:
+        raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
+
+
+def _copy_side_files(base_dir: Path, out: Path, shards: list[str], dtype) -> None:
+    for f in base_dir.iterdir():
+        if f.is_file() and f.suffix in _KEEP_SUFFIXES and f.name not in _SKIP_NAMES and f.name not in shards:
+            shutil.copy2(f, out / f.name)
+    index = base_dir / INDEX_NAME
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = sum((out / s).stat().st_size for s in shards)
+        (out / INDEX_NAME).write_text(json.dumps(data, indent=2))
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        if dtype is not None:
+            cfg["dtype"] = str(dtype).replace("torch.", "")
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: str | None) -> None:
+    """The tokenizer with its chat template, and a generation config whose EOS includes the end of turn."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base_dir)
+    except Exception:
+        return  # a base without a tokenizer: nothing to carry over
+    if chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(out)
+    try:
+        gen = GenerationConfig.from_pretrained(base_dir)
+    except Exception:
+        gen = GenerationConfig.from_model_config(_read_config(base_dir))
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    eos = [e for e in eos if e is not None]
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    if gen.pad_token_id is None and tok.pad_token_id is not None:
+        gen.pad_token_id = tok.pad_token_id
+    gen.save_pretrained(out)
+
+
+def _read_config(base_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base_dir)
+
+
+def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | None = None,
+                 prompts: tuple[str, ...] = ("Hello, how are you?", "The capital of France is", "1, 2, 3,"),
+                 allow_pickle: bool = False) -> float:
+    """Max |logits(merged) − logits(base + adapter)| over a few prompts, both in fp32."""
+    from lora_cli.lora.adapter import load_adapter
+    from lora_cli.models import load_model, load_tokenizer
+
+    ref = base or read_adapter_config(adapter_dir).base_model_name_or_path
+    source = resolve_model(ref, allow_pickle)
+    tok = load_tokenizer(source)
+    with_adapter = load_model(source, torch.float32, allow_pickle=allow_pickle).eval()
+    load_adapter(with_adapter, adapter_dir)
+    merged = load_model(resolve_model(str(merged_dir)), torch.float32).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")["input_ids"]
+            worst = max(worst, (with_adapter(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item())
+    return worst

@@ -1,0 +1,171 @@
+"""Loading models and tokenizers: a Hub id, a local transformers directory, or a `.gguf` file.
+
+A `.gguf` is dequantized once and saved as safetensors in a cache shared by every command, keyed by the
+file's absolute path, size and mtime (tokenizer included), so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.errors import UserError, atomic_dir
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. `path` is what transformers loads (a directory or a Hub id)."""
+
+    ref: str  # what the user gave
+    path: str  # a local directory (GGUF: its cache) or a Hub id
+    kind: str  # "hub" | "dir" | "gguf"
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
+
+
+def cache_root() -> Path:
+    """`$LORA_CACHE`, else `$XDG_CACHE_HOME/lora-cli`, else `~/.cache/lora-cli`."""
+    if os.environ.get("LORA_CACHE"):
+        return Path(os.environ["LORA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-cli"
+
+
+def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
+    """Classify MODEL and check what can be checked before loading anything heavy."""
+    p = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not p.is_file():
+            raise UserError(f"model file {ref!r} does not exist")
+        return ModelSource(ref, str(p.resolve()), "gguf")
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"model {ref!r} is a file; give a transformers directory, a .gguf file or a Hub id")
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory {ref!r} has no config.json; is it a transformers model directory?")
+        check_no_pickle(p, allow_pickle)
+        return ModelSource(ref, str(p.resolve()), "dir")
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise UserError(f"model {ref!r} does not exist (not a local path, and not a Hub id)")
+    return ModelSource(ref, ref, "hub")
+
+
+def check_no_pickle(directory: Path, allow_pickle: bool) -> None:
+    """Refuse a directory whose weights exist only as pickles, unless the user opted in."""
+    files = [f.name for f in directory.iterdir() if f.is_file()]
+    has_safe = any(f.endswith(".safetensors") for f in files)
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES) and not f.startswith("training_args")]
+    if not has_safe and pickled and not allow_pickle:
+        raise UserError(
+            f"{directory} holds only pickled weights ({', '.join(sorted(pickled)[:3])}); unpickling can run "
+            "arbitrary code. Pass --allow-pickle if you trust this model, or convert it to safetensors"
+        )
+
+
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """The cache directory of one GGUF file version (path, size, mtime)."""
+    st = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{digest}"
+
+
+def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
+    """Dequantize a .gguf once into a safetensors transformers directory (cached); return that directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    target = gguf_cache_dir(gguf_path)
+    if (target / "lora_cli_gguf.json").is_file():
+        return target
+    if status:
+        status(f"converting {gguf_path.name} to safetensors once (cached in {target.parent})…")
+    d, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    except Exception as e:  # the gguf reader raises many types for a bad file
+        raise UserError(f"cannot read {gguf_path} as a GGUF model: {type(e).__name__}: {e}") from None
+    # The weights are plain floats after loading; drop the "quantized with gguf" marker so it can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        info = {"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}
+        (tmp / "lora_cli_gguf.json").write_text(json.dumps(info, indent=2))
+    return target
+
+
+def torch_dtype(name: str, device_type: str = "cpu"):
+    """`auto` → fp32 on CPU, bf16 on a GPU that supports it, else fp16; or the named dtype."""
+    import torch
+
+    if name == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise UserError(f"unknown dtype {name!r}; use one of auto, {', '.join(table)}")
+    return table[name]
+
+
+def local_path(source: ModelSource, status=None) -> str:
+    """What transformers should load: the GGUF's cache directory, or the path / Hub id itself."""
+    return str(ensure_gguf_converted(source.path, status)) if source.is_gguf else source.path
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=None):
+    """The model's tokenizer, with a clear error when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(local_path(source, status), trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(_load_failure(source, "tokenizer", e)) from None
+
+
+def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allow_pickle: bool = False,
+               status=None, **kwargs):
+    """AutoModelForCausalLM in `dtype`, safetensors only unless `allow_pickle`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            local_path(source, status), dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True, **kwargs,
+        )
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(_load_failure(source, "model", e)) from None
+    return model
+
+
+def _load_failure(source: ModelSource, what: str, e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "safetensors" in msg.lower() and "pickle" not in msg.lower():
+        return (f"cannot load {what} {source.ref!r}: no safetensors weights; pass --allow-pickle to load "
+                f"pickled weights from a source you trust ({msg})")
+    if "trust_remote_code" in msg:
+        return f"{source.ref!r} needs its own Python code: pass --trust-remote-code if you trust it"
+    if source.kind == "hub":
+        return (f"cannot load {what} {source.ref!r}: not a local path, and the Hub did not provide it "
+                f"(offline, private, or misspelled?): {msg}")
+    return f"cannot load {what} from {source.ref!r}: {msg}"

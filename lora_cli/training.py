@@ -1,0 +1,420 @@
+"""The training loop: one readable function, Accelerate at its edges.
+
+Data order is ours, not the dataloader's: each epoch is a seeded permutation cut into *global* batches
+of batch_size × processes × grad_accum records, so the batches do not depend on the number of processes.
+Each global batch is sorted by length and split into micro-batch slots; process k takes slots
+k, k + P, k + 2P, …. The loss of a step is Σ token losses / loss tokens of the whole global batch, so
+`--batch-size 8` equals `--batch-size 4 --grad-accum 2` and 2 processes equal 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_cli.checkpoints import (
+    StopFlag,
+    list_checkpoints,
+    load_checkpoint_state,
+    output_dir_problem,
+    prune_checkpoints,
+    run_lock,
+    save_checkpoint,
+)
+from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig
+from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, split_eval
+from lora_cli.display import TrainProgress, kv_table, plot_loss
+from lora_cli.errors import UserError, atomic_write_text
+from lora_cli.lora import AdapterConfig, inject_lora, param_report, peft_target_names, resolve_targets
+from lora_cli.lora.adapter import save_adapter
+from lora_cli.lora.peft_format import GGUF_BASE_KEY
+from lora_cli.loss import CausalLMLoss
+from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
+
+CONFIG_FILE = "train_config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "train_summary.json"
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def warmup_steps(warmup: float, total: int) -> int:
+    """< 1: a fraction of the steps; >= 1: a step count."""
+    return int(round(warmup * total)) if warmup < 1 else int(warmup)
+
+
+def global_batch(n: int, size: int, seed: int, step: int) -> list[int]:
+    """Record indices of global batch `step`: epoch e = a seeded permutation, cut into `size` pieces."""
+    per_epoch = math.ceil(n / size)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return order[k * size : (k + 1) * size]
+
+
+def micro_slots(indices: list[int], lengths: list[int], n_slots: int) -> list[list[int]]:
+    """Split a global batch into `n_slots` micro-batches of similar length (sorted, then cut evenly)."""
+    ordered = sorted(indices, key=lambda i: (-lengths[i], i))
+    n = len(ordered)
+    return [ordered[s * n // n_slots : (s + 1) * n // n_slots] for s in range(n_slots)]
+
+
+@dataclass
+class Plan:
+    n_train: int
+    global_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    save_every: int
+
+
+def make_plan(cfg: TrainConfig, n_train: int, world: int) -> Plan:
+    size = cfg.batch_size * world * cfg.grad_accum
+    per_epoch = math.ceil(n_train / size)
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    return Plan(n_train, size, per_epoch, total, warmup_steps(cfg.warmup, total),
+                cfg.save_every or max(1, total // 10))
+
+
+# ---------------------------------------------------------------- setup
+
+def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConfig:
+    """With --resume the run's saved config rules; only RESUMABLE_OVERRIDES may differ."""
+    if not resume:
+        return cfg
+    if not cfg.output:
+        raise UserError("--resume needs --output RUN_DIR (the run to continue)")
+    saved_path = Path(cfg.output) / CONFIG_FILE
+    if not saved_path.is_file():
+        raise UserError(f"--resume: {cfg.output} has no {CONFIG_FILE}; is it a lora run directory?")
+    from lora_cli.config import read_yaml_config
+
+    saved = TrainConfig.from_dict(read_yaml_config(str(saved_path)), source=str(saved_path))
+    changed = [k for k, v in given.items() if k not in RESUMABLE_OVERRIDES + ("output",)
+               and v is not None and getattr(saved, k) != v]
+    if changed:
+        raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                        f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may change)")
+    for k in RESUMABLE_OVERRIDES:
+        if given.get(k) is not None:
+            setattr(saved, k, given[k])
+    return saved
+
+
+def encode_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example] | None, EncodeStats,
+                                                           EncodeStats | None]:
+    train_records, valid_records = load_records(cfg.data, cfg.data_split)
+    if cfg.eval_data:
+        valid_records, _ = load_records(cfg.eval_data, cfg.data_split)
+    elif valid_records is None and cfg.eval_split > 0:
+        train_records, valid_records = split_eval(train_records, cfg.eval_split, cfg.seed)
+    template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
+    enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
+    train, train_stats = enc.encode_all(train_records, "training data")
+    if valid_records is None:
+        return train, None, train_stats, None
+    valid, valid_stats = enc.encode_all(valid_records, "eval data")
+    return train, valid, train_stats, valid_stats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: bool = False) -> dict:
+    """Fine-tune `cfg.model` on `cfg.data` and write the run directory. Returns the summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = resolve_run_config(cfg, resume, given).resolved()
+    cfg.validate()
+    run_dir = Path(cfg.output)
+    problem = output_dir_problem(run_dir, force, resume)
+    if problem:
+        raise UserError(problem)
+    source = resolve_model(cfg.model, cfg.allow_pickle)
+
+    use_cuda = torch.cuda.is_available()
+    dtype = torch_dtype(cfg.dtype, "cuda" if use_cuda else "cpu")
+    if dtype != torch.float32 and not use_cuda and cfg.dtype == "float16":
+        raise UserError("--dtype float16 needs a GPU; on CPU use float32 or bfloat16")
+    mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, cpu=not use_cuda)
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    say = console.print if main else (lambda *a, **k: None)
+
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
+        train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
+        model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say)
+        set_seed(cfg.seed)
+        paths = resolve_targets(model, cfg.targets)
+        inject_lora(model, paths, cfg.rank, cfg.lora_alpha, cfg.dropout, cfg.rslora)
+        report = param_report(model)
+        adapter_cfg = AdapterConfig(
+            r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_target_names(model, paths),
+            lora_dropout=cfg.dropout, use_rslora=cfg.rslora, fan_in_fan_out=any(
+                type(model.get_submodule(p).base_layer).__name__ == "Conv1D" for p in paths),
+            base_model_name_or_path=source.path if source.kind != "hub" else source.ref,
+        )
+        meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
+        if cfg.gradient_checkpointing:
+            # non-reentrant + input grads, or a frozen base gives the adapters no gradient at all
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+
+        plan = make_plan(cfg, len(train_ex), world)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup, cfg.scheduler))
+        loss_model = CausalLMLoss(model)
+        loss_model, optimizer = acc.prepare(loss_model, optimizer)
+        device = acc.device
+
+        state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
+                 "best_eval_step": None, "last_loss": None}
+        if resume:
+            ckpts = list_checkpoints(run_dir)
+            if not ckpts:
+                raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from")
+            step0, ckpt = ckpts[-1]
+            from lora_cli.lora.adapter import read_adapter_tensors
+            tensors = read_adapter_tensors(ckpt)
+            with torch.no_grad():
+                for name, p in acc.unwrap_model(loss_model).model.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(tensors[name])
+            state.update(load_checkpoint_state(ckpt, optimizer, scheduler, rank))
+            if state["step"] >= plan.total_steps:
+                raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
+                                "--max-steps or --epochs to train further")
+            _truncate_metrics(run_dir / METRICS_FILE, state["step"])
+            say(f"[bold]resuming[/] {run_dir} from step {state['step']}")
+
+        if main:
+            if not resume:
+                clear_run_files(run_dir)
+            atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+            say(_before_table(cfg, source, model, report, paths, tstats, estats, plan, world, device, dtype))
+
+        def write_adapter(d: Path) -> None:
+            save_adapter(acc.unwrap_model(loss_model).model, d, adapter_cfg, metadata=meta)
+
+        lengths = [len(e.input_ids) for e in train_ex]
+        n_loss = [e.n_loss for e in train_ex]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        n_slots = world * cfg.grad_accum
+        t_start = time.perf_counter() - state["wall_time_s"]
+        metrics_fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if main else None
+        loss_model.train()
+        stopped = None
+        try:
+            with StopFlag() as stop, TrainProgress(console, plan.total_steps, state["step"], main) as bar:
+                for step in range(state["step"], plan.total_steps):
+                    t0 = time.perf_counter()
+                    batch = global_batch(plan.n_train, plan.global_size, cfg.seed, step)
+                    slots = micro_slots(batch, lengths, n_slots)
+                    n_global = sum(n_loss[i] for i in batch)
+                    loss_sum = torch.zeros((), device=device)
+                    tokens = 0
+                    for a in range(cfg.grad_accum):
+                        mine = slots[a * world + rank]
+                        with acc.accumulate(loss_model):
+                            if mine:
+                                b = _to(collate([train_ex[i] for i in mine], pad_id), device)
+                                tokens += int(b["attention_mask"].sum())
+                            else:  # a short last batch left this slot empty: keep processes in lockstep
+                                b = _to(collate([train_ex[batch[0]]], pad_id), device)
+                            s, _ = loss_model(**b)
+                            if not mine:
+                                s = s * 0.0
+                            # accelerate divides by grad_accum and DDP averages over processes: undo both, so
+                            # the gradient is Σ token losses / loss tokens of the whole global batch.
+                            acc.backward(s * (cfg.grad_accum * world / n_global))
+                            loss_sum += s.detach()
+                    loss = float(acc.reduce(loss_sum, "sum")) / n_global
+                    if not math.isfinite(loss):
+                        raise UserError(f"the loss became {loss} at step {step + 1}; lower --lr or check the data "
+                                        f"(the last good checkpoint is kept in {run_dir / 'checkpoints'})")
+                    if cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    lr = scheduler.get_last_lr()[0]
+                    scheduler.step()
+                    done = step + 1
+                    tokens_all = int(acc.reduce(torch.tensor(tokens, device=device), "sum"))
+                    dt = time.perf_counter() - t0
+                    state.update(step=done, loss_tokens_seen=state["loss_tokens_seen"] + n_global, last_loss=loss,
+                                 wall_time_s=time.perf_counter() - t_start)
+                    row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": round(loss, 6),
+                           "lr": lr, "tokens_per_s": round(tokens_all / dt, 1), "loss_tokens": n_global}
+                    is_last = done == plan.total_steps
+                    if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
+                        ev = evaluate(loss_model, eval_ex, cfg.batch_size, pad_id, acc)
+                        row.update(eval_loss=round(ev, 6), eval_ppl=round(math.exp(min(ev, 50)), 4))
+                        state["eval_history"].append({"step": done, "eval_loss": ev})
+                        if state["best_eval_loss"] is None or ev < state["best_eval_loss"]:
+                            state.update(best_eval_loss=ev, best_eval_step=done)
+                        loss_model.train()
+                    if main and (done % cfg.log_every == 0 or is_last or "eval_loss" in row):
+                        metrics_fh.write(json.dumps(row) + "\n")
+                        metrics_fh.flush()
+                    bar.update(done, loss, lr, row["tokens_per_s"],
+                               f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                    if stop.signal or (done % plan.save_every == 0 and not is_last):
+                        if main:
+                            save_checkpoint(run_dir, done, write_adapter, optimizer, scheduler, state, rank, world)
+                            prune_checkpoints(run_dir, cfg.save_total_limit, state["best_eval_step"])
+                        if stop.signal:
+                            stopped = stop.signal
+                            break
+        finally:
+            if metrics_fh:
+                metrics_fh.close()
+        acc.wait_for_everyone()
+        if stopped:
+            raise UserError(f"stopped by {stopped} after step {state['step']}; checkpoint saved. Resume with: "
+                            f"lora train --output {run_dir} --resume")
+        summary = _summary(cfg, state, plan, world, tstats, estats, report, device)
+        if main:
+            write_adapter(run_dir)
+            atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+            metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
+            drew = plot_loss(metrics, run_dir / "loss.png")
+            say(_after_table(summary, run_dir, drew))
+    return summary
+
+
+def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, acc) -> float:
+    """Mean loss per loss token over `examples` (each process takes every P-th batch)."""
+    loss_model.eval()
+    total = torch.zeros((), device=acc.device, dtype=torch.float64)
+    count = torch.zeros((), device=acc.device, dtype=torch.float64)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.no_grad():
+        for bi in range(acc.process_index, len(batches), acc.num_processes):
+            b = _to(collate([examples[i] for i in batches[bi]], pad_id), acc.device)
+            s, n = loss_model(**b)
+            total += s.double()
+            count += n.double()
+    total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+    return float(total / count)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def clear_run_files(run_dir: Path) -> None:
+    """A fresh run (--force) starts from an empty run directory: no stale metrics or checkpoints."""
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for p in run_dir.iterdir():
+        if p.name == ".lock":
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _summary(cfg, state, plan, world, tstats, estats, report, device) -> dict:
+    return {
+        "steps": state["step"],
+        "total_steps": plan.total_steps,
+        "epochs": round(state["step"] / plan.steps_per_epoch, 4),
+        "loss_tokens_seen": state["loss_tokens_seen"],
+        "world_size": world,
+        "global_batch": plan.global_size,
+        "wall_time_s": round(state["wall_time_s"], 2),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "device": str(device),
+        "final_loss": state["last_loss"],
+        "eval_loss": state["eval_history"][-1]["eval_loss"] if state["eval_history"] else None,
+        "best_eval_loss": state["best_eval_loss"],
+        "best_eval_step": state["best_eval_step"],
+        "eval_history": state["eval_history"],
+        "trainable_params": report.trainable,
+        "total_params": report.total,
+        "data_shape": tstats.shape,
+        "train_records": tstats.records,
+        "train_examples": tstats.examples,
+        "dropped_no_loss": tstats.dropped_no_loss,
+        "truncated": tstats.truncated,
+        "eval_examples": estats.examples if estats else 0,
+    }
+
+
+def _before_table(cfg, source, model, report, paths, tstats, estats, plan, world, device, dtype):
+    kinds = sorted({p.split(".")[-1] for p in paths})
+    rows = [
+        ("model", f"{cfg.model} ({type(model).__name__}{', dequantized GGUF' if source.is_gguf else ''})"),
+        ("device", f"{device} · {str(dtype).replace('torch.', '')} · {world} process(es)"),
+        ("parameters", str(report)),
+        ("LoRA", f"r={cfg.rank} alpha={cfg.lora_alpha:g} dropout={cfg.dropout}{' rsLoRA' if cfg.rslora else ''}"),
+        ("targets", f"{len(paths)} modules: {', '.join(kinds)}"),
+        ("data", f"{tstats.records} records ({tstats.shape}) → {tstats.examples} sequences, {tstats.tokens:,} tokens, "
+                 f"{tstats.loss_tokens:,} with loss"),
+    ]
+    if tstats.dropped_no_loss or tstats.truncated or tstats.chunked:
+        rows.append(("", f"dropped {tstats.dropped_no_loss} with nothing to learn · truncated {tstats.truncated} · "
+                         f"chunked {tstats.chunked} (max length {cfg.max_length})"))
+    if estats:
+        rows.append(("eval", f"{estats.examples} sequences, {estats.loss_tokens:,} loss tokens"))
+    rows.append(("steps", f"{plan.total_steps} (global batch {plan.global_size} = {cfg.batch_size} × {world} × "
+                          f"{cfg.grad_accum}; warmup {plan.warmup}; {cfg.scheduler})"))
+    rows.append(("output", cfg.output))
+    return kv_table("lora train", rows)
+
+
+def _after_table(summary: dict, run_dir: Path, drew: bool):
+    rows = [
+        ("final loss", f"{summary['final_loss']:.4f}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
+    ]
+    if summary["eval_loss"] is not None:
+        rows.insert(1, ("eval loss", f"{summary['eval_loss']:.4f} (best {summary['best_eval_loss']:.4f} at step "
+                                     f"{summary['best_eval_step']})"))
+    rows.append(("adapter", f"{run_dir}/adapter_model.safetensors"))
+    if drew:
+        rows.append(("loss curve", f"{run_dir}/loss.png"))
+    rows.append(("next", f"lora generate --model BASE --adapter {run_dir} --prompt '…'\n"
+                         f"lora merge {run_dir} --output {run_dir}-merged\nlora export {run_dir} --output "
+                         f"{run_dir}-adapter"))
+    return kv_table("done", rows)

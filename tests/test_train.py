@@ -1,0 +1,151 @@
+"""`lora train` end to end through the CLI entry point, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lora_cli.lora.adapter import load_adapter
+
+FAST = ["--max-steps", "6", "--lr", "1e-2", "--dropout", "0", "--batch-size", "4"]
+
+
+def adapter(run):
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
+def logits(model, ids=None):
+    ids = ids if ids is not None else torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_loss_falls_on_a_memorisable_dataset(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run,
+                       "--max-steps", "40", "--lr", "1e-2")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 40 and summary["world_size"] == 1
+    assert summary["final_loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
+    assert summary["peak_memory_bytes"] > 0 and summary["trainable_params"] == 8 * 16 * (32 + 32) - 4 * 16 * 16
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "loss.png"):
+        assert (run / name).is_file()
+    assert "final loss" in err and "lora merge" in err
+
+
+def test_run_dir_loads_in_peft_with_our_logits(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, *FAST)[0] == 0
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    load_adapter(ours, run)
+    base = logits(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    assert (logits(ours.eval()) - logits(theirs)).abs().max() < 1e-5
+    assert (logits(ours) - base).abs().max() > 1e-3  # it learned something
+
+
+def test_merge_output_loads_in_plain_transformers(cli, tiny_gpt2, tmp_path):
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}:", "completion": " yes"}) + "\n" for i in range(8)))
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    assert cli("train", "--model", tiny_gpt2, "--data", data, "--output", run, *FAST)[0] == 0
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["target_modules"] == ["attn.c_proj", "c_attn"]
+    code, _, err = cli("merge", run, "--output", merged, "--verify")
+    assert code == 0, err
+    assert "verify: max" in err
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    ours = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    load_adapter(ours, run)
+    ref = logits(ours.eval())
+    assert (logits(plain) - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_batch_equals_grad_accumulation(cli, tiny_llama, chat_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--model", tiny_llama, "--data", chat_data, "--max-steps", "4", "--lr", "1e-3", "--dropout", "0"]
+    assert cli("train", *common, "--output", a, "--batch-size", "8")[0] == 0
+    assert cli("train", *common, "--output", b, "--batch-size", "4", "--grad-accum", "2")[0] == 0
+    ta, tb = adapter(a), adapter(b)
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], atol=1e-5), k
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_same_seed_same_adapter_other_seed_differs(cli, tiny_llama, chat_data, tmp_path):
+    common = ["--model", tiny_llama, "--data", chat_data, "--max-steps", "3", "--dropout", "0.1"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert cli("train", *common, "--output", tmp_path / name, "--seed", seed)[0] == 0
+    ta, tb, tc = adapter(tmp_path / "a"), adapter(tmp_path / "b"), adapter(tmp_path / "c")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_train_config_yaml_reruns_the_run(cli, tiny_llama, chat_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", a, *FAST)[0] == 0
+    assert cli("train", "--config", a / "train_config.yaml", "--output", b)[0] == 0
+    ta, tb = adapter(a), adapter(b)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rank: 8\nlr: 0.001\nbatch_size: 2\n")
+    out = tmp_path / "never"
+    code, stdout, _ = cli("train", "--model", "m", "--data", "d.jsonl", "--config", cfg, "--rank", "4",
+                          "--output", out, "--dry-run")
+    assert code == 0
+    resolved = yaml.safe_load(stdout)
+    assert resolved["rank"] == 4  # flag beats YAML
+    assert resolved["lr"] == 0.001 and resolved["batch_size"] == 2  # YAML beats default
+    assert resolved["dropout"] == 0.05 and resolved["alpha"] == 8.0  # defaults (alpha = 2 × rank)
+    assert not out.exists()
+
+
+def test_unknown_yaml_key_is_an_error(cli, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rnak: 8\n")
+    code, _, err = cli("train", "--model", "m", "--data", "d", "--config", cfg, "--dry-run")
+    assert code == 1 and "unknown key 'rnak'" in err and "did you mean 'rank'" in err
+
+
+def test_existing_output_needs_force(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("x")
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, *FAST)
+    assert code == 1 and err.startswith("error: ") and "--force" in err
+    assert (run / "keep.txt").read_text() == "x"
+
+
+def test_gradient_checkpointing_trains_the_same(cli, tiny_llama, chat_data, tmp_path):
+    common = ["--model", tiny_llama, "--data", chat_data, *FAST]
+    assert cli("train", *common, "--output", tmp_path / "a")[0] == 0
+    assert cli("train", *common, "--output", tmp_path / "b", "--gradient-checkpointing")[0] == 0
+    ta, tb = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-5) for k in ta)
+    assert any(tb[k].abs().sum() > 0 for k in tb if "lora_B" in k)
+
+
+@pytest.mark.parametrize("path", ["cpu-demo.yaml", "chat-0.5b-8gb.yaml", "llama-8b-24gb.yaml"])
+def test_shipped_configs_load_and_validate(path):
+    from pathlib import Path
+
+    from lora_cli.config import TrainConfig, read_yaml_config
+
+    cfg = TrainConfig.from_dict(read_yaml_config(str(Path(__file__).parents[1] / "configs" / path)))
+    cfg.resolved().validate()
