@@ -25,10 +25,8 @@ ACCEPTED_SHAPES = ("text", "prompt+completion", "messages", "instruction+input+o
                    "conversations (ShareGPT)")
 # For tokenizers without a chat template (GPT-2, NeoX, base models). Prefix-stable by construction.
 BUILTIN_CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant: {%- endif -%}"
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 
@@ -306,26 +304,30 @@ class Encoder:
         text = self.render(messages, add_generation_prompt=False)
         if not text.startswith(previous):
             raise UserError(f"{where}: the chat template rewrites earlier turns; use --chat-template FILE")
-        ids, starts = self._tokenize_with_starts(text, spans)
+        ids, offsets = self._tokenize_with_offsets(text, spans)
         if self.train_on_prompt:
             labels = list(ids)
         else:
-            labels = [t if any(s <= st < e for s, e in spans) else IGNORE for t, st in zip(ids, starts)]
+            # a token carries the loss if it overlaps an assistant span (a token straddling the boundary
+            # predicts assistant text too); an empty-width token counts where it stands
+            labels = [t if any((s < b and e > a) if e > s else a <= s < b for a, b in spans) else IGNORE
+                      for t, (s, e) in zip(ids, offsets)]
         return self._truncate(Example(ids, labels), stats)
 
-    def _tokenize_with_starts(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Token ids of `text` and each token's first character offset."""
+    def _tokenize_with_offsets(self, text: str, spans: list[tuple[int, int]]
+                               ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's (start, end) character offsets."""
         if getattr(self.tok, "is_fast", False):
             enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            return list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]]
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         # Slow tokenizers have no offsets: tokenize piece by piece at the span boundaries.
         cuts = sorted({0, len(text), *(x for span in spans for x in span)})
-        ids, starts = [], []
+        ids, offsets = [], []
         for a, b in zip(cuts, cuts[1:]):
             piece = list(self.tok(text[a:b], add_special_tokens=False)["input_ids"])
             ids += piece
-            starts += [a] * len(piece)
-        return ids, starts
+            offsets += [(a, b)] * len(piece)
+        return ids, offsets
 
     def _truncate(self, ex: Example, stats: EncodeStats) -> Example:
         if len(ex.input_ids) > self.max_length:

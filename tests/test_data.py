@@ -1,0 +1,153 @@
+"""Records → ids + labels, checked token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_tokenizer
+
+from lora_cli.data import IGNORE, Encoder, collate, record_shape
+from lora_cli.errors import UserError
+
+
+def labelled_text(tok, ex):
+    return tok.decode([t for t in ex.labels if t != IGNORE])
+
+
+def masked_text(tok, ex):
+    return tok.decode([i for i, t in zip(ex.input_ids, ex.labels) if t == IGNORE])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def encode(enc, recs):
+    return enc.encode_all(recs)
+
+
+def test_chatml_assistant_turns_and_end_of_turn_are_labelled(tok):
+    enc = Encoder(tok, 512)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "Paris is red"}, {"role": "user", "content": "and?"},
+            {"role": "assistant", "content": "Berlin is blue"}]
+    (ex,), stats = enc.encode_all([{"messages": msgs}])
+    assert labelled_text(tok, ex) == "Paris is red<|im_end|>\nBerlin is blue<|im_end|>\n"
+    assert "hello" in masked_text(tok, ex) and "Be brief." in masked_text(tok, ex)
+    # every label equals its input id (the model shifts internally)
+    assert all(lab in (IGNORE, i) for i, lab in zip(ex.input_ids, ex.labels))
+    # the end-of-turn token is pad too: it still carries the loss
+    assert tok.pad_token_id == tok.eos_token_id and tok.eos_token_id in ex.labels
+    assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_completion_uses_the_template(tok):
+    (ex,), _ = Encoder(tok, 512).encode_all([{"prompt": "hello", "completion": "world", "id": 7}])
+    assert labelled_text(tok, ex) == "world<|im_end|>\n"
+    assert masked_text(tok, ex) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prompt_completion_without_template_is_plain_concatenation():
+    tok = tiny_tokenizer(chat_template=None)
+    (ex,), _ = Encoder(tok, 512).encode_all([{"prompt": "Question: hello", "completion": " world"}])
+    assert labelled_text(tok, ex) == " world<|im_end|>"
+    assert tok.decode(ex.input_ids) == "Question: hello world<|im_end|>"
+
+
+def test_messages_without_template_use_the_builtin_one():
+    tok = tiny_tokenizer(chat_template=None)
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    (ex,), _ = Encoder(tok, 512).encode_all([{"messages": msgs}])
+    assert tok.decode(ex.input_ids) == "User: hello<|im_end|>\nAssistant: world<|im_end|>\n"
+    assert labelled_text(tok, ex) == " world<|im_end|>\n"
+
+
+def test_token_straddling_the_prompt_boundary_is_labelled(tok):
+    # a generation prompt ending in a space: the token " w…" starts in the prompt but predicts the answer
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    (ex,), _ = Encoder(tok, 512, chat_template=template).encode_all([{"messages": msgs}])
+    assert labelled_text(tok, ex).endswith("world<|im_end|>") and "hello" not in labelled_text(tok, ex)
+
+
+def test_train_on_prompt_labels_everything(tok):
+    (ex,), _ = Encoder(tok, 512, train_on_prompt=True).encode_all([{"prompt": "hi", "completion": "yes"}])
+    assert ex.labels == ex.input_ids
+
+
+def test_text_gets_eos_and_long_text_is_chunked(tok):
+    enc = Encoder(tok, 8)
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    exs, stats = enc.encode_all([{"text": text}])
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    assert [t for e in exs for t in e.input_ids] == ids
+    assert all(len(e.input_ids) <= 8 for e in exs) and stats.chunked == 1
+    assert all(e.labels == e.input_ids for e in exs)
+
+
+def test_alpaca_and_sharegpt(tok):
+    (a,), s = Encoder(tok, 512).encode_all([{"instruction": "Name a color", "input": "red or blue", "output": "red"}])
+    assert s.shape == "alpaca" and labelled_text(tok, a) == "red<|im_end|>\n"
+    assert "Name a color\n\nred or blue" in masked_text(tok, a)
+    conv = {"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "hi"},
+                              {"from": "gpt", "value": "hello"}]}
+    (b,), s = Encoder(tok, 512).encode_all([conv])
+    assert s.shape == "sharegpt" and labelled_text(tok, b) == "hello<|im_end|>\n"
+
+
+def test_truncation_drops_records_without_loss_and_counts_them(tok):
+    long_prompt = "word " * 200
+    recs = [{"prompt": long_prompt, "completion": "yes"}, {"prompt": "hi", "completion": "yes"}]
+    exs, stats = Encoder(tok, 32).encode_all(recs)
+    assert len(exs) == 1 and stats.dropped_no_loss == 1 and stats.truncated == 1
+    with pytest.raises(UserError, match="no record has a token to learn"):
+        Encoder(tok, 32).encode_all(recs[:1])
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tok):
+    rewriting = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(UserError, match="record 0.*rewrites earlier turns"):
+        Encoder(tok, 512, chat_template=rewriting).encode_all([{"messages": msgs}])
+
+
+def test_mixed_and_unknown_shapes_name_the_record(tok):
+    with pytest.raises(UserError, match=r"record 1: shape prompt_completion .* differs"):
+        Encoder(tok, 64).encode_all([{"text": "a"}, {"prompt": "b", "completion": "c"}])
+    with pytest.raises(UserError, match=r"record 0: unknown shape \(keys: foo\).*messages"):
+        Encoder(tok, 64).encode_all([{"foo": 1}])
+    with pytest.raises(UserError, match="unknown role"):
+        Encoder(tok, 64).encode_all([{"messages": [{"role": "robot", "content": "x"}]}])
+
+
+def test_record_shape_detection():
+    assert record_shape({"text": "x", "id": 1}) == "text"
+    assert record_shape({"messages": []}) == "messages"
+    assert record_shape({"prompt": "", "completion": ""}) == "prompt_completion"
+    assert record_shape({"instruction": "", "input": "", "output": ""}) == "alpaca"
+    assert record_shape({"conversations": []}) == "sharegpt"
+    assert record_shape({"question": ""}) is None
+
+
+def test_collate_pads_with_ignore_and_keeps_eos_labels(tok):
+    (a, b), _ = Encoder(tok, 512).encode_all([{"prompt": "hi", "completion": "yes"},
+                                              {"prompt": "a much longer prompt here", "completion": "no"}])
+    batch = collate([a, b], pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape
+    n = len(a.input_ids)
+    assert (batch["labels"][0, n:] == IGNORE).all() and (batch["attention_mask"][0, n:] == 0).all()
+    assert (batch["labels"][0, :n] == torch.tensor(a.labels)).all()
+
+
+@pytest.mark.slow
+def test_smollm2_template_masks(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6, of course."}]
+    (ex,), _ = Encoder(tok, 512).encode_all([{"messages": msgs}])
+    assert labelled_text(tok, ex) == "4<|im_end|>\n6, of course.<|im_end|>\n"
+    masked = masked_text(tok, ex)
+    assert "You are a helpful AI assistant named SmolLM" in masked and "And 3+3?" in masked
+    assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
