@@ -1,28 +1,21 @@
-"""The LoRA core: layer, target resolution, injection/merge, PEFT-format adapter I/O. Torch only."""
+"""The LoRA core: layer, target resolution, injection/merge, PEFT-format adapter I/O. Torch only.
 
-from lora_cli.lora.inject import (
-    expected_trainable,
-    inject_lora,
-    lora_layers,
-    lora_state_dict,
-    merge_lora,
-    param_report,
-)
-from lora_cli.lora.layer import LoraLinear, lora_scaling
-from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config
-from lora_cli.lora.targets import peft_target_names, resolve_targets
+Names are loaded lazily, so `lora_cli.lora.peft_format` (used by `inspect`) never pulls in torch.
+"""
 
-__all__ = [
-    "AdapterConfig",
-    "LoraLinear",
-    "expected_trainable",
-    "inject_lora",
-    "lora_layers",
-    "lora_scaling",
-    "lora_state_dict",
-    "merge_lora",
-    "param_report",
-    "peft_target_names",
-    "read_adapter_config",
-    "resolve_targets",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "expected_trainable": "inject", "inject_lora": "inject", "lora_layers": "inject", "lora_state_dict": "inject",
+    "merge_lora": "inject", "param_report": "inject", "unload_lora": "inject",
+    "LoraLinear": "layer", "lora_scaling": "layer",
+    "AdapterConfig": "peft_format", "read_adapter_config": "peft_format",
+    "peft_target_names": "targets", "resolve_targets": "targets",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"lora_cli.lora.{_EXPORTS[name]}"), name)
+    raise AttributeError(name)

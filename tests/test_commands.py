@@ -1,0 +1,145 @@
+"""merge / export / generate / inspect through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
+
+from lora_cli.lora.adapter import load_adapter
+
+FAST = ["--max-steps", "4", "--lr", "1e-2", "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_llama, chat_data):
+    from lora_cli.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(tiny_llama), "--data", str(chat_data), "--output", str(run), *FAST])
+    assert e.value.code == 0
+    return run
+
+
+def logits(model, ids=None):
+    ids = ids if ids is not None else torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_inspect_table_and_json(cli, trained_run):
+    code, out, _ = cli("inspect", trained_run, "--json")
+    assert code == 0
+    facts = json.loads(out)
+    tensors = load_file(str(trained_run / "adapter_model.safetensors"))
+    assert facts["r"] == 16 and facts["lora_alpha"] == 32 and facts["scaling"] == 2.0
+    assert facts["trainable_params"] == sum(t.numel() for t in tensors.values())
+    assert facts["size_bytes"] == (trained_run / "adapter_model.safetensors").stat().st_size
+    assert facts["modules"] == {"k_proj": 2, "o_proj": 2, "q_proj": 2, "v_proj": 2}
+    assert facts["dtype"] == "float32" and facts["train_summary"]["steps"] == 4
+    code, out, _ = cli("inspect", trained_run)
+    assert code == 0 and "q_proj ×2" in out and "trainable params" in out
+
+
+def test_inspect_never_imports_torch(trained_run):
+    code = "import sys; from lora_cli.cli import main\ntry: main(['inspect', sys.argv[1], '--json'])\n" \
+           "except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", code, str(trained_run)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - t0 < 5  # generous: the benchmark holds the real target
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lora_cli.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n" \
+           "assert 'torch' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and "merge" in r.stdout and "inspect" in r.stdout
+
+
+def test_export_loads_in_peft(cli, trained_run, tiny_llama, tmp_path):
+    out = tmp_path / "exp"
+    code, _, err = cli("export", trained_run, "--output", out)
+    assert code == 0 and "MB" in err and "% of the base" in err
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    card = (out / "README.md").read_text()
+    assert "rank / alpha | 16 / 32" in card and "PeftModel.from_pretrained" in card
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    load_adapter(ours, trained_run)
+    assert rel_diff(logits(theirs), logits(ours.eval())) < 1e-3  # float16 rounding of A/B
+    code, _, err = cli("export", trained_run, "--output", out)
+    assert code == 1 and "exists" in err
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("llama", dict(target_modules=["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2},
+                   alpha_pattern={"v_proj": 5})),
+    ("gpt2", dict(target_modules=["c_attn", "attn.c_proj"], fan_in_fan_out=True)),
+])
+def test_merge_peft_made_adapters(cli, tmp_path, arch, kw):
+    base_dir = save_tiny(tmp_path / "base", arch, chat_template=None)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                 peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base_dir, "--output", tmp_path / "m")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert rel_diff(logits(merged), logits(theirs)) < 1e-4
+
+
+def test_merge_sharded_in_sharded_out(cli, tmp_path):
+    model = tiny_model("llama", vocab=320)
+    base = tmp_path / "base"
+    model.save_pretrained(base, max_shard_size="20KB")
+    from tiny import tiny_tokenizer
+    tiny_tokenizer().save_pretrained(base)
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 1
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                 init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base, "--output", tmp_path / "m", "--dtype", "bf16")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == shards
+    assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert rel_diff(logits(merged), logits(theirs)) < 2e-2  # bf16 weights
+
+
+def test_merge_onto_the_wrong_base_names_the_problem(cli, trained_run, tmp_path):
+    other = save_tiny(tmp_path / "neox", "gpt_neox")
+    code, _, err = cli("merge", trained_run, "--base", other, "--output", tmp_path / "m")
+    assert code == 1 and "does not fit" in err and "q_proj" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_generate_with_and_without_adapter(cli, trained_run, tiny_llama):
+    code, out, err = cli("generate", "--model", tiny_llama, "--adapter", trained_run, "--prompt", "What is color 3?",
+                         "--max-new-tokens", "8", "--compare")
+    assert code == 0, err
+    assert "base" in err and str(trained_run) in err and "answers" in err
+    code, out, err = cli("generate", "--model", tiny_llama, "--prompt", "hello", "--max-new-tokens", "4",
+                         "--no-chat")
+    assert code == 0, err
+    code, _, err = cli("generate", "--model", tiny_llama, "--adapter", trained_run / "nope", "--prompt", "x")
+    assert code == 1 and "does not exist" in err
