@@ -61,3 +61,34 @@ def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, tem
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def answer_batch(model, tokenizer, prompts: list[str], template: str | None, max_new_tokens: int = 48,
+                 batch_size: int = 8) -> list[str]:
+    """Greedy answers to many prompts, batched with left padding."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            seqs = [prompt_ids(tokenizer, p, template)[0].tolist() for p in prompts[i : i + batch_size]]
+            width = max(map(len, seqs))
+            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+            with torch.no_grad():
+                out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                     top_k=None, eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad)
+            answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    finally:
+        tokenizer.padding_side = old_side
+    return answers
+
+
+def exact_match(model, tokenizer, records: list[dict], template: str | None) -> tuple[float, list[str]]:
+    """Share of chat records whose last assistant turn the model reproduces exactly (greedy)."""
+    prompts = [r["messages"][0]["content"] for r in records]
+    refs = [r["messages"][-1]["content"].strip() for r in records]
+    answers = answer_batch(model, tokenizer, prompts, template)
+    return sum(a == r for a, r in zip(answers, refs)) / len(refs), answers

@@ -81,6 +81,9 @@ def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     gguf_path = Path(gguf_path)
     target = gguf_cache_dir(gguf_path)
     if (target / "lora_cli_gguf.json").is_file():

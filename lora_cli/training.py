@@ -184,8 +184,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
         if cfg.gradient_checkpointing:
             # non-reentrant + input grads, or a frozen base gives the adapters no gradient at all
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.config.use_cache = False
 

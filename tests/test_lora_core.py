@@ -179,7 +179,7 @@ def test_merge_unmerge(arch):
     for p, layer in lora_layers(model).items():
         layer.unmerge()
         assert (layer.base_layer.weight - weights[p]).abs().max().item() < 1e-6
-    assert (logits(model) - before).abs().max().item() < 1e-6
+    assert (logits(model) - before).abs().max().item() < 1e-5
 
 
 def test_merge_lora_returns_a_plain_model():

@@ -23,7 +23,7 @@ def export_command(
     info = export_adapter(adapter, output, getattr(torch, name), force)
     line = f"wrote {info['output']}: adapter {info['size_bytes'] / 2**20:.2f} MB ({name})"
     if info["base_size_bytes"]:
-        line += (f", {100 * info['size_bytes'] / info['base_size_bytes']:.2f}% of the base model's "
+        line += (f", {100 * info['size_bytes'] / info['base_size_bytes']:.2f}% of the base model files' "
                  f"{info['base_size_bytes'] / 2**20:.0f} MB")
     stderr_console().print(line)
 

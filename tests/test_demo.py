@@ -1,0 +1,30 @@
+"""The demo, shortened: a real pretrained model (SmolLM2-135M-Instruct GGUF) learns the task, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_demo_improves_by_a_wide_margin_and_merge_is_exact(tmp_path, smollm2_gguf):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--out", str(tmp_path), "--max-steps", "25",
+                        "--eval-records", "20"], capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["exact_match_before"] <= 0.1
+    assert res["exact_match_after"] >= res["exact_match_before"] + 0.6
+    assert abs(res["exact_match_merged"] - res["exact_match_after"]) <= 0.05
+    assert res["merge_verify_max_abs_logit_diff"] < 1e-3
+    assert res["adapter_mb_fp16"] < 0.05 * res["model_mb"]
+    # the run directory is a PEFT adapter of a dequantized GGUF base, and says so
+    facts = json.loads(subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path / "run"), "--json"],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert facts["base_is_gguf"] and facts["r"] == 16
+    assert "dequantized" in (tmp_path / "adapter" / "README.md").read_text()
