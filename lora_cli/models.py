@@ -80,7 +80,6 @@ def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
     """Dequantize a .gguf once into a safetensors transformers directory (cached); return that directory."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
