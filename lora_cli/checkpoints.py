@@ -105,11 +105,16 @@ def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """An OS file lock on the run directory (released automatically if the process dies)."""
+    """An OS file lock on the run directory (released automatically if the process dies).
+
+    A directory this lock created and that is still empty afterwards (the run failed early) is removed.
+    """
     import fcntl
 
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / ".lock", "a+")
+    lock = run_dir / ".lock"
+    fh = open(lock, "a+")
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,6 +124,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         fh.close()
+        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
+            lock.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 class StopFlag:

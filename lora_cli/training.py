@@ -156,6 +156,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     problem = output_dir_problem(run_dir, force, resume)
     if problem:
         raise UserError(problem)
+    if resume and not list_checkpoints(run_dir):
+        raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from")
     source = resolve_model(cfg.model, cfg.allow_pickle)
 
     use_cuda = torch.cuda.is_available()
@@ -203,10 +205,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
                  "best_eval_step": None, "last_loss": None}
         if resume:
-            ckpts = list_checkpoints(run_dir)
-            if not ckpts:
-                raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from")
-            step0, ckpt = ckpts[-1]
+            _, ckpt = list_checkpoints(run_dir)[-1]
             from lora_cli.lora.adapter import read_adapter_tensors
             tensors = read_adapter_tensors(ckpt)
             with torch.no_grad():
@@ -291,7 +290,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                         metrics_fh.flush()
                     bar.update(done, loss, lr, row["tokens_per_s"],
                                f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
-                    if stop.signal or (done % plan.save_every == 0 and not is_last):
+                    if stop.signal or done % plan.save_every == 0 or is_last:
                         if main:
                             save_checkpoint(run_dir, done, write_adapter, optimizer, scheduler, state, rank, world)
                             prune_checkpoints(run_dir, cfg.save_total_limit, state["best_eval_step"])

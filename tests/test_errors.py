@@ -1,0 +1,193 @@
+"""Every user mistake: one `error:` line, a non-zero exit, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_cli.errors import atomic_write_text
+
+GOOD_FAST = ["--max-steps", "2", "--dropout", "0"]
+
+
+def assert_user_error(result, *fragments, code=1):
+    rc, out, err = result
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err
+    if code == 1:
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert lines[-1].startswith("error: "), err
+        for f in fragments:
+            assert f in lines[-1], (f, lines[-1])
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, tiny_llama, chat_data):
+    d = tmp_path
+    (d / "empty.jsonl").write_text("")
+    (d / "truncated.jsonl").write_text('{"text": "hello"}\n{"text": "wor')
+    (d / "notjson.jsonl").write_text("this is not json\n")
+    (d / "shape.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    (d / "broken.yaml").write_text("rank: [1, 2\n")
+    (d / "unknown.yaml").write_text("rnak: 8\n")
+    pickled = d / "pickled"
+    pickled.mkdir()
+    shutil.copy(tiny_llama / "config.json", pickled / "config.json")
+    torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    return d
+
+
+def train_args(model, data, out, *extra):
+    return ("train", "--model", model, "--data", data, "--output", out, *GOOD_FAST, *extra)
+
+
+CASES = {
+    "missing model": (lambda d, m, c: train_args(d / "nope", c, d / "o"), ["does not exist"]),
+    "unknown hub model": (lambda d, m, c: train_args("nobody-xyz/no-such-model", c, d / "o"), ["cannot load"]),
+    "missing data": (lambda d, m, c: train_args(m, d / "nope.jsonl", d / "o"), ["does not exist"]),
+    "rank 0": (lambda d, m, c: train_args(m, c, d / "o", "--rank", "0"), ["--rank must be >= 1"]),
+    "alpha <= 0": (lambda d, m, c: train_args(m, c, d / "o", "--alpha", "-1"), ["--alpha must be > 0"]),
+    "dropout 1": (lambda d, m, c: train_args(m, c, d / "o", "--dropout", "1"), ["--dropout must be in [0, 1)"]),
+    "no target matched": (lambda d, m, c: train_args(m, c, d / "o", "--targets", "foo_proj"),
+                          ["matched no linear module", "q_proj"]),
+    "empty dataset": (lambda d, m, c: train_args(m, d / "empty.jsonl", d / "o"), ["is empty"]),
+    "truncated dataset": (lambda d, m, c: train_args(m, d / "truncated.jsonl", d / "o"), ["line 2", "not valid JSON"]),
+    "non-JSON dataset": (lambda d, m, c: train_args(m, d / "notjson.jsonl", d / "o"), ["line 1", "not valid JSON"]),
+    "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
+                             ["record 0", "unknown shape", "question", "messages"]),
+    "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
+    "lr 0": (lambda d, m, c: train_args(m, c, d / "o", "--lr", "0"), ["--lr must be > 0"]),
+    "max-length 0": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "0"), ["--max-length must be >= 1"]),
+    "batch-size 0": (lambda d, m, c: train_args(m, c, d / "o", "--batch-size", "0"), ["--batch-size must be >= 1"]),
+    "missing yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "nope.yaml"), ["no such file"]),
+    "broken yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "broken.yaml"), ["not valid YAML"]),
+    "unknown yaml key": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "unknown.yaml"),
+                         ["unknown key 'rnak'"]),
+    "unknown dtype": (lambda d, m, c: train_args(m, c, d / "o", "--dtype", "float8"), ["--dtype must be one of"]),
+    "bad scheduler": (lambda d, m, c: train_args(m, c, d / "o", "--scheduler", "step"), ["--scheduler must be"]),
+    "pickled weights": (lambda d, m, c: train_args(d / "pickled", c, d / "o"), ["pickled", "--allow-pickle"]),
+    "resume without checkpoint": (lambda d, m, c: ("train", "--output", d / "nope-run", "--resume"),
+                                  ["no train_config.yaml"]),
+    "merge missing adapter": (lambda d, m, c: ("merge", d / "nope", "--output", d / "o"), ["does not exist"]),
+    "inspect non-adapter": (lambda d, m, c: ("inspect", d), ["no adapter_config.json"]),
+    "generate missing adapter": (lambda d, m, c: ("generate", "--model", m, "--adapter", d / "nope", "--prompt", "x"),
+                                 ["does not exist"]),
+    "generate without prompt": (lambda d, m, c: ("generate", "--model", m), ["--prompt"]),
+    "export missing adapter": (lambda d, m, c: ("export", d / "nope", "--output", d / "o"), ["does not exist"]),
+    "export bad dtype": (lambda d, m, c: ("export", d, "--output", d / "o", "--dtype", "int8"), ["--dtype"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(cli, bad_inputs, tiny_llama, chat_data, name):
+    make_args, fragments = CASES[name]
+    result = cli(*make_args(bad_inputs, tiny_llama, chat_data))
+    assert_user_error(result, *fragments)
+    assert not (bad_inputs / "o").exists()
+
+
+def test_all_flag_problems_are_reported_at_once(cli, tmp_path, tiny_llama, chat_data):
+    result = cli(*train_args(tiny_llama, chat_data, tmp_path / "o", "--rank", "0", "--lr", "-1", "--batch-size", "0"))
+    assert_user_error(result, "--rank", "--lr", "--batch-size")
+
+
+def test_malformed_command_line_is_usage_error(cli, tiny_llama, chat_data, tmp_path):
+    assert_user_error(cli(*train_args(tiny_llama, chat_data, tmp_path / "o", "--rank", "abc")), code=2)
+    assert_user_error(cli("train", "--no-such-flag"), code=2)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama, chat_data):
+    from lora_cli.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "run"
+    with pytest.raises(SystemExit) as e:
+        main(list(map(str, train_args(tiny_llama, chat_data, run, "--save-every", "1"))))
+    assert e.value.code == 0
+    return run
+
+
+def test_resume_with_changed_rank(cli, run_dir):
+    assert_user_error(cli("train", "--output", run_dir, "--resume", "--rank", "8"), "cannot change --rank")
+
+
+def test_resume_finished_run_says_how_to_continue(cli, run_dir):
+    assert_user_error(cli("train", "--output", run_dir, "--resume"), "--max-steps")
+
+
+def test_merge_with_corrupt_or_configless_adapter(cli, run_dir, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir, corrupt, ignore=shutil.ignore_patterns("checkpoints"))
+    data = (corrupt / "adapter_model.safetensors").read_bytes()
+    (corrupt / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_user_error(cli("merge", corrupt, "--output", tmp_path / "o"), "corrupt or truncated")
+    (corrupt / "adapter_config.json").unlink()
+    assert_user_error(cli("merge", corrupt, "--output", tmp_path / "o"), "no adapter_config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_merge_onto_base_with_other_shapes(cli, run_dir, tmp_path):
+    from tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama", vocab=320)
+    model.config.hidden_size = 32
+    wide = tmp_path / "wide"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64)).save_pretrained(wide)
+    tiny_tokenizer().save_pretrained(wide)
+    assert_user_error(cli("merge", run_dir, "--base", wide, "--output", tmp_path / "o"), "does not fit", "q_proj")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_merge_dtype(cli, run_dir, tmp_path):
+    assert_user_error(cli("merge", run_dir, "--output", tmp_path / "o", "--dtype", "float8"), "--dtype")
+
+
+def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert_user_error(cli(*train_args(tiny_llama, chat_data, run_dir)), "exists", "--force")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_unsupported_adapter_tensors_are_named(cli, run_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    odd = tmp_path / "odd"
+    shutil.copytree(run_dir, odd, ignore=shutil.ignore_patterns("checkpoints"))
+    t = load_file(str(odd / "adapter_model.safetensors"))
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 320)
+    save_file(t, str(odd / "adapter_model.safetensors"))
+    from tiny import tiny_model
+
+    from lora_cli.errors import UserError
+    from lora_cli.lora.adapter import load_adapter
+
+    with pytest.raises(UserError, match="unsupported tensor.*lora_embedding_A"):
+        load_adapter(tiny_model("llama", vocab=320), odd)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path), "--debug"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "UserError" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_text(target, json.dumps({"v": 1}))
+    code = ("import os, sys; from lora_cli.errors import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_text('{\"v\": 2, \"half')\n"
+            "    os._exit(9)\n")  # the process dies mid-write, before the rename
+    r = subprocess.run([sys.executable, "-c", code, str(target)])
+    assert r.returncode == 9
+    assert json.loads(target.read_text()) == {"v": 1}
