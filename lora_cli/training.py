@@ -118,6 +118,7 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     for k in RESUMABLE_OVERRIDES:
         if given.get(k) is not None:
             setattr(saved, k, given[k])
+    saved.output = cfg.output  # the directory being resumed, even if it was moved or copied
     return saved
 
 

@@ -1,0 +1,129 @@
+"""Checkpoints, exact resume, signals, non-finite loss and the run lock."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_cli.checkpoints import list_checkpoints
+
+
+def adapter(run):
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("scheduler,steps,resume_from", [("constant", 6, 3), ("cosine", 10, 3), ("linear", 9, 4)])
+def test_resume_is_exact(cli, tiny_llama, chat_data, tmp_path, scheduler, steps, resume_from):
+    # 16 records / batch 4 = 4 steps per epoch: resuming at 3 or 4 crosses epoch boundaries afterwards
+    args = ["--model", tiny_llama, "--data", chat_data, "--max-steps", steps, "--scheduler", scheduler,
+            "--dropout", "0.1", "--lr", "5e-3", "--warmup", "2", "--save-every", "1", "--save-total-limit", "100"]
+    full = tmp_path / "full"
+    assert cli("train", *args, "--output", full)[0] == 0
+    assert [s for s, _ in list_checkpoints(full)] == list(range(1, steps + 1))
+    # what an interruption after step `resume_from` leaves behind: its checkpoint, no later files
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for s, d in list_checkpoints(cut):
+        if s > resume_from:
+            shutil.rmtree(d)
+    for name in ("adapter_model.safetensors", "train_summary.json"):
+        (cut / name).unlink()
+    code, _, err = cli("train", "--output", cut, "--resume")
+    assert code == 0, err
+    a, b = adapter(full), adapter(cut)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+    rows = lambda r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in rows(cut)] == list(range(1, steps + 1))
+    assert [r["loss"] for r in rows(cut)] == pytest.approx([r["loss"] for r in rows(full)], rel=1e-6)
+
+
+def test_resume_keeps_base_frozen_and_does_not_wrap_twice(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "2",
+               "--save-every", "1")[0] == 0
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "4")
+    assert code == 0, err
+    t = adapter(run)
+    assert not any("base_layer" in k or ".lora_A.lora_A" in k for k in t)
+    assert json.loads((run / "train_summary.json").read_text())["trainable_params"] == \
+        sum(v.numel() for v in t.values())
+
+
+def test_save_total_limit_keeps_newest_plus_best(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "8",
+               "--save-every", "1", "--save-total-limit", "2", "--eval-split", "0.25", "--eval-every", "1",
+               "--lr", "1e-2")[0] == 0
+    kept = [s for s, _ in list_checkpoints(run)]
+    best = json.loads((run / "train_summary.json").read_text())["best_eval_step"]
+    assert kept[-2:] == [7, 8] and set(kept) == {7, 8, best}
+    state = json.loads((run / "checkpoints/step-000008/trainer_state.json").read_text())
+    assert state["step"] == 8 and len(state["eval_history"]) == 8
+
+
+def _train_proc(tiny_llama, chat_data, run, *extra, ignore_sigint=False):
+    cmd = [sys.executable, "-m", "lora_cli", "train", "--model", str(tiny_llama), "--data", str(chat_data),
+           "--output", str(run), "--max-steps", "100000", "--save-every", "100000", *extra]
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+
+
+def _wait_for_steps(run, n=2, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = run / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tiny_llama, chat_data, tmp_path, sig):
+    run = tmp_path / "run"
+    # SIGINT ignored at start, as in a background job of a non-interactive shell
+    p = _train_proc(tiny_llama, chat_data, run, ignore_sigint=True)
+    _wait_for_steps(run)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {sig.name} after step") and f"lora train --output {run} --resume" in last
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert [s for s, _ in list_checkpoints(run)] == [step]
+    r = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--output", str(run), "--resume",
+                        "--max-steps", str(step + 2)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == step + 2
+
+
+def test_locked_run_directory_is_refused(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--force",
+                           "--max-steps", "1")
+    assert code == 1 and "in use by another lora run" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "50",
+                       "--lr", "1e30", "--warmup", "0", "--save-every", "1", "--max-grad-norm", "0")
+    assert code == 1 and "the loss became" in err and "at step" in err
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    kept = [s for s, _ in list_checkpoints(run)]
+    assert kept and max(kept) == bad_step - 1
+    t = load_file(str(run / f"checkpoints/step-{max(kept):06d}/adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in t.values())
