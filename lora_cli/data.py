@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,15 @@ BUILTIN_CHAT_TEMPLATE = (
 
 @dataclass
 class Example:
-    """One training sequence: token ids and labels (IGNORE where there is no loss)."""
+    """One training sequence: token ids and labels (IGNORE where there is no loss).
+
+    A packed sequence also has per-record `position_ids` and `segments` (the record index of each token).
+    """
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    segments: list[int] | None = None
 
     @property
     def n_loss(self) -> int:
@@ -53,7 +58,7 @@ class EncodeStats:
     tokens: int = 0
     loss_tokens: int = 0
     shape: str = ""
-    notes: list[str] = field(default_factory=list)
+    packed: int = 0  # sequences after --packing (0 = not packed)
 
 
 # ---------------------------------------------------------------- loading
@@ -340,19 +345,65 @@ def _keys(rec: Any) -> str:
     return ", ".join(sorted(map(str, rec))) if isinstance(rec, dict) else type(rec).__name__
 
 
-# ---------------------------------------------------------------- batching
+# ---------------------------------------------------------------- packing and batching
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Pack records into sequences of at most `max_length` tokens (first fit, longest first).
+
+    Positions restart at 0 for each record, and the first label of each record is dropped: it would be
+    predicted from the previous record's last token.
+    """
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(ex.input_ids)
+        k = next((b for b, r in enumerate(room) if r >= n), None)
+        if k is None:
+            bins.append([ex])
+            room.append(max_length - n)
+        else:
+            bins[k].append(ex)
+            room[k] -= n
+    packed = []
+    for b in bins:
+        ids, labels, pos, seg = [], [], [], []
+        for j, ex in enumerate(b):
+            ids += ex.input_ids
+            labels += [IGNORE] + ex.labels[1:]
+            pos += list(range(len(ex.input_ids)))
+            seg += [j] * len(ex.input_ids)
+        packed.append(Example(ids, labels, pos, seg))
+    return packed
+
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding)."""
+    """Right-pad to the longest example: input_ids, attention_mask, labels (IGNORE on padding).
+
+    Packed examples get position_ids and a 4-D block-diagonal causal mask (batch, 1, T, T), True = attend:
+    position ids alone would still let records attend to each other.
+    """
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    b, width = len(examples), max(len(e.input_ids) for e in examples)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    labels = torch.full((b, width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if not any(e.segments for e in examples):
+        return batch
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        seg[i, :n] = torch.tensor(e.segments or [0] * n)
+        pos[i, :n] = torch.tensor(e.position_ids or list(range(n)))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)  # (b, T, T)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    block = same & causal | torch.eye(width, dtype=torch.bool)  # padding rows see themselves: no NaN rows
+    batch.update(attention_mask=block[:, None], position_ids=pos)
+    return batch

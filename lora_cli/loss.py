@@ -59,6 +59,17 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
+def attention_mask_for(model: nn.Module, block: torch.Tensor) -> torch.Tensor | None:
+    """A boolean (B, 1, T, T) packing mask in the form the model's attention implementation takes."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "eager":  # additive: 0 where attended, the dtype's minimum elsewhere
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.zeros(block.shape, dtype=dtype, device=block.device).masked_fill(~block, torch.finfo(dtype).min)
+    if "flash" in impl:  # flash attention finds packed records from the restarting position ids
+        return None
+    return block
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM; forward returns (Σ token loss, number of loss tokens).
 
@@ -71,6 +82,8 @@ class CausalLMLoss(nn.Module):
         self.head = plain_head(model) if fused else None
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = attention_mask_for(self.model, attention_mask)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         keep = targets != IGNORE
         n = keep.sum()

@@ -29,7 +29,7 @@ from lora_cli.checkpoints import (
     save_checkpoint,
 )
 from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig
-from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, split_eval
+from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
 from lora_cli.display import TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
 from lora_cli.lora import AdapterConfig, inject_lora, param_report, peft_target_names, resolve_targets
@@ -132,9 +132,12 @@ def encode_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Ex
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
     train, train_stats = enc.encode_all(train_records, "training data")
+    if cfg.packing:
+        train = pack(train, cfg.max_length)
+        train_stats.packed = len(train)
     if valid_records is None:
         return train, None, train_stats, None
-    valid, valid_stats = enc.encode_all(valid_records, "eval data")
+    valid, valid_stats = enc.encode_all(valid_records, "eval data")  # eval unpacked: per-record loss as-is
     return train, valid, train_stats, valid_stats
 
 
@@ -251,7 +254,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                         with acc.accumulate(loss_model):
                             if mine:
                                 b = _to(collate([train_ex[i] for i in mine], pad_id), device)
-                                tokens += int(b["attention_mask"].sum())
+                                tokens += sum(lengths[i] for i in mine)
                             else:  # a short last batch left this slot empty: keep processes in lockstep
                                 b = _to(collate([train_ex[batch[0]]], pad_id), device)
                             s, _ = loss_model(**b)
@@ -393,6 +396,8 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, world
         ("data", f"{tstats.records} records ({tstats.shape}) → {tstats.examples} sequences, {tstats.tokens:,} tokens, "
                  f"{tstats.loss_tokens:,} with loss"),
     ]
+    if tstats.packed:
+        rows.append(("packing", f"{tstats.examples} sequences packed into {tstats.packed} of ≤ {cfg.max_length} tokens"))
     if tstats.dropped_no_loss or tstats.truncated or tstats.chunked:
         rows.append(("", f"dropped {tstats.dropped_no_loss} with nothing to learn · truncated {tstats.truncated} · "
                          f"chunked {tstats.chunked} (max length {cfg.max_length})"))
