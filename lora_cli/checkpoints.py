@@ -68,16 +68,18 @@ def _to_tuples(x):
 
 
 def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer, scheduler, state: dict,
-                    rank: int = 0, world_size: int = 1) -> Path:
-    """Write checkpoints/step-NNNNNN atomically (temp dir, then rename). Called on the main process;
-    `write_adapter(dir)` writes the adapter files."""
+                    rng_states: list[dict]) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (temp dir, then rename). Called on the main process with
+    every process's RNG state; `write_adapter(dir)` writes the adapter files."""
     target = checkpoint_dir(run_dir, step)
     with atomic_dir(target) as tmp:
         write_adapter(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / f"rng_state_{rank}.pt")
-        (tmp / STATE_NAME).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng_state_{rank}.pt")
+        state = {**state, "step": step, "world_size": len(rng_states)}
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     return target
 
 

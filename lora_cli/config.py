@@ -42,6 +42,7 @@ class TrainConfig:
     chat_template: str | None = _opt(None, "Jinja chat template file to use instead of the tokenizer's.", "Model and data")
     max_length: int = _opt(1024, "Maximum tokens per sequence (longer text is chunked, chats truncated).", "Model and data")
     packing: bool = _opt(False, "Pack several records into each sequence (no attention across records).", "Model and data")
+    group_by_length: bool = _opt(True, "Batch records of similar length together (less padding; order stays random).", "Model and data")
     train_on_prompt: bool = _opt(False, "Put the loss on every token, prompts included.", "Model and data")
     rank: int = _opt(16, "LoRA rank r.", "LoRA")
     alpha: float | None = _opt(None, "LoRA alpha [default: 2 × rank]; scaling = alpha / rank.", "LoRA")

@@ -25,6 +25,7 @@ from lora_cli.checkpoints import (
     load_checkpoint_state,
     output_dir_problem,
     prune_checkpoints,
+    rng_state,
     run_lock,
     save_checkpoint,
 )
@@ -33,8 +34,10 @@ from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, 
 from lora_cli.display import TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
 from lora_cli.lora import AdapterConfig, inject_lora, param_report, peft_target_names, resolve_targets
-from lora_cli.lora.adapter import save_adapter
-from lora_cli.lora.peft_format import GGUF_BASE_KEY
+from lora_cli.lora.adapter import read_adapter_tensors
+from lora_cli.lora.adapter import write_adapter as write_adapter_files
+from lora_cli.lora.layer import is_conv1d
+from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
 from lora_cli.loss import CausalLMLoss
 from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
 
@@ -62,13 +65,27 @@ def warmup_steps(warmup: float, total: int) -> int:
     return int(round(warmup * total)) if warmup < 1 else int(warmup)
 
 
-def global_batch(n: int, size: int, seed: int, step: int) -> list[int]:
-    """Record indices of global batch `step`: epoch e = a seeded permutation, cut into `size` pieces."""
-    per_epoch = math.ceil(n / size)
-    epoch, k = divmod(step, per_epoch)
+GROUP_SPAN = 16  # global batches per length-sorted group
+
+
+def epoch_batches(lengths: list[int], size: int, seed: int, epoch: int, group: bool) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation cut into `size` pieces.
+
+    With `group`, each span of GROUP_SPAN batches is sorted by length before cutting, and the batch order
+    is shuffled again: batches hold records of similar length (little padding) yet stay random.
+    """
+    n = len(lengths)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    return order[k * size : (k + 1) * size]
+    if group:
+        span = size * GROUP_SPAN
+        order = [i for s in range(0, n, span) for i in sorted(order[s : s + span], key=lambda i: (-lengths[i], i))]
+    batches = [order[k : k + size] for k in range(0, n, size)]
+    if group:
+        full = batches[:-1] if len(batches[-1]) < size else batches  # a short batch stays last
+        perm = torch.randperm(len(full), generator=g).tolist()
+        batches = [full[p] for p in perm] + batches[len(full):]
+    return batches
 
 
 def micro_slots(indices: list[int], lengths: list[int], n_slots: int) -> list[list[int]]:
@@ -152,7 +169,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` and write the run directory. Returns the summary."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     cfg = resolve_run_config(cfg, resume, given).resolved()
     cfg.validate()
@@ -174,28 +191,17 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     say = console.print if main else (lambda *a, **k: None)
 
     with run_lock(run_dir) if main else contextlib.nullcontext():
-        tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
-        train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
-        model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say)
+        with acc.main_process_first():  # one process converts a GGUF / fills the caches, the others reuse them
+            tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
+            train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
+            model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say)
         set_seed(cfg.seed)
-        paths = resolve_targets(model, cfg.targets)
-        inject_lora(model, paths, cfg.rank, cfg.lora_alpha, cfg.dropout, cfg.rslora)
+        paths, adapter_cfg = add_lora(model, cfg, source)
         report = param_report(model)
-        adapter_cfg = AdapterConfig(
-            r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_target_names(model, paths),
-            lora_dropout=cfg.dropout, use_rslora=cfg.rslora, fan_in_fan_out=any(
-                type(model.get_submodule(p).base_layer).__name__ == "Conv1D" for p in paths),
-            base_model_name_or_path=source.path if source.kind != "hub" else source.ref,
-        )
         meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
-        if cfg.gradient_checkpointing:
-            # non-reentrant + input grads, or a frozen base gives the adapters no gradient at all
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model.config.use_cache = False
+        ckpt = list_checkpoints(run_dir)[-1][1] if resume else None
+        if ckpt:  # into the plain model, before any wrapper (DDP/FSDP) shards or copies it
+            load_lora_weights(model, ckpt)
 
         plan = make_plan(cfg, len(train_ex), world)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -208,14 +214,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
 
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
                  "best_eval_step": None, "last_loss": None}
-        if resume:
-            _, ckpt = list_checkpoints(run_dir)[-1]
-            from lora_cli.lora.adapter import read_adapter_tensors
-            tensors = read_adapter_tensors(ckpt)
-            with torch.no_grad():
-                for name, p in acc.unwrap_model(loss_model).model.named_parameters():
-                    if p.requires_grad:
-                        p.copy_(tensors[name])
+        if ckpt:
             state.update(load_checkpoint_state(ckpt, optimizer, scheduler, rank))
             if state["step"] >= plan.total_steps:
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
@@ -229,14 +228,15 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
             say(_before_table(cfg, source, model, report, paths, tstats, estats, plan, world, device, dtype))
 
-        def write_adapter(d: Path) -> None:
-            save_adapter(acc.unwrap_model(loss_model).model, d, adapter_cfg, metadata=meta)
+        def write_adapter(d: Path, tensors: dict) -> None:
+            write_adapter_files(d, adapter_cfg, tensors, meta)
 
         lengths = [len(e.input_ids) for e in train_ex]
         n_loss = [e.n_loss for e in train_ex]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         n_slots = world * cfg.grad_accum
         t_start = time.perf_counter() - state["wall_time_s"]
+        cached_epoch, batches = -1, []
         metrics_fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if main else None
         loss_model.train()
         stopped = None
@@ -244,7 +244,11 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             with StopFlag() as stop, TrainProgress(console, plan.total_steps, state["step"], main) as bar:
                 for step in range(state["step"], plan.total_steps):
                     t0 = time.perf_counter()
-                    batch = global_batch(plan.n_train, plan.global_size, cfg.seed, step)
+                    epoch, k = divmod(step, plan.steps_per_epoch)
+                    if epoch != cached_epoch:
+                        batches = epoch_batches(lengths, plan.global_size, cfg.seed, epoch, cfg.group_by_length)
+                        cached_epoch = epoch
+                    batch = batches[k]
                     slots = micro_slots(batch, lengths, n_slots)
                     n_global = sum(n_loss[i] for i in batch)
                     loss_sum = torch.zeros((), device=device)
@@ -294,9 +298,15 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                         metrics_fh.flush()
                     bar.update(done, loss, lr, row["tokens_per_s"],
                                f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                    if world > 1:  # every process must agree to stop at the same step (collectives follow)
+                        flag = acc.reduce(torch.tensor(float(bool(stop.signal)), device=device), "sum")
+                        stop.signal = stop.signal or ("SIGNAL" if float(flag) > 0 else None)
                     if stop.signal or done % plan.save_every == 0 or is_last:
+                        rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+                        tensors = gathered_lora_tensors(acc, loss_model)  # a collective under FSDP / ZeRO-3
                         if main:
-                            save_checkpoint(run_dir, done, write_adapter, optimizer, scheduler, state, rank, world)
+                            save_checkpoint(run_dir, done, lambda d, t=tensors: write_adapter(d, t), optimizer,
+                                            scheduler, state, rngs)
                             prune_checkpoints(run_dir, cfg.save_total_limit, state["best_eval_step"])
                         if stop.signal:
                             stopped = stop.signal
@@ -309,13 +319,57 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             raise UserError(f"stopped by {stopped} after step {state['step']}; checkpoint saved. Resume with: "
                             f"lora train --output {run_dir} --resume")
         summary = _summary(cfg, state, plan, world, tstats, estats, report, device)
+        tensors = gathered_lora_tensors(acc, loss_model)
         if main:
-            write_adapter(run_dir)
+            write_adapter(run_dir, tensors)
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
             metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
             drew = plot_loss(metrics, run_dir / "loss.png")
             say(_after_table(summary, run_dir, drew))
     return summary
+
+
+def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]:
+    """Wrap the targets with LoRA (A seeded by the caller), set up checkpointing, describe the adapter."""
+    paths = resolve_targets(model, cfg.targets)
+    inject_lora(model, paths, cfg.rank, cfg.lora_alpha, cfg.dropout, cfg.rslora)
+    adapter_cfg = AdapterConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_target_names(model, paths),
+        lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+        fan_in_fan_out=any(is_conv1d(model.get_submodule(p).base_layer) for p in paths),
+        base_model_name_or_path=source.path if source.kind != "hub" else source.ref,
+    )
+    if cfg.gradient_checkpointing:
+        # non-reentrant + input grads, or a frozen base gives the adapters no gradient at all
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return paths, adapter_cfg
+
+
+def load_lora_weights(model, ckpt: Path) -> None:
+    """Copy a checkpoint's A/B into the model's (already injected) LoRA layers."""
+    tensors = read_adapter_tensors(ckpt)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(tensors[name])
+
+
+def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
+    """Full (unsharded) LoRA tensors in PEFT's key layout, fp32 on CPU. Every process must call this: under
+    FSDP / ZeRO-3 it gathers the shards (saving a local shard gives a mostly-zero lora_B)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        sd = acc.get_state_dict(loss_model)
+    else:
+        sd = acc.unwrap_model(loss_model).state_dict()
+    return {KEY_PREFIX + k.removeprefix("model."): v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, acc) -> float:

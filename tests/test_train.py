@@ -150,3 +150,20 @@ def test_shipped_configs_load_and_validate(path):
 
     cfg = TrainConfig.from_dict(read_yaml_config(str(Path(__file__).parents[1] / "configs" / path)))
     cfg.resolved().validate()
+
+
+def test_epoch_batches_cover_each_record_once_and_group_by_length():
+    from lora_cli.training import epoch_batches
+
+    lengths = [((i * 37) % 101) + 1 for i in range(100)]
+    for group in (False, True):
+        batches = epoch_batches(lengths, 8, seed=3, epoch=0, group=group)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(100)) and len(batches) == 13 and len(batches[-1]) == 4
+        assert batches == epoch_batches(lengths, 8, seed=3, epoch=0, group=group)  # deterministic
+        assert batches != epoch_batches(lengths, 8, seed=3, epoch=1, group=group)  # reshuffled each epoch
+
+    def padding(bs):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
+
+    assert padding(epoch_batches(lengths, 8, 3, 0, True)) < 0.3 * padding(epoch_batches(lengths, 8, 3, 0, False))
