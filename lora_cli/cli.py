@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from lora_cli.commands import export, generate, inspect, merge, train
+from lora_cli.commands import algebra, export, generate, inspect, merge, train
 from lora_cli.errors import UserError
 
 app = typer.Typer(
@@ -22,7 +22,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-for module in (train, merge, export, generate, inspect):
+for module in (train, merge, export, generate, inspect, algebra):
     module.register(app)
 
 

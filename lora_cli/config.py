@@ -61,6 +61,7 @@ class TrainConfig:
     seed: int = _opt(0, "Random seed: same seed, data and machine give the same adapter.")
     dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16/fp16 on GPU).", "Hardware")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, more time.", "Hardware")
+    load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA stays 16/32-bit.", "Hardware")
     eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
     log_every: int = _opt(1, "Steps between metrics.jsonl rows.", "Logging and checkpoints")
     save_every: int = _opt(0, "Steps between checkpoints (0 = every 10% of the run).", "Logging and checkpoints")
@@ -99,7 +100,7 @@ class TrainConfig:
             if k in known:
                 try:
                     clean[k] = _coerce(v, hints[k])
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     problems.append(f"{k}: expected {_type_name(hints[k])}, got {v!r}")
         check(problems, source)
         return cls(**clean)
@@ -193,6 +194,8 @@ def _coerce(value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
+    elif value is None:
+        raise TypeError
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -287,10 +287,11 @@ class Encoder:
         return self._truncate(Example(p + c, labels), stats)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        if not messages:
-            return ""
-        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # a template's own raise_exception(), or a broken template
+            raise UserError(f"the chat template failed to render a conversation: {type(e).__name__}: {e}") from None
 
     def _chat(self, messages: list[dict], where: str, stats: EncodeStats) -> Example:
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
@@ -298,6 +299,9 @@ class Encoder:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
+            if i == 0:  # templates cannot render the empty prefix, so its header cannot be told apart
+                raise UserError(f"{where}: the conversation starts with an assistant turn; add the user (or "
+                                "system) turn it answers")
             prompt = self.render(messages[:i], add_generation_prompt=True)
             full = self.render(messages[: i + 1], add_generation_prompt=False)
             if not (prompt.startswith(previous) and full.startswith(prompt)):

@@ -141,6 +141,23 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
         raise UserError(_load_failure(source, "tokenizer", e)) from None
 
 
+def quantization_4bit(dtype):
+    """bitsandbytes NF4 with double quantization, computing in `dtype` (QLoRA); CUDA only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); on CPU train the full-precision "
+                        "base without it")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--load-in-4bit needs bitsandbytes: pip install 'lora-cli[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
 def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allow_pickle: bool = False,
                status=None, **kwargs):
     """AutoModelForCausalLM in `dtype`, safetensors only unless `allow_pickle`."""

@@ -39,7 +39,7 @@ from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
 from lora_cli.loss import CausalLMLoss
-from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
+from lora_cli.models import load_model, load_tokenizer, quantization_4bit, resolve_model, torch_dtype
 
 CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -185,6 +185,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     dtype = torch_dtype(cfg.dtype, "cuda" if use_cuda else "cpu")
     if dtype != torch.float32 and not use_cuda and cfg.dtype == "float16":
         raise UserError("--dtype float16 needs a GPU; on CPU use float32 or bfloat16")
+    if cfg.load_in_4bit:
+        quantization_4bit(dtype)  # fail now, before anything loads, if 4-bit cannot work here
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, cpu=not use_cuda)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
@@ -194,7 +196,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         with acc.main_process_first():  # one process converts a GGUF / fills the caches, the others reuse them
             tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
-            model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say)
+            extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
+                if cfg.load_in_4bit else {}
+            model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say, **extra)
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         report = param_report(model)

@@ -70,6 +70,7 @@ CASES = {
                          ["unknown key 'rnak'"]),
     "unknown dtype": (lambda d, m, c: train_args(m, c, d / "o", "--dtype", "float8"), ["--dtype must be one of"]),
     "bad scheduler": (lambda d, m, c: train_args(m, c, d / "o", "--scheduler", "step"), ["--scheduler must be"]),
+    "4-bit on CPU": (lambda d, m, c: train_args(m, c, d / "o", "--load-in-4bit"), ["--load-in-4bit needs a CUDA GPU"]),
     "pickled weights": (lambda d, m, c: train_args(d / "pickled", c, d / "o"), ["pickled", "--allow-pickle"]),
     "resume without checkpoint": (lambda d, m, c: ("train", "--output", d / "nope-run", "--resume"),
                                   ["no train_config.yaml"]),

@@ -107,6 +107,9 @@ class LoraLinear(nn.Module):
         if self.merged:
             return
         w = self.base_layer.weight
+        if not w.is_floating_point() or w.element_size() < 2:
+            raise ValueError("cannot merge into quantized (4-bit/8-bit) weights; `lora merge` merges into the "
+                             "16-bit base checkpoint instead")
         merged = w.float() + self.delta_weight().to(w.device)
         if not torch.isfinite(merged).all():
             raise ValueError("merging would put non-finite values into the weight; the adapter is broken")

@@ -1,0 +1,158 @@
+"""Adapter algebra on files: combine (exact, by stacking ranks), resize (SVD), extract (SVD of a fine-tune).
+
+All outputs fold the scaling into B and set `lora_alpha = r`, so they load identically in PEFT, vLLM and
+llama.cpp (one global alpha / r = 1 per module).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_cli.errors import UserError
+from lora_cli.lora.layer import lora_scaling
+from lora_cli.lora.peft_format import KEY_PREFIX, AdapterConfig, read_adapter_config
+
+
+@dataclass
+class Factors:
+    """One module's update as delta = B @ A (scaling folded in), in the Linear (out, in) layout."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+
+
+def read_factors(path: str | Path) -> tuple[AdapterConfig, dict[str, Factors]]:
+    """An adapter's modules with their scaling folded into B (fp32)."""
+    from lora_cli.lora.adapter import read_adapter_tensors
+
+    config = read_adapter_config(path)
+    tensors = read_adapter_tensors(path)
+    out = {}
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        if f"{module}.lora_B.weight" not in tensors:
+            raise UserError(f"{path}: {module} has lora_A but no lora_B")
+        r, alpha = config.rank_and_alpha(module)
+        s = lora_scaling(r, alpha, config.use_rslora)
+        out[module] = Factors(tensors[key].float(), tensors[f"{module}.lora_B.weight"].float() * s)
+    if not out:
+        raise UserError(f"{path}: the adapter holds no LoRA weights")
+    return config, out
+
+
+def low_rank_svd(f: Factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of B A without forming it: B = Qb Rb, Aᵀ = Qa Ra, Rb Raᵀ = U S Vᵀ → B A = (Qb U) S (Qa V)ᵀ."""
+    qb, rb = torch.linalg.qr(f.b.double())  # (out, r), (r, r)
+    qa, ra = torch.linalg.qr(f.a.double().T)  # (in, r), (r, r)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return qb @ u, s, qa @ vh.T  # (out, r), (r,), (in, r)
+
+
+def truncate(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, k: int) -> Factors:
+    """Rank-k factors of U S Vᵀ, the singular values split evenly between A and B."""
+    root = s[:k].sqrt()
+    return Factors((root[:, None] * v[:, :k].T).float().contiguous(), (u[:, :k] * root).float().contiguous())
+
+
+def energy(s: torch.Tensor, k: int) -> float:
+    total = float((s**2).sum())
+    return float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def combine(adapters: list[str], weights: list[float], rank: int | None = None
+            ) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
+    """Σ wᵢ · deltaᵢ, exact: stack the ranks (r = Σ rᵢ, zero blocks where an adapter lacks a module);
+    with `rank`, compress each module by SVD. Returns (config, factors, retained energy per module)."""
+    if len(adapters) < 2:
+        raise UserError("combine needs at least two adapters")
+    if len(weights) != len(adapters):
+        raise UserError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
+    loaded = [read_factors(a) for a in adapters]
+    configs = [c for c, _ in loaded]
+    if len({c.fan_in_fan_out for c in configs}) > 1:
+        raise UserError("the adapters were made for different layer layouts (fan_in_fan_out differs)")
+    modules = sorted(set().union(*(f for _, f in loaded)))
+    ranks = [max(x.a.shape[0] for x in f.values()) for _, f in loaded]
+    total = sum(ranks)
+    out, kept = {}, {}
+    for m in modules:
+        shapes = {(f[m].b.shape[0], f[m].a.shape[1]) for _, f in loaded if m in f}
+        if len(shapes) > 1:
+            raise UserError(f"{m} has different shapes in the adapters: {sorted(shapes)}; were they made for "
+                            "different bases?")
+        (n_out, n_in), = shapes
+        a = torch.zeros(total, n_in)
+        b = torch.zeros(n_out, total)
+        row = 0
+        for (_, f), w, r in zip(loaded, weights, ranks):
+            if m in f:
+                k = f[m].a.shape[0]
+                a[row : row + k] = f[m].a
+                b[:, row : row + k] = w * f[m].b
+            row += r
+        fac = Factors(a, b)
+        if rank is not None:
+            u, s, v = low_rank_svd(fac)
+            fac, kept[m] = truncate(u, s, v, min(rank, len(s))), energy(s, rank)
+            if fac.a.shape[0] < rank:  # pad: one rank for every module
+                fac = Factors(torch.cat([fac.a, torch.zeros(rank - fac.a.shape[0], n_in)]),
+                              torch.cat([fac.b, torch.zeros(n_out, rank - fac.b.shape[1])], dim=1))
+        out[m] = fac
+    r_out = rank if rank is not None else total
+    return _folded_config(configs[0], r_out, modules), out, kept
+
+
+def resize(adapter: str, rank: float) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
+    """Per-module truncated SVD: `rank` ≥ 1 keeps that many singular values, 0 < rank < 1 keeps the
+    smallest number that retains that fraction of each module's energy (Σ s²)."""
+    if not rank > 0:
+        raise UserError(f"--rank must be > 0 (a rank, or a fraction of energy below 1), got {rank}")
+    config, factors = read_factors(adapter)
+    out, kept, ranks = {}, {}, {}
+    for m, f in factors.items():
+        u, s, v = low_rank_svd(f)
+        if rank >= 1:
+            k = min(int(rank), len(s))
+        else:
+            cum = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-30)
+            k = min(int((cum < rank - 1e-12).sum()) + 1, len(s))
+        out[m], kept[m], ranks[m] = truncate(u, s, v, k), energy(s, k), k
+    r_max = max(ranks.values())
+    cfg = _folded_config(config, r_max, sorted(factors))
+    cfg.rank_pattern = {re.escape(m): k for m, k in ranks.items() if k != r_max}
+    cfg.alpha_pattern = {re.escape(m): float(k) for m, k in ranks.items() if k != r_max}
+    return cfg, out, kept
+
+
+def _folded_config(like: AdapterConfig, r: int, modules: list[str]) -> AdapterConfig:
+    """Scaling folded into B: alpha = r, no rsLoRA; targets are the exact module paths (a full-match regex)."""
+    return AdapterConfig(r=r, lora_alpha=float(r), target_modules=exact_targets(modules), lora_dropout=0.0,
+                         use_rslora=False, fan_in_fan_out=like.fan_in_fan_out,
+                         base_model_name_or_path=like.base_model_name_or_path)
+
+
+def exact_targets(modules: list[str]) -> str:
+    """A PEFT `target_modules` regex that full-matches exactly these module paths."""
+    return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
+
+
+def write_factors(out_dir: Path, config: AdapterConfig, factors: dict[str, Factors], dtype=torch.float32,
+                  force: bool = False) -> None:
+    """Write an adapter directory (PEFT format) from folded factors, atomically."""
+    from lora_cli.errors import atomic_dir
+    from lora_cli.lora.adapter import write_adapter
+
+    if out_dir.exists() and not force:
+        raise UserError(f"--output {out_dir} exists; pass --force to overwrite it")
+    tensors = {}
+    for m, f in factors.items():
+        tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = f.a.to(dtype).contiguous()
+        tensors[f"{KEY_PREFIX}{m}.lora_B.weight"] = f.b.to(dtype).contiguous()
+    with atomic_dir(out_dir) as tmp:
+        write_adapter(tmp, config, tensors)

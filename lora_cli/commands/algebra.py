@@ -1,0 +1,64 @@
+"""`lora combine` and `lora resize`: exact adapter arithmetic on files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def combine_command(
+    adapters: list[str] = typer.Argument(..., help="Two or more adapter directories (same base)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for the combined adapter."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma list of weights [default: 1 each]."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Compress to this rank by SVD [default: exact, Σ ranks]."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+) -> None:
+    """The weighted sum of the adapters' updates, exact by stacking ranks (correct with rsLoRA and mixed
+    ranks/alphas); --rank compresses it by SVD."""
+    from lora_cli.errors import UserError
+
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(adapters)
+    except ValueError:
+        raise UserError(f"--weights must be a comma list of numbers, got {weights!r}") from None
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank must be >= 1, got {rank}")
+    from lora_cli.algebra import combine, write_factors
+
+    config, factors, kept = combine(adapters, w, rank)
+    write_factors(Path(output), config, factors, force=force)
+    _report(output, config.r, kept)
+
+
+def resize_command(
+    adapter: str = typer.Argument(..., help="Adapter directory."),
+    rank: float = typer.Option(..., "--rank", help="New rank (>= 1), or a fraction of energy to keep per layer (< 1)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for the resized adapter."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+) -> None:
+    """Change an adapter's rank by a per-layer truncated SVD of its update; prints the energy kept."""
+    from lora_cli.algebra import resize, write_factors
+
+    config, factors, kept = resize(adapter, rank)
+    write_factors(Path(output), config, factors, force=force)
+    _report(output, config.r, kept, {m: f.a.shape[0] for m, f in factors.items()})
+
+
+def _report(output: str, r: int, kept: dict[str, float], ranks: dict[str, int] | None = None) -> None:
+    from lora_cli.display import kv_table, stderr_console
+
+    console = stderr_console()
+    if kept:
+        worst = sorted(kept.items(), key=lambda kv: kv[1])[:5]
+        rows = [(m, f"{100 * e:.2f}% energy" + (f", r={ranks[m]}" if ranks else "")) for m, e in worst]
+        mean = sum(kept.values()) / len(kept)
+        console.print(kv_table(f"retained energy (lowest {len(worst)} of {len(kept)} layers; mean {100 * mean:.2f}%)",
+                               rows))
+    console.print(f"wrote {output} (r={r}, scaling folded into B: lora_alpha = r)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("combine")(combine_command)
+    app.command("resize")(resize_command)

@@ -1,0 +1,108 @@
+"""combine / resize: exact against closed forms, loadable in PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from tiny import save_tiny
+from transformers import AutoModelForCausalLM
+
+from lora_cli.algebra import read_factors
+from lora_cli.lora.adapter import load_adapter
+
+
+def peft_adapter(base, path, seed, **kw):
+    torch.manual_seed(seed)
+    m = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(init_lora_weights=False, **kw))
+    m.save_pretrained(path)
+
+
+def deltas(path):
+    return {m: f.b.double() @ f.a.double() for m, f in read_factors(path)[1].items()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("b") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def two(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ad")
+    # mixed ranks, alphas, rsLoRA and partly different targets: PEFT's add_weighted_adapter gets this wrong
+    peft_adapter(base, d / "a", 0, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    peft_adapter(base, d / "b", 1, r=2, lora_alpha=16, target_modules=["q_proj", "o_proj"])
+    return d / "a", d / "b"
+
+
+def test_combine_is_the_exact_weighted_sum(cli, two, tmp_path):
+    a, b = two
+    code, _, err = cli("combine", a, b, "--weights", "0.7,0.3", "--output", tmp_path / "c")
+    assert code == 0, err
+    da, db, dc = deltas(a), deltas(b), deltas(tmp_path / "c")
+    assert set(dc) == set(da) | set(db)
+    for m in dc:
+        want = 0.7 * da.get(m, 0) + 0.3 * db.get(m, 0)
+        assert (dc[m] - want).abs().max() < 1e-6, m
+    cfg = json.loads((tmp_path / "c/adapter_config.json").read_text())
+    assert cfg["r"] == 6 and cfg["lora_alpha"] == 6 and not cfg["use_rslora"]
+
+
+def test_combined_adapter_loads_in_peft_with_our_logits(cli, two, base, tmp_path):
+    assert cli("combine", *two, "--output", tmp_path / "c")[0] == 0
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "c").eval()
+    ours = AutoModelForCausalLM.from_pretrained(base)
+    load_adapter(ours, tmp_path / "c")
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_combine_with_rank_compresses_by_svd(cli, two, tmp_path):
+    assert cli("combine", *two, "--rank", "6", "--output", tmp_path / "full")[0] == 0  # rank ≥ true rank: exact
+    assert cli("combine", *two, "--rank", "1", "--output", tmp_path / "r1")[0] == 0
+    exact = {m: 1.0 * deltas(two[0]).get(m, 0) + deltas(two[1]).get(m, 0) for m in deltas(tmp_path / "full")}
+    for m, d in deltas(tmp_path / "full").items():
+        assert (d - exact[m]).abs().max() < 1e-6
+    for m, d in deltas(tmp_path / "r1").items():  # best rank-1 approximation: error = the other singular values
+        s = torch.linalg.svdvals(exact[m])
+        assert abs(torch.linalg.matrix_norm(d - exact[m]) - s[1:].norm()) < 1e-6
+
+
+def test_resize_to_rank_and_to_energy(cli, two, base, tmp_path):
+    a = two[0]
+    code, _, err = cli("resize", a, "--rank", "2", "--output", tmp_path / "r2")
+    assert code == 0 and "energy" in err, err
+    for m, d in deltas(tmp_path / "r2").items():
+        s = torch.linalg.svdvals(deltas(a)[m])
+        assert abs(torch.linalg.matrix_norm(d - deltas(a)[m]) - s[2:].norm()) < 1e-6
+    assert cli("resize", a, "--rank", "0.9", "--output", tmp_path / "e")[0] == 0
+    for m, d in deltas(tmp_path / "e").items():
+        s = torch.linalg.svdvals(deltas(a)[m])
+        k = torch.linalg.matrix_rank(d)
+        kept = float((s[:k] ** 2).sum() / (s**2).sum())
+        assert kept >= 0.9 and (k == 1 or float((s[: k - 1] ** 2).sum() / (s**2).sum()) < 0.9)
+    # per-layer ranks travel as rank_pattern/alpha_pattern and load in PEFT with our logits
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "e").eval()
+    ours = AutoModelForCausalLM.from_pretrained(base)
+    load_adapter(ours, tmp_path / "e")
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
+
+
+def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "wide")
+    peft_adapter(tmp_path / "wide", tmp_path / "y", 0, r=2, lora_alpha=4, target_modules=["q_proj"])
+    code, _, err = cli("combine", two[0], tmp_path / "y", "--output", tmp_path / "o")
+    assert code == 1 and "different shapes" in err and not (tmp_path / "o").exists()
+    code, _, err = cli("combine", two[0], "--output", tmp_path / "o")
+    assert code == 1 and "at least two" in err
+    code, _, err = cli("combine", *two, "--weights", "1", "--output", tmp_path / "o")
+    assert code == 1 and "--weights has 1 values for 2" in err
