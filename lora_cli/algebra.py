@@ -156,3 +156,63 @@ def write_factors(out_dir: Path, config: AdapterConfig, factors: dict[str, Facto
         tensors[f"{KEY_PREFIX}{m}.lora_B.weight"] = f.b.to(dtype).contiguous()
     with atomic_dir(out_dir) as tmp:
         write_adapter(tmp, config, tensors)
+
+
+_NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "embed_out", "norm", "ln_")
+
+
+def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", status=None
+            ) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
+    """A rank-`rank` LoRA approximating a full fine-tune: per-layer truncated SVD of W_tuned − W_base,
+    read tensor by tensor from the two checkpoints (never a whole model in memory)."""
+    import json
+
+    from safetensors import safe_open
+
+    from lora_cli.lora.targets import suffix_matches
+    from lora_cli.merging import base_directory, weight_shards
+    from lora_cli.models import resolve_model
+
+    if rank < 1:
+        raise UserError(f"--rank must be >= 1, got {rank}")
+    dirs = [base_directory(resolve_model(x), status) for x in (base, tuned)]
+    where = [{k: d / s for s in weight_shards(d) for k in _keys(d / s)} for d in dirs]
+    model_type = json.loads((dirs[1] / "config.json").read_text()).get("model_type") \
+        if (dirs[1] / "config.json").is_file() else None
+    fan_in_fan_out = model_type == "gpt2"  # GPT-2's Conv1D stores (in, out)
+    names = [t.strip() for t in targets.split(",")] if targets != "all-linear" else None
+    factors, kept = {}, {}
+    for key, path in sorted(where[1].items()):
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if module is None or any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR):
+            continue
+        if names is not None and not any(suffix_matches(module, n) for n in names):
+            continue
+        if key not in where[0]:
+            raise UserError(f"{key} is in the tuned model but not in the base; are they the same architecture?")
+        with safe_open(str(path), "pt") as f:
+            w_t = f.get_tensor(key)
+        with safe_open(str(where[0][key]), "pt") as f:
+            w_b = f.get_tensor(key)
+        if w_t.dim() != 2:
+            continue
+        if w_t.shape != w_b.shape:
+            raise UserError(f"{key}: shape {tuple(w_t.shape)} in the tuned model, {tuple(w_b.shape)} in the base")
+        d = (w_t.double() - w_b.double())
+        d = d.T if fan_in_fan_out else d  # (out, in)
+        if not d.abs().max() > 0:
+            continue
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        k = min(rank, len(s))
+        factors[module], kept[module] = truncate(u, s, vh.T, k), energy(s, k)
+    if not factors:
+        raise UserError("no linear weight differs between the base and the tuned model (or none matched --targets)")
+    like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=fan_in_fan_out,
+                         base_model_name_or_path=base)
+    return _folded_config(like, rank, sorted(factors)), factors, kept
+
+
+def _keys(path: Path) -> list[str]:
+    from lora_cli.lora.peft_format import read_safetensors_header
+
+    return list(read_safetensors_header(path)[0])

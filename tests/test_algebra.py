@@ -106,3 +106,28 @@ def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
     assert code == 1 and "at least two" in err
     code, _, err = cli("combine", *two, "--weights", "1", "--output", tmp_path / "o")
     assert code == 1 and "--weights has 1 values for 2" in err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_extract_recovers_a_low_rank_fine_tune(cli, tmp_path, arch):
+    base = save_tiny(tmp_path / "base", arch, chat_template=None)
+    tuned_model = AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    changed = []
+    with torch.no_grad():
+        for name, p in tuned_model.named_parameters():
+            if p.dim() == 2 and ("q_proj" in name or "c_attn" in name or "down_proj" in name or "mlp.c_proj" in name):
+                u = torch.randn(p.shape[0], 2, generator=g) * 0.1
+                p += u @ torch.randn(2, p.shape[1], generator=g)  # a rank-2 update
+                changed.append(name.removesuffix(".weight"))
+    tuned_model.save_pretrained(tmp_path / "tuned")
+    code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                       "--output", tmp_path / "x")
+    assert code == 0, err
+    assert "100.00% energy" in err
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "x").eval()
+    with torch.no_grad():
+        want = tuned_model.eval()(input_ids=ids).logits
+        assert (theirs(input_ids=ids).logits - want).abs().max() / want.abs().max() < 1e-4
+    assert sorted(read_factors(tmp_path / "x")[1]) == sorted(changed)

@@ -46,6 +46,27 @@ def resize_command(
     _report(output, config.r, kept, {m: f.a.shape[0] for m, f in factors.items()})
 
 
+def extract_command(
+    base: str = typer.Option(..., "--base", help="The base model (Hub id, directory, .gguf)."),
+    tuned: str = typer.Option(..., "--tuned", help="The fully fine-tuned model (same architecture)."),
+    rank: int = typer.Option(..., "--rank", help="Rank of the extracted adapter."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory for the adapter."),
+    targets: str = typer.Option("all-linear", "--targets", help="all-linear, or a comma list of module names."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+) -> None:
+    """A LoRA adapter approximating a full fine-tune: per-layer SVD of W_tuned − W_base, streamed."""
+    from lora_cli.algebra import extract, write_factors
+    from lora_cli.display import stderr_console
+
+    if Path(output).exists() and not force:
+        from lora_cli.errors import UserError
+
+        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    config, factors, kept = extract(base, tuned, rank, targets, status=stderr_console().print)
+    write_factors(Path(output), config, factors, force=force)
+    _report(output, config.r, kept)
+
+
 def _report(output: str, r: int, kept: dict[str, float], ranks: dict[str, int] | None = None) -> None:
     from lora_cli.display import kv_table, stderr_console
 
@@ -62,3 +83,4 @@ def _report(output: str, r: int, kept: dict[str, float], ranks: dict[str, int] |
 def register(app: typer.Typer) -> None:
     app.command("combine")(combine_command)
     app.command("resize")(resize_command)
+    app.command("extract")(extract_command)
