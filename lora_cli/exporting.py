@@ -9,7 +9,7 @@ import torch
 from lora_cli.errors import UserError, atomic_dir
 from lora_cli.inspection import adapter_facts
 from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
-from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
+from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, AdapterConfig, read_adapter_config
 
 
 def base_size_bytes(ref: str | None) -> int | None:
@@ -101,3 +101,106 @@ def _train_config(run_dir: Path) -> dict:
         return yaml.safe_load(p.read_text()) or {} if p.is_file() else {}
     except yaml.YAMLError:
         return {}
+
+
+# ---------------------------------------------------------------- portable and llama.cpp exports
+
+def portable_factors(adapter_dir: str | Path):
+    """Scaling folded into B, one rank for every module (zero padding), r = lora_alpha, no rsLoRA or
+    patterns: what servers that assume a single global alpha / r (vLLM, llama.cpp) compute correctly."""
+    from lora_cli.algebra import Factors, read_factors
+
+    config, factors = read_factors(adapter_dir)
+    r = max(f.a.shape[0] for f in factors.values())
+    padded = {}
+    for m, f in factors.items():
+        k = f.a.shape[0]
+        padded[m] = Factors(torch.cat([f.a, torch.zeros(r - k, f.a.shape[1])]),
+                            torch.cat([f.b, torch.zeros(f.b.shape[0], r - k)], dim=1))
+    portable = AdapterConfig(r=r, lora_alpha=float(r), target_modules=config.target_modules, lora_dropout=0.0,
+                             use_rslora=False, fan_in_fan_out=config.fan_in_fan_out,
+                             base_model_name_or_path=config.base_model_name_or_path)
+    return portable, padded
+
+
+def export_portable(adapter_dir: str | Path, output: str | Path, dtype: torch.dtype, force: bool) -> dict:
+    from lora_cli.algebra import write_factors
+
+    output = Path(output)
+    config, factors = portable_factors(adapter_dir)
+    facts = adapter_facts(adapter_dir)
+    write_factors(output, config, factors, dtype=dtype, force=force)
+    (output / "README.md").write_text(model_card(adapter_facts(output) | {"train_summary": facts.get("train_summary")},
+                                                 adapter_dir, dtype), encoding="utf-8")
+    return {"output": str(output), "size_bytes": (output / "adapter_model.safetensors").stat().st_size,
+            "base_size_bytes": base_size_bytes(config.base_model_name_or_path)}
+
+
+# model_type → (llama.cpp architecture, whether llama.cpp permutes the rows of Q and K)
+GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row permutation of Llama Q/K weights (rotary pairs interleaved → halves), rows only."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, dtype: torch.dtype,
+                force: bool) -> dict:
+    """A llama.cpp LoRA adapter (GGUF): tensors `blk.N.attn_q.weight.lora_a/.lora_b`, alpha = r with the
+    scaling folded into B, and lora_b of Q/K permuted the way llama.cpp permutes the base weights."""
+    import json
+
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("--format gguf needs the gguf package: pip install 'lora-cli[gguf]'") from None
+    from lora_cli.errors import atomic_path
+    from lora_cli.merging import base_directory
+    from lora_cli.models import resolve_model
+
+    output = Path(output)
+    if output.exists() and not force:
+        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    config, factors = portable_factors(adapter_dir)
+    ref = base or config.base_model_name_or_path
+    if not ref:
+        raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
+    hp = json.loads((base_directory(resolve_model(ref)) / "config.json").read_text())
+    model_type = hp.get("model_type")
+    if model_type not in GGUF_ARCHS:
+        raise UserError(f"--format gguf supports {', '.join(sorted(GGUF_ARCHS))} bases; this base is "
+                        f"{model_type!r}. Merge instead (`lora merge`) and convert the merged model with llama.cpp")
+    arch, permute = GGUF_ARCHS[model_type]
+    n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
+    names = gguf.get_tensor_name_map(_arch_enum(gguf, arch), hp["num_hidden_layers"])
+    np_dtype = {torch.float16: "float16", torch.float32: "float32"}.get(dtype)
+    if np_dtype is None:
+        raise UserError("--format gguf writes float16 or float32")
+    tensors = []
+    for module, f in sorted(factors.items()):
+        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if name is None:
+            raise UserError(f"llama.cpp has no tensor for {module}")
+        b = f.b
+        if permute and module.endswith("q_proj"):
+            b = llama_permute(b, n_head)
+        elif permute and module.endswith("k_proj"):
+            b = llama_permute(b, n_kv)
+        tensors += [(name + ".lora_a", f.a), (name + ".lora_b", b)]
+    with atomic_path(output) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.lora_alpha))
+        for name, t in tensors:
+            w.add_tensor(name, t.to(torch.float32).numpy().astype(np_dtype))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return {"output": str(output), "size_bytes": output.stat().st_size, "base_size_bytes": base_size_bytes(ref)}
+
+
+def _arch_enum(gguf, arch: str):
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)

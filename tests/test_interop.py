@@ -1,0 +1,111 @@
+"""Portable exports, llama.cpp (GGUF) adapters, and switching adapters on one base."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import peft
+import pytest
+import torch
+from tiny import save_tiny
+from transformers import AutoModelForCausalLM
+
+from lora_cli.algebra import read_factors
+from lora_cli.exporting import llama_permute
+from lora_cli.lora.adapter import load_adapter
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+
+
+@pytest.fixture(scope="module")
+def rs_run(tmp_path_factory, tiny_llama, chat_data):
+    """A run with rsLoRA and alpha ≠ 2r: scalings a server assuming alpha / r would get wrong."""
+    from lora_cli.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "rs"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(tiny_llama), "--data", str(chat_data), "--output", str(run), "--rank", "4",
+              "--alpha", "3", "--rslora", "--max-steps", "3", "--lr", "1e-2", "--dropout", "0"])
+    assert e.value.code == 0
+    return run
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits
+
+
+def test_portable_export_gives_identical_logits(cli, rs_run, tiny_llama, tmp_path):
+    code, _, err = cli("export", rs_run, "--portable", "--dtype", "float32", "--output", tmp_path / "p")
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "p/adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 4 and not cfg["use_rslora"] and not cfg["rank_pattern"]
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "p")
+    ours = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    load_adapter(ours, rs_run)
+    assert (logits(theirs) - logits(ours)).abs().max() < 1e-5
+
+
+def test_portable_export_pads_mixed_ranks(cli, tiny_llama, tmp_path):
+    torch.manual_seed(0)
+    m = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
+        alpha_pattern={"v_proj": 7}, init_lora_weights=False))
+    m.save_pretrained(tmp_path / "a")
+    assert cli("export", tmp_path / "a", "--portable", "--dtype", "float32", "--output", tmp_path / "p")[0] == 0
+    cfg = json.loads((tmp_path / "p/adapter_config.json").read_text())
+    assert cfg["r"] == 4 and not cfg["alpha_pattern"]
+    assert {f.a.shape[0] for f in read_factors(tmp_path / "p")[1].values()} == {4}
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "p")
+    assert (logits(theirs) - logits(m)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
+    base = save_tiny(tmp_path / "base", arch)
+    run = tmp_path / "run"
+    assert cli("train", "--model", base, "--data", chat_data, "--output", run, "--max-steps", "2", "--rslora",
+               "--lr", "1e-2")[0] == 0
+    code, _, err = cli("export", run, "--format", "gguf", "--dtype", "float32", "--output", tmp_path / "a.gguf")
+    assert code == 0, err
+    r = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    assert bytes(r.get_field("general.type").parts[-1]).decode() == "adapter"
+    assert bytes(r.get_field("adapter.type").parts[-1]).decode() == "lora"
+    alpha = float(r.get_field("adapter.lora.alpha").parts[-1][0])
+    tensors = {t.name: torch.from_numpy(t.data.copy()).float() for t in r.tensors}
+    _, factors = read_factors(run)  # scaling folded into B
+    assert alpha == 16  # = r: one global alpha / r = 1, the folded scaling is exact
+    n_head, n_kv = 4, 2  # tiny configs: 4 attention heads, 2 key/value heads
+    for layer in range(2):
+        for proj, short in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            f = factors[f"model.layers.{layer}.self_attn.{proj}"]
+            a, b = tensors[f"blk.{layer}.{short}.weight.lora_a"], tensors[f"blk.{layer}.{short}.weight.lora_b"]
+            assert tuple(a.shape) == tuple(f.a.shape) and tuple(b.shape) == tuple(f.b.shape)
+            assert torch.allclose(a, f.a)
+            if arch == "llama" and proj in ("q_proj", "k_proj"):
+                heads = n_head if proj == "q_proj" else n_kv
+                assert not torch.allclose(b, f.b)  # permuted rows
+                assert torch.allclose(b, llama_permute(f.b, heads))
+                undone = b.reshape(heads, b.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(b.shape)
+                assert torch.allclose(undone, f.b)
+            else:
+                assert torch.allclose(b, f.b)
+
+
+def test_gguf_export_refuses_unmapped_architectures(cli, tiny_gpt2, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello {i}"}) + "\n" for i in range(4)))
+    assert cli("train", "--model", tiny_gpt2, "--data", data, "--output", tmp_path / "run", "--max-steps", "1")[0] == 0
+    code, _, err = cli("export", tmp_path / "run", "--format", "gguf", "--output", tmp_path / "a.gguf")
+    assert code == 1 and "supports" in err and "'gpt2'" in err and not (tmp_path / "a.gguf").exists()
+
+
+def test_generate_switches_adapters_on_one_base(cli, rs_run, tiny_llama, tmp_path, chat_data):
+    other = tmp_path / "other"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", other, "--max-steps", "2",
+               "--seed", "7")[0] == 0
+    code, out, err = cli("generate", "--model", tiny_llama, "--adapter", rs_run, "--adapter", other,
+                         "--prompt", "hello", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert f"{rs_run} (loaded in" in err and f"{other} (loaded in" in err and "answers" in err
