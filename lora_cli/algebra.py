@@ -30,6 +30,9 @@ def read_factors(path: str | Path) -> tuple[AdapterConfig, dict[str, Factors]]:
     from lora_cli.lora.adapter import read_adapter_tensors
 
     config = read_adapter_config(path)
+    if config.use_dora:
+        raise UserError(f"{path} is a DoRA adapter: its update is not a low-rank product (a per-row magnitude "
+                        "rescales W), so it cannot be combined, resized or exported portably; merge it instead")
     tensors = read_adapter_tensors(path)
     out = {}
     for key in tensors:

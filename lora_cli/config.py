@@ -49,6 +49,8 @@ class TrainConfig:
     dropout: float = _opt(0.05, "Dropout on the LoRA branch input.", "LoRA")
     targets: str = _opt("attention", "attention | all-linear | comma list of module names | re:PATTERN.", "LoRA")
     rslora: bool = _opt(False, "rsLoRA scaling: alpha / √rank.", "LoRA")
+    dora: bool = _opt(False, "DoRA: also learn a per-row magnitude. Loads in PEFT; vLLM and llama.cpp cannot serve "
+                      "it (merge it instead).", "LoRA")
     epochs: int = _opt(1, "Passes over the training data.")
     max_steps: int | None = _opt(None, "Optimizer steps; wins over --epochs and cycles through the data.")
     lr: float = _opt(2e-4, "Peak learning rate (AdamW).")

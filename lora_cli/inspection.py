@@ -46,6 +46,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "lora_alpha": config.lora_alpha,
         "scaling": scaling,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "rank_pattern": config.rank_pattern,
         "alpha_pattern": config.alpha_pattern,
         "target_modules": config.target_modules,

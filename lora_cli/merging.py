@@ -110,7 +110,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
     all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}
-    paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})  # …lora_A / lora_B / lora_magnitude_vector
     weight_of = match_weights(paths, all_keys)
     _check_shapes(config, tensors, weight_of, all_keys)
 
@@ -124,6 +124,11 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 w = state[key]
                 d = delta(config, path, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"])
                 new = w.float() + (d.T if config.fan_in_fan_out else d)
+                if config.use_dora:  # W' = m ⊙ (W + sBA) / ‖W + sBA‖, norms over the input dimension
+                    rows = new.T if config.fan_in_fan_out else new  # (out, in)
+                    m = tensors[f"{path}.lora_magnitude_vector"].float()
+                    rows = rows * (m / torch.linalg.norm(rows, dim=1))[:, None]
+                    new = rows.T if config.fan_in_fan_out else rows
                 if not torch.isfinite(new).all():
                     raise UserError(f"merging {path} gives non-finite weights; the adapter is broken")
                 state[key] = new.to(dtype or w.dtype)

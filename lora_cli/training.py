@@ -336,10 +336,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
 def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]:
     """Wrap the targets with LoRA (A seeded by the caller), set up checkpointing, describe the adapter."""
     paths = resolve_targets(model, cfg.targets)
-    inject_lora(model, paths, cfg.rank, cfg.lora_alpha, cfg.dropout, cfg.rslora)
+    inject_lora(model, paths, cfg.rank, cfg.lora_alpha, cfg.dropout, cfg.rslora, cfg.dora)
     adapter_cfg = AdapterConfig(
         r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_target_names(model, paths),
-        lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+        lora_dropout=cfg.dropout, use_rslora=cfg.rslora, use_dora=cfg.dora,
         fan_in_fan_out=any(is_conv1d(model.get_submodule(p).base_layer) for p in paths),
         base_model_name_or_path=source.path if source.kind != "hub" else source.ref,
     )
@@ -373,7 +373,7 @@ def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
     else:
         sd = acc.unwrap_model(loss_model).state_dict()
     return {KEY_PREFIX + k.removeprefix("model."): v.detach().to("cpu", torch.float32).contiguous()
-            for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k}
+            for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
 
 
 def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, acc) -> float:
@@ -449,7 +449,8 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, world
         ("model", f"{cfg.model} ({type(model).__name__}{', dequantized GGUF' if source.is_gguf else ''})"),
         ("device", f"{device} · {str(dtype).replace('torch.', '')} · {world} process(es)"),
         ("parameters", str(report)),
-        ("LoRA", f"r={cfg.rank} alpha={cfg.lora_alpha:g} dropout={cfg.dropout}{' rsLoRA' if cfg.rslora else ''}"),
+        ("LoRA", f"r={cfg.rank} alpha={cfg.lora_alpha:g} dropout={cfg.dropout}{' rsLoRA' if cfg.rslora else ''}"
+                 f"{' DoRA' if cfg.dora else ''}"),
         ("targets", f"{len(paths)} modules: {', '.join(kinds)}"),
         ("data", f"{tstats.records} records ({tstats.shape}) → {tstats.examples} sequences, {tstats.tokens:,} tokens, "
                  f"{tstats.loss_tokens:,} with loss"),

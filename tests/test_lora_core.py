@@ -229,7 +229,7 @@ def test_wrapping_twice_is_refused():
         inject_lora(model, paths, 4, 8)
 
 
-@pytest.mark.parametrize("feature,value", [("use_dora", True), ("modules_to_save", ["lm_head"]),
+@pytest.mark.parametrize("feature,value", [("modules_to_save", ["lm_head"]),
                                            ("layers_to_transform", [0]), ("lora_bias", True),
                                            ("exclude_modules", ["q_proj"])])
 def test_unimplemented_peft_features_are_refused_by_name(tmp_path, feature, value):

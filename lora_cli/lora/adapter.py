@@ -24,7 +24,7 @@ from lora_cli.lora.peft_format import (
 )
 from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets, suffix_matches
 
-_KEY_RX = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_KEY_RX = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
 def save_adapter(
@@ -109,6 +109,12 @@ def check_adapter_fits(
             problems.append(f"{path}.lora_A is {tuple(a.shape)}, the base needs ({r}, {n_in})")
         if tuple(b.shape) != (n_out, r):
             problems.append(f"{path}.lora_B is {tuple(b.shape)}, the base needs ({n_out}, {r})")
+        mag = tensors.get(f"{path}.lora_magnitude_vector")
+        if config.use_dora and (mag is None or tuple(mag.shape) != (n_out,)):
+            problems.append(f"{path}.lora_magnitude_vector is {None if mag is None else tuple(mag.shape)}, DoRA "
+                            f"needs ({n_out},)")
+        if not config.use_dora and mag is not None:
+            problems.append(f"{path} has a DoRA magnitude but the config says use_dora=false")
         if config.fan_in_fan_out != is_conv1d(modules[path]):
             problems.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {path} ({type(modules[path]).__name__})")
     if problems:
@@ -122,9 +128,12 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0) -> Ad
     config = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
     paths = check_adapter_fits(model, config, tensors, str(path))
-    inject_lora(model, paths, config.rank_and_alpha, dropout=dropout, use_rslora=config.use_rslora)
+    inject_lora(model, paths, config.rank_and_alpha, dropout=dropout, use_rslora=config.use_rslora,
+                use_dora=config.use_dora)
     with torch.no_grad():
         for p, layer in lora_layers(model).items():
             layer.lora_A.weight.copy_(tensors[f"{p}.lora_A.weight"])
             layer.lora_B.weight.copy_(tensors[f"{p}.lora_B.weight"])
+            if layer.use_dora:
+                layer.lora_magnitude_vector.copy_(tensors[f"{p}.lora_magnitude_vector"])
     return config

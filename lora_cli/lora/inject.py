@@ -33,6 +33,7 @@ def inject_lora(
     lora_alpha: float | None = None,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> dict[str, LoraLinear]:
     """Freeze every weight of `model`, then wrap each module in `paths` with a LoraLinear.
 
@@ -49,7 +50,7 @@ def inject_lora(
     layers = {}
     for path in paths:
         r_i, alpha_i = r(path) if callable(r) else (r, lora_alpha if lora_alpha is not None else 2 * r)
-        layer = LoraLinear.from_base(model.get_submodule(path), r_i, alpha_i, dropout, use_rslora)
+        layer = LoraLinear.from_base(model.get_submodule(path), r_i, alpha_i, dropout, use_rslora, use_dora)
         _set_submodule(model, path, layer)
         layers[path] = layer
     return layers
@@ -82,11 +83,14 @@ def unload_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`{module path}.lora_A.weight` (r, in) and `.lora_B.weight` (out, r) for every LoRA layer."""
+    """`{module path}.lora_A.weight` (r, in), `.lora_B.weight` (out, r) and, for DoRA,
+    `.lora_magnitude_vector` (out,) for every LoRA layer (PEFT's names)."""
     out = {}
     for path, layer in lora_layers(model).items():
         out[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach()
         out[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+        if layer.use_dora:
+            out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     return out
 
 
@@ -125,5 +129,9 @@ def param_report(model: nn.Module) -> ParamReport:
 
 
 def expected_trainable(model: nn.Module) -> int:
-    """Σ r·(in + out) over the LoRA layers: the closed form the trainable count must equal."""
-    return sum(layer.r * sum(linear_shape(layer.base_layer)) for layer in lora_layers(model).values())
+    """Σ r·(in + out) (+ out for DoRA's magnitude) over the LoRA layers: the closed form of the trainable count."""
+    total = 0
+    for layer in lora_layers(model).values():
+        n_in, n_out = linear_shape(layer.base_layer)
+        total += layer.r * (n_in + n_out) + (n_out if layer.use_dora else 0)
+    return total

@@ -4,6 +4,9 @@
 
 so a freshly wrapped model computes exactly what the base did. `merge()` folds the delta into the base
 weight in fp32 (idempotent; `unmerge()` undoes it) and `to_base()` returns the plain base module again.
+
+DoRA (`use_dora`) adds a trainable magnitude m (out,): W' = m ⊙ (W + sBA) / ‖W + sBA‖_row, the norm
+detached in forward (as in the paper and PEFT); m starts at ‖W‖_row, so the model is unchanged at init.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class LoraLinear(nn.Module):
         lora_alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
@@ -65,15 +69,20 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, n_out, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.use_dora = use_dora
         self.reset_lora_parameters()
+        if use_dora:
+            # (out,): the row norms of W + sBA = ‖W‖ at init (B = 0)
+            self.lora_magnitude_vector = nn.Parameter(self._weight_norm().detach().clone())
 
     @classmethod
     def from_base(
-        cls, base_layer: nn.Module, r: int, lora_alpha: float, dropout: float = 0.0, use_rslora: bool = False
+        cls, base_layer: nn.Module, r: int, lora_alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> LoraLinear:
         """Wrap `base_layer` (frozen in place) with a zero-initialised LoRA update."""
         base_layer.requires_grad_(False)
-        return cls(base_layer, r, lora_alpha, dropout, use_rslora)
+        return cls(base_layer, r, lora_alpha, dropout, use_rslora, use_dora)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's default init: A kaiming-uniform with a = √5 (|A| ≤ 1/√in), B zeros."""
@@ -90,15 +99,37 @@ class LoraLinear(nn.Module):
         if self.merged:
             return result
         a, b = self.lora_A.weight, self.lora_B.weight
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(a.dtype)
+        xd = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype))
         # (…, in) → (…, r) → (…, out); the scaling is applied on the small (…, r) tensor.
-        h = F.linear(self.lora_dropout(x), a) * self.scaling
-        return result + F.linear(h, b).to(result.dtype)
+        lora = F.linear(F.linear(xd, a) * self.scaling, b)
+        if not self.use_dora:
+            return result + lora.to(result.dtype)
+        # DoRA: y = (m/‖W + sBA‖) ⊙ (W x + sBA x) + bias, the norm detached
+        scale = self.lora_magnitude_vector / self._weight_norm().detach()  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = result if bias is None else result - bias
+        else:  # the base term must see the same dropped-out input as the LoRA term
+            base = F.linear(xd, self._weight_out_in().to(xd.dtype))
+        return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+
+    def _weight_out_in(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _weight_norm(self) -> torch.Tensor:
+        """‖W + sBA‖ per output row, fp32 (out,)."""
+        lora = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return torch.linalg.norm(self._weight_out_in().float() + lora, dim=1)
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling · B A in fp32, in the base weight's layout ((in, out) for Conv1D)."""
+        """W' − W in fp32, in the base weight's layout ((in, out) for Conv1D): scaling · B A, or for DoRA
+        m ⊙ (W + sBA) / ‖W + sBA‖ − W."""
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
+        if self.use_dora:
+            w = self._weight_out_in().float()
+            scale = self.lora_magnitude_vector.float() / self._weight_norm()
+            delta = scale[:, None] * (w + delta) - w
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
@@ -113,16 +144,29 @@ class LoraLinear(nn.Module):
         merged = w.float() + self.delta_weight().to(w.device)
         if not torch.isfinite(merged).all():
             raise ValueError("merging would put non-finite values into the weight; the adapter is broken")
+        if self.use_dora:  # remembered to undo the row scaling exactly
+            self._merged_scale = self.lora_magnitude_vector.detach().float() / self._weight_norm()
         w.copy_(merged.to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← W − scaling · B A (fp32). A call on an unmerged layer does nothing."""
+        """W ← W − scaling · B A (fp32; DoRA: W = W'‖W + sBA‖/m − sBA). A call on an unmerged layer does nothing."""
         if not self.merged:
             return
         w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight().to(w.device)).to(w.dtype))
+        merged = w.float()
+        lora = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        lora = lora.T if self.fan_in_fan_out else lora
+        if self.use_dora:
+            # W' = c ⊙ (W + L) row-wise, c = m / ‖W + L‖ saved by merge(): so W + L = W' / c
+            rows = merged.T if self.fan_in_fan_out else merged
+            c = self._merged_scale
+            orig = rows / c[:, None]
+            merged = (orig.T if self.fan_in_fan_out else orig) - lora
+        else:
+            merged = merged - lora
+        w.copy_(merged.to(w.dtype))
         self.merged = False
 
     def to_base(self) -> nn.Module:
@@ -131,4 +175,4 @@ class LoraLinear(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}"
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}" + (", dora" if self.use_dora else "")

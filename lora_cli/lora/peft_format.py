@@ -26,7 +26,7 @@ _BENIGN_KEYS = {
     "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
     "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights", "runtime_config", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
-    "ensure_weight_tying", "monteclora_config",
+    "ensure_weight_tying", "monteclora_config", "use_dora",
     "layers_pattern",  # has no effect without layers_to_transform, which is refused
 }
 # init_lora_weights values that change the *base* weights: such adapters need the modified base.
@@ -46,6 +46,7 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """r and alpha of one module, honouring rank_pattern / alpha_pattern (PEFT's first-match rule)."""
@@ -74,7 +75,7 @@ class AdapterConfig:
             "rank_pattern": self.rank_pattern,
             "alpha_pattern": self.alpha_pattern,
             "modules_to_save": None,
-            "use_dora": False,
+            "use_dora": self.use_dora,
         }
 
     @classmethod
@@ -110,6 +111,7 @@ class AdapterConfig:
                 base_model_name_or_path=d.get("base_model_name_or_path"),
                 rank_pattern={str(k): int(v) for k, v in (d.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
+                use_dora=bool(d.get("use_dora", False)),
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: malformed value ({e})") from None
