@@ -99,7 +99,7 @@ def worker_lora(model_ref, data, equal, out):
     model = load_model(resolve_model(model_ref), torch.float32)
     load_adapter(model, run)
     return {"train_s": s["wall_time_s"], "steps": s["steps"], "losses": [r["loss"] for r in rows],
-            "final_loss": data_loss(model, tok, exs)}
+            "final_loss": data_loss(model, tok, exs), "adapter": str(run)}
 
 
 def worker_trainer(model_ref, data, equal, out, peft_on=True):
@@ -179,6 +179,23 @@ def run_worker(name: str, model_ref: str, data: Path, equal: bool) -> dict:
     return res
 
 
+def cli_latency(adapter_dir: str | None, n: int = 7) -> dict:
+    """Median wall time of `lora --help` and `lora inspect` (fresh processes)."""
+    lora = str(Path(sys.executable).parent / "lora")
+    out = {}
+    cmds = {"lora --help": [lora, "--help"]}
+    if adapter_dir:
+        cmds["lora inspect"] = [lora, "inspect", adapter_dir]
+    for name, cmd in cmds.items():
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times), 3)
+    return out
+
+
 # ---------------------------------------------------------------- orchestration
 
 def main() -> None:
@@ -191,7 +208,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--records", type=int, default=48)
     ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--cli-only", metavar="ADAPTER_DIR", help="only time `lora --help` and `lora inspect`")
     args = ap.parse_args()
+    if args.cli_only:
+        print(json.dumps(cli_latency(args.cli_only)))
+        return
     if args.equal:
         LORA["max_length"] = 256
     if args.worker:
@@ -205,7 +226,8 @@ def main() -> None:
     if model_ref.endswith(".gguf"):
         ensure_gguf_converted(model_ref)  # convert once, outside the timings
     tmp = Path(tempfile.mkdtemp())
-    results = {}
+    results: dict = {}
+    last_adapter = None
     for job, equal in (("a", False), ("b", True)):
         data = tmp / f"job_{job}.jsonl"
         make_data(data, args.records, equal)
@@ -218,6 +240,8 @@ def main() -> None:
             for n in (names if rep % 2 == 0 else names[::-1]):  # alternate the order
                 print(f"job {job} repeat {rep + 1}/{args.repeats}: {n}", flush=True)
                 runs[n].append(run_worker(n, model_ref, data, equal))
+                if n == "lora train":
+                    last_adapter = runs[n][-1].get("adapter")
         results[job] = {"records": len(exs), "real_tokens": real_tokens, "contenders": {}}
         for n, rs in runs.items():
             t = statistics.median(r["train_s"] for r in rs)
@@ -227,6 +251,7 @@ def main() -> None:
                 "final_loss": round(statistics.median(r["final_loss"] for r in rs), 4) if rs[0]["final_loss"] else None,
                 "runs_s": [round(r["train_s"], 2) for r in rs],
             }
+    results["cli_s"] = cli_latency(last_adapter)
     write_docs(results, Path(args.docs), model_ref, args.repeats)
 
 
@@ -252,6 +277,8 @@ def write_docs(results: dict, docs: Path, model_ref: str, repeats: int) -> None:
             lines.append(f"| {n} | {c['train_s']:.1f} | {c['tokens_per_s']:,.0f} | {base / c['train_s']:.2f}× | "
                          f"{c['peak_rss_gb']:.2f} | {c['final_loss'] if c['final_loss'] is not None else '–'} |")
         lines.append("")
+    lines += ["### CLI latency (median of 7 fresh processes)", "", "| command | seconds |", "|---|---|"]
+    lines += [f"| `{k}` | {v:.2f} |" for k, v in results.get("cli_s", {}).items()] + [""]
     (docs / "benchmarks_table.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

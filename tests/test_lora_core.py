@@ -272,3 +272,30 @@ def test_non_finite_adapter_is_refused(tmp_path):
     save_adapter(ours, tmp_path, AdapterConfig(r=4, lora_alpha=8, target_modules=peft_target_names(ours, paths)))
     with pytest.raises(UserError, match="NaN"):
         load_adapter(tiny_model("llama"), tmp_path)
+
+
+def test_dropout_mask_rate_and_expectation():
+    from lora_cli.lora.layer import dropout_mask
+
+    torch.manual_seed(0)
+    m = dropout_mask(torch.Size([400, 1000]), 0.05, torch.device("cpu"))
+    assert m.dtype == torch.bool and abs(1 - m.float().mean().item() - 0.05) < 0.002
+    layer = LoraLinear.from_base(torch.nn.Linear(64, 32), r=4, lora_alpha=8, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(1, 64)
+    mean = layer(x.expand(20000, 64)).mean(dim=0)
+    layer.eval()
+    assert torch.allclose(mean, layer(x)[0], atol=0.05 * layer(x).abs().max().item())  # E[dropout] = identity
+
+
+def test_siblings_reading_one_input_share_a_dropout_mask():
+    model = tiny_model("llama")
+    inject_lora(model, resolve_targets(model, "attention"), 4, 8, dropout=0.5)
+    layers = lora_layers(model)
+    q, k, o = (layers[f"model.layers.0.self_attn.{n}"] for n in ("q_proj", "k_proj", "o_proj"))
+    assert q.dropout_group is k.dropout_group is o.dropout_group
+    model.train()
+    x = torch.randn(2, 5, 32)
+    assert q._dropped(x) is k._dropped(x)  # same tensor in, same mask
+    assert not torch.equal(o._dropped(x.clone()), q._dropped(x))  # another tensor, a fresh mask

@@ -12,6 +12,7 @@ detached in forward (as in the paper and PEFT); m starts at ‖W‖_row, so the 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,18 @@ from torch import nn
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """alpha / r, or alpha / √r with rsLoRA."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A boolean keep-mask with P(keep) = 1 − p (p resolved to 1/65536).
+
+    Four 16-bit draws come from each 64-bit random number: on a CPU this is 4× cheaper than
+    `F.dropout`, whose per-element random numbers cost more than the LoRA matmuls themselves.
+    """
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    threshold = round(p * 65536) - 32768
+    return (words.view(torch.int16)[:n] >= threshold).view(shape)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -67,7 +80,9 @@ class LoraLinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Linear(n_in, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, n_out, bias=False, device=device, dtype=torch.float32)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        # Layers reading the same input tensor (q/k/v) share one dropout mask: set by inject_lora.
+        self.dropout_group: dict | None = None
         self.merged = False
         self.use_dora = use_dora
         self.reset_lora_parameters()
@@ -99,19 +114,37 @@ class LoraLinear(nn.Module):
         if self.merged:
             return result
         a, b = self.lora_A.weight, self.lora_B.weight
-        xd = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype))
-        # (…, in) → (…, r) → (…, out); the scaling is applied on the small (…, r) tensor.
-        lora = F.linear(F.linear(xd, a) * self.scaling, b)
+        dropped = self.dropout > 0 and self.training
+        xd = self._dropped(x) if dropped else x
+        if not torch.is_autocast_enabled(x.device.type):
+            xd = xd.to(a.dtype)
+        # Dropout's 1/(1-p) is folded into the scaling, applied on the small (…, r) tensor:
+        # (…, in) → (…, r) → (…, out).
+        keep = 1.0 / (1.0 - self.dropout) if dropped else 1.0
+        lora = F.linear(F.linear(xd, a) * (self.scaling * keep), b)
         if not self.use_dora:
             return result + lora.to(result.dtype)
         # DoRA: y = (m/‖W + sBA‖) ⊙ (W x + sBA x) + bias, the norm detached
         scale = self.lora_magnitude_vector / self._weight_norm().detach()  # (out,)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        if not dropped:
             bias = self.base_layer.bias
             base = result if bias is None else result - bias
         else:  # the base term must see the same dropped-out input as the LoRA term
-            base = F.linear(xd, self._weight_out_in().to(xd.dtype))
+            base = F.linear(xd, self._weight_out_in().to(xd.dtype)) * keep
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """x with dropped entries zeroed (not rescaled), shared with the layers of the same group that
+        read this very tensor (weak references: nothing is kept alive between steps)."""
+        group = self.dropout_group
+        if group is not None and group.get("x") is not None and group["x"]() is x:
+            xd = group["xd"]()
+            if xd is not None:
+                return xd
+        xd = x * dropout_mask(x.shape, self.dropout, x.device)
+        if group is not None:
+            group.update(x=weakref.ref(x), xd=weakref.ref(xd))
+        return xd
 
     def _weight_out_in(self) -> torch.Tensor:
         w = self.base_layer.weight
