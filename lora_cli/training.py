@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
             metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
             drew = plot_loss(metrics, run_dir / "loss.png")
-            say(_after_table(summary, run_dir, drew))
+            say(_after_table(summary, run_dir, drew, cfg.model))
     return summary
 
 
@@ -468,7 +468,7 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, world
     return kv_table("lora train", rows)
 
 
-def _after_table(summary: dict, run_dir: Path, drew: bool):
+def _after_table(summary: dict, run_dir: Path, drew: bool, model: str):
     rows = [
         ("final loss", f"{summary['final_loss']:.4f}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
@@ -480,7 +480,7 @@ def _after_table(summary: dict, run_dir: Path, drew: bool):
     rows.append(("adapter", f"{run_dir}/adapter_model.safetensors"))
     if drew:
         rows.append(("loss curve", f"{run_dir}/loss.png"))
-    rows.append(("next", f"lora generate --model BASE --adapter {run_dir} --prompt '…'\n"
+    rows.append(("next", f"lora generate --model {model} --adapter {run_dir} --prompt '…'\n"
                          f"lora merge {run_dir} --output {run_dir}-merged\nlora export {run_dir} --output "
                          f"{run_dir}-adapter"))
     return kv_table("done", rows)
