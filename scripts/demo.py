@@ -71,7 +71,7 @@ def main() -> int:
            "--data", str(ROOT / "data/demo"), "--output", str(run), "--force"]
     if args.max_steps:
         cmd += ["--max-steps", str(args.max_steps), "--eval-every", "0"]
-    console.print("$ " + " ".join(cmd[2:]).replace(str(ROOT) + "/", ""))
+    console.print("$ lora " + " ".join(cmd[3:]).replace(str(ROOT) + "/", ""), markup=False, soft_wrap=True)
     subprocess.run(cmd, check=True)
     summary = json.loads((run / "train_summary.json").read_text())
 
