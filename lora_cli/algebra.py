@@ -63,9 +63,9 @@ def truncate(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, k: int) -> Facto
     return Factors((root[:, None] * v[:, :k].T).float().contiguous(), (u[:, :k] * root).float().contiguous())
 
 
-def energy(s: torch.Tensor, k: int) -> float:
-    total = float((s**2).sum())
-    return float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+def energy(s: torch.Tensor, k: int) -> tuple[float, float]:
+    """(Σ s² kept, Σ s² in all): the Frobenius energy of the rank-k truncation and of the whole."""
+    return float((s[:k] ** 2).sum()), float((s**2).sum())
 
 
 def combine(adapters: list[str], weights: list[float], rank: int | None = None

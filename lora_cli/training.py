@@ -39,7 +39,14 @@ from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
 from lora_cli.loss import CausalLMLoss
-from lora_cli.models import load_model, load_tokenizer, quantization_4bit, resolve_model, torch_dtype
+from lora_cli.models import (
+    load_model,
+    load_tokenizer,
+    local_path,
+    quantization_4bit,
+    resolve_model,
+    torch_dtype,
+)
 
 CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -195,6 +202,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     with run_lock(run_dir) if main else contextlib.nullcontext():
         with acc.main_process_first():  # one process converts a GGUF / fills the caches, the others reuse them
             tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
+            cfg.max_length = fit_max_length(cfg, source, "max_length" in given, say)
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}
@@ -331,6 +339,24 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             drew = plot_loss(metrics, run_dir / "loss.png")
             say(_after_table(summary, run_dir, drew, cfg.model))
     return summary
+
+
+def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
+    """--max-length, capped to the model's context: an explicit value beyond it is an error, the
+    default is lowered with a note."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(local_path(source), trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return cfg.max_length  # the model load that follows reports the problem
+    ctx = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    if not isinstance(ctx, int) or cfg.max_length <= ctx:
+        return cfg.max_length
+    if explicit:
+        raise UserError(f"--max-length {cfg.max_length} exceeds the model's context of {ctx} tokens")
+    say(f"note: max length {cfg.max_length} → {ctx}, the model's context")
+    return ctx
 
 
 def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]:

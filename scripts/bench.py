@@ -279,7 +279,7 @@ def write_docs(results: dict, docs: Path, model_ref: str, repeats: int) -> None:
         lines.append("")
     lines += ["### CLI latency (median of 7 fresh processes)", "", "| command | seconds |", "|---|---|"]
     lines += [f"| `{k}` | {v:.2f} |" for k, v in results.get("cli_s", {}).items()] + [""]
-    (docs / "benchmarks_table.md").write_text("\n".join(lines) + "\n")
+    (docs / "benchmarks_table.md").write_text("\n".join(lines) + "\n")  # pasted into benchmarks.md
     try:
         import matplotlib
 

@@ -61,6 +61,8 @@ CASES = {
     "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
                              ["record 0", "unknown shape", "question", "messages"]),
     "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
+    "max-length beyond the context": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "4096"),
+                                      ["exceeds the model's context of 256 tokens"]),
     "lr 0": (lambda d, m, c: train_args(m, c, d / "o", "--lr", "0"), ["--lr must be > 0"]),
     "max-length 0": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "0"), ["--max-length must be >= 1"]),
     "batch-size 0": (lambda d, m, c: train_args(m, c, d / "o", "--batch-size", "0"), ["--batch-size must be >= 1"]),

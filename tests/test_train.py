@@ -167,3 +167,9 @@ def test_epoch_batches_cover_each_record_once_and_group_by_length():
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)
 
     assert padding(epoch_batches(lengths, 8, 3, 0, True)) < 0.3 * padding(epoch_batches(lengths, 8, 3, 0, False))
+
+
+def test_default_max_length_is_capped_to_the_context_with_a_note(cli, tiny_llama, chat_data, tmp_path):
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "r", *FAST)
+    assert code == 0 and "max length 1024 → 256" in err
+    assert yaml.safe_load((tmp_path / "r/train_config.yaml").read_text())["max_length"] == 256

@@ -67,16 +67,24 @@ def extract_command(
     _report(output, config.r, kept)
 
 
-def _report(output: str, r: int, kept: dict[str, float], ranks: dict[str, int] | None = None) -> None:
-    from lora_cli.display import kv_table, stderr_console
+def _report(output: str, r: int, kept: dict[str, tuple[float, float]], ranks: dict[str, int] | None = None) -> None:
+    """Retained energy (Σ s² kept / Σ s²) per layer and overall."""
+    from rich.table import Table
+
+    from lora_cli.display import stderr_console
 
     console = stderr_console()
     if kept:
-        worst = sorted(kept.items(), key=lambda kv: kv[1])[:5]
-        rows = [(m, f"{100 * e:.2f}% energy" + (f", r={ranks[m]}" if ranks else "")) for m, e in worst]
-        mean = sum(kept.values()) / len(kept)
-        console.print(kv_table(f"retained energy (lowest {len(worst)} of {len(kept)} layers; mean {100 * mean:.2f}%)",
-                               rows))
+        table = Table(title="retained energy", title_justify="left", box=None, pad_edge=False)
+        table.add_column("module", style="cyan")
+        table.add_column("energy kept", justify="right")
+        if ranks:
+            table.add_column("r", justify="right")
+        for m, (k, total) in kept.items():
+            table.add_row(m, f"{100 * k / total if total else 100:.2f}%", *([str(ranks[m])] if ranks else []))
+        console.print(table)
+        k_all, t_all = sum(k for k, _ in kept.values()), sum(t for _, t in kept.values())
+        console.print(f"overall: {100 * k_all / t_all if t_all else 100:.2f}% of the energy kept")
     console.print(f"wrote {output} (r={r}, scaling folded into B: lora_alpha = r)")
 
 
