@@ -20,6 +20,15 @@ def peft_adapter(base, path, seed, **kw):
     m.save_pretrained(path)
 
 
+def assert_peft_matches_ours(base, adapter):
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    ours = AutoModelForCausalLM.from_pretrained(base)
+    load_adapter(ours, adapter)
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
+
+
 def deltas(path):
     return {m: f.b.double() @ f.a.double() for m, f in read_factors(path)[1].items()}
 
@@ -53,12 +62,7 @@ def test_combine_is_the_exact_weighted_sum(cli, two, tmp_path):
 
 def test_combined_adapter_loads_in_peft_with_our_logits(cli, two, base, tmp_path):
     assert cli("combine", *two, "--output", tmp_path / "c")[0] == 0
-    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
-    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "c").eval()
-    ours = AutoModelForCausalLM.from_pretrained(base)
-    load_adapter(ours, tmp_path / "c")
-    with torch.no_grad():
-        assert (theirs(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
+    assert_peft_matches_ours(base, tmp_path / "c")
 
 
 def test_combine_with_rank_compresses_by_svd(cli, two, tmp_path):
@@ -87,12 +91,7 @@ def test_resize_to_rank_and_to_energy(cli, two, base, tmp_path):
         kept = float((s[:k] ** 2).sum() / (s**2).sum())
         assert kept >= 0.9 and (k == 1 or float((s[: k - 1] ** 2).sum() / (s**2).sum()) < 0.9)
     # per-layer ranks travel as rank_pattern/alpha_pattern and load in PEFT with our logits
-    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
-    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "e").eval()
-    ours = AutoModelForCausalLM.from_pretrained(base)
-    load_adapter(ours, tmp_path / "e")
-    with torch.no_grad():
-        assert (theirs(input_ids=ids).logits - ours.eval()(input_ids=ids).logits).abs().max() < 1e-5
+    assert_peft_matches_ours(base, tmp_path / "e")
 
 
 def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
