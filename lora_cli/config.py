@@ -112,7 +112,7 @@ class TrainConfig:
         c = dataclasses.replace(self)
         c.dtype = DTYPE_ALIASES.get(c.dtype, c.dtype)
         if c.alpha is None:
-            c.alpha = 2.0 * c.rank if isinstance(c.rank, int) else None
+            c.alpha = 2.0 * c.rank if isinstance(c.rank, int) and c.rank >= 1 else None  # no second error for rank < 1
         if c.output is None and c.model:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             c.output = f"runs/{model_short_name(c.model)}-{stamp}"
@@ -229,3 +229,15 @@ def _did_you_mean(key: str, known: set[str]) -> str:
 
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def run_chat_template(adapter_dir: str | Path) -> str | None:
+    """The chat template a run trained with, if it set one with --chat-template (read from train_config.yaml)."""
+    cfg_file = Path(adapter_dir) / "train_config.yaml"
+    if not cfg_file.is_file():
+        return None
+    try:
+        path = (yaml.safe_load(cfg_file.read_text()) or {}).get("chat_template")
+    except yaml.YAMLError:
+        return None
+    return Path(path).read_text(encoding="utf-8") if path and Path(path).is_file() else None

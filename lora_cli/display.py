@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -88,8 +86,3 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     plt.close(fig)
     return True
 
-
-def is_interactive() -> bool:
-    with contextlib.suppress(Exception):
-        return sys.stderr.isatty()
-    return False

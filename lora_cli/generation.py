@@ -15,7 +15,7 @@ CHAT_SHAPES = ("messages", "prompt_completion", "alpaca", "sharegpt")
 def chat_template_for(tokenizer, adapter_dirs: list[str]) -> str | None:
     """The template to prompt with: a run's --chat-template, the tokenizer's, or our built-in one when a
     run trained on chat records with a tokenizer that has none. None means raw text."""
-    from lora_cli.commands.common import run_chat_template
+    from lora_cli.config import run_chat_template
 
     for a in adapter_dirs:
         t = run_chat_template(a)

@@ -29,7 +29,7 @@ from lora_cli.checkpoints import (
     run_lock,
     save_checkpoint,
 )
-from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig
+from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
 from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
 from lora_cli.display import TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
@@ -131,8 +131,6 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     saved_path = Path(cfg.output) / CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"--resume: {cfg.output} has no {CONFIG_FILE}; is it a lora run directory?")
-    from lora_cli.config import read_yaml_config
-
     saved = TrainConfig.from_dict(read_yaml_config(str(saved_path)), source=str(saved_path))
     changed = [k for k, v in given.items() if k not in RESUMABLE_OVERRIDES + ("output",)
                and v is not None and getattr(saved, k) != v]

@@ -20,7 +20,8 @@ def merge_command(
     """Bake the adapter into the base weights: a plain transformers model, no LoRA code needed to load it."""
     import time
 
-    from lora_cli.commands.common import dtype_name, run_chat_template
+    from lora_cli.commands.common import dtype_name
+    from lora_cli.config import run_chat_template
     from lora_cli.display import stderr_console
 
     dtype = dtype_name(dtype)
