@@ -15,7 +15,16 @@ from torch import nn
 
 from lora_cli.data import IGNORE
 
-CHUNK_ROWS = 2048
+# Rows of the LM head computed at once. On a CPU a (rows × vocab) fp32 buffer above glibc's 32 MB mmap
+# limit is mapped fresh (and page-faulted in) for every chunk, which cost more than the head itself;
+# under the limit the buffer is reused. On a GPU the caching allocator reuses any size: big chunks.
+CHUNK_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
+MIN_CHUNK_ROWS = 32
+
+
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """LM-head rows per chunk: as many as fit CHUNK_BYTES of fp32 logits, at least MIN_CHUNK_ROWS."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // (4 * vocab))
 # Config attributes of models that post-process logits after the head: those use the plain path.
 _LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -28,15 +37,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         for i in range(0, h.shape[0], chunk):
-            hc = h[i : i + chunk]
-            logits = F.linear(hc, weight, bias).float()  # (c, vocab)
             y = targets[i : i + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            rows = torch.arange(len(y), device=y.device)
+            # one fused kernel, one (c, vocab) buffer: log-probs, then (in place) probs
+            logp = torch.log_softmax(F.linear(h[i : i + chunk], weight, bias).float(), dim=-1)
+            total -= logp[rows, y].sum()
             if grad_h is not None:
                 # d CE / d logits = softmax − onehot; then back through the (frozen) head.
-                probs = torch.exp(logits - lse[:, None])
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                probs = logp.exp_()
+                probs[rows, y] -= 1.0
                 grad_h[i : i + chunk] = (probs.to(weight.dtype) @ weight).to(h.dtype)
         ctx.save_for_backward(grad_h)
         return total
@@ -95,4 +104,5 @@ class CausalLMLoss(nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                        position_ids=position_ids, use_cache=False).last_hidden_state
         h = hidden[:, :-1][keep]  # (n, hidden)
-        return _LinearCrossEntropy.apply(h, self.head.weight, self.head.bias, targets[keep], CHUNK_ROWS), n
+        rows = chunk_rows(self.head.weight.shape[0], h.device)
+        return _LinearCrossEntropy.apply(h, self.head.weight, self.head.bias, targets[keep], rows), n

@@ -10,6 +10,7 @@ k, k + P, k + 2P, …. The loss of a step is Σ token losses / loss tokens of th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import resource
@@ -163,6 +164,23 @@ def encode_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Ex
     return train, valid, train_stats, valid_stats
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed memory back to the OS between training steps.
+
+    By default glibc trims the heap top and unmaps large blocks as soon as they are freed, so every
+    step page-faults the same few hundred MB of activations back in: on SmolLM2-135M (CPU, 8 × 256)
+    that was 200k page faults and +20% time per step. Keeping freed memory (trim threshold 1 GB,
+    mmap threshold at glibc's 32 MB maximum) leaves the peak RSS as it was. Linux/glibc only; returns
+    whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -185,6 +203,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     if resume and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from")
     source = resolve_model(cfg.model, cfg.allow_pickle)
+    keep_freed_memory()
 
     use_cuda = torch.cuda.is_available()
     dtype = torch_dtype(cfg.dtype, "cuda" if use_cuda else "cpu")

@@ -278,8 +278,13 @@ def test_dropout_mask_rate_and_expectation():
     from lora_cli.lora.layer import dropout_mask
 
     torch.manual_seed(0)
-    m = dropout_mask(torch.Size([400, 1000]), 0.05, torch.device("cpu"))
-    assert m.dtype == torch.bool and abs(1 - m.float().mean().item() - 0.05) < 0.002
+    for p in (0.05, 0.3):
+        m = dropout_mask(torch.Size([400, 1000]), p, torch.device("cpu"))
+        assert m.dtype == torch.bool and abs(1 - m.float().mean().item() - p) < 0.003
+        # independent entries: drops per row have the binomial variance, neighbours are uncorrelated
+        drops = (~m).float()
+        assert abs(drops.sum(1).var().item() / (1000 * p * (1 - p)) - 1) < 0.2
+        assert abs(torch.corrcoef(torch.stack([drops[:, :-1].flatten(), drops[:, 1:].flatten()]))[0, 1]) < 0.01
     layer = LoraLinear.from_base(torch.nn.Linear(64, 32), r=4, lora_alpha=8, dropout=0.3)
     torch.nn.init.normal_(layer.lora_B.weight)
     layer.train()
@@ -287,6 +292,38 @@ def test_dropout_mask_rate_and_expectation():
     mean = layer(x.expand(20000, 64)).mean(dim=0)
     layer.eval()
     assert torch.allclose(mean, layer(x)[0], atol=0.05 * layer(x).abs().max().item())  # E[dropout] = identity
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_lora_forward_and_gradients_equal_the_formula(dropout, monkeypatch):
+    """y = W x + b + (alpha/r)/(1-p) · B A (keep ⊙ x): output and all gradients against plain autograd."""
+    from lora_cli.lora import layer as layer_mod
+
+    torch.manual_seed(0)
+    keep = torch.rand(3, 5, 16) >= dropout
+    monkeypatch.setattr(layer_mod, "dropout_mask", lambda shape, p, device: keep)
+    base = torch.nn.Linear(16, 8).double()
+    layer = LoraLinear.from_base(base, r=4, lora_alpha=12, dropout=dropout).double().train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    layer(x).pow(2).sum().backward()
+    got = [x.grad, a.grad, b.grad]
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    ref = base(x2) + (x2 * keep) @ a2.T @ b2.T * (12 / 4) / (1 - dropout)
+    ref.pow(2).sum().backward()
+    for g, r in zip(got, [x2.grad, a2.grad, b2.grad]):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_masked_down_gradcheck():
+    from lora_cli.lora.layer import _MaskedDown
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(2, 3, 6) > 0.3
+    assert torch.autograd.gradcheck(lambda x, a: _MaskedDown.apply(x, keep, a), (x, a))
 
 
 def test_siblings_reading_one_input_share_a_dropout_mask():
@@ -297,5 +334,5 @@ def test_siblings_reading_one_input_share_a_dropout_mask():
     assert q.dropout_group is k.dropout_group is o.dropout_group
     model.train()
     x = torch.randn(2, 5, 32)
-    assert q._dropped(x) is k._dropped(x)  # same tensor in, same mask
-    assert not torch.equal(o._dropped(x.clone()), q._dropped(x))  # another tensor, a fresh mask
+    assert q._keep_mask(x) is k._keep_mask(x)  # same tensor in, same mask
+    assert not torch.equal(o._keep_mask(x.clone()), q._keep_mask(x))  # another tensor, a fresh mask

@@ -25,7 +25,7 @@ def batch(vocab=128):
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "gpt2", "gpt_neox", "qwen2", "phi3", "opt"])
 def test_fused_loss_and_grads_equal_the_plain_forward(arch, monkeypatch):
-    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 5)  # force several chunks
+    monkeypatch.setattr(loss_mod, "chunk_rows", lambda vocab, device: 5)  # force several chunks
     results = []
     for fused in (True, False):
         model = tiny_model(arch)
@@ -58,3 +58,13 @@ def test_loss_is_hand_computable():
     by_hand = -lp[keep].gather(1, tgt[keep][:, None]).sum()
     assert int(n) == int(keep.sum())
     assert abs(float(s) - float(by_hand)) < 1e-3
+
+
+def test_chunk_rows_keep_cpu_logits_under_the_mmap_limit():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for vocab in (32_000, 49_152, 151_936):
+        rows = loss_mod.chunk_rows(vocab, cpu)
+        assert rows * vocab * 4 <= 32 << 20 and (rows + 1) * vocab * 4 > loss_mod.CHUNK_BYTES["cpu"]
+    assert loss_mod.chunk_rows(49_152, cpu) == 128
+    assert loss_mod.chunk_rows(10**7, cpu) == loss_mod.MIN_CHUNK_ROWS
+    assert loss_mod.chunk_rows(49_152, cuda) == 5461
