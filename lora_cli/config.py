@@ -63,6 +63,8 @@ class TrainConfig:
     seed: int = _opt(0, "Random seed: same seed, data and machine give the same adapter.")
     dtype: str = _opt("auto", "auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16/fp16 on GPU).", "Hardware")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, more time.", "Hardware")
+    compile: bool = _opt(False, "torch.compile each decoder layer: slower first steps, faster later ones where "
+                         "the compiled kernels win (see docs/benchmarks.md).", "Hardware")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA stays 16/32-bit.", "Hardware")
     eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
     log_every: int = _opt(1, "Steps between metrics.jsonl rows.", "Logging and checkpoints")
@@ -231,13 +233,20 @@ def _did_you_mean(key: str, known: set[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def run_settings(adapter_dir: str | Path) -> dict:
+    """The train_config.yaml of a run directory, or of the run holding a checkpoint (run/checkpoints/step-N);
+    {} if there is none."""
+    d = Path(adapter_dir)
+    for cfg_file in (d / "train_config.yaml", d.parent.parent / "train_config.yaml"):
+        if cfg_file.is_file():
+            try:
+                return yaml.safe_load(cfg_file.read_text()) or {}
+            except yaml.YAMLError:
+                return {}
+    return {}
+
+
 def run_chat_template(adapter_dir: str | Path) -> str | None:
     """The chat template a run trained with, if it set one with --chat-template (read from train_config.yaml)."""
-    cfg_file = Path(adapter_dir) / "train_config.yaml"
-    if not cfg_file.is_file():
-        return None
-    try:
-        path = (yaml.safe_load(cfg_file.read_text()) or {}).get("chat_template")
-    except yaml.YAMLError:
-        return None
+    path = run_settings(adapter_dir).get("chat_template")
     return Path(path).read_text(encoding="utf-8") if path and Path(path).is_file() else None

@@ -192,6 +192,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` and write the run directory. Returns the summary."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import gather_object, set_seed
 
     cfg = resolve_run_config(cfg, resume, given).resolved()
@@ -212,6 +213,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     if cfg.load_in_4bit:
         quantization_4bit(dtype)  # fail now, before anything loads, if 4-bit cannot work here
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    # Accelerate keeps its settings process-wide: a second run in the same process (a notebook, the tests)
+    # would inherit the first one's mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, cpu=not use_cuda)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     say = console.print if main else (lambda *a, **k: None)
@@ -313,7 +318,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                     state.update(step=done, loss_tokens_seen=state["loss_tokens_seen"] + n_global, last_loss=loss,
                                  wall_time_s=time.perf_counter() - t_start)
                     row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": round(loss, 6),
-                           "lr": lr, "tokens_per_s": round(tokens_all / dt, 1), "loss_tokens": n_global}
+                           "lr": lr, "tokens_per_s": round(tokens_all / dt, 1), "step_s": round(dt, 4),
+                           "loss_tokens": n_global}
                     is_last = done == plan.total_steps
                     if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
                         ev = evaluate(loss_model, eval_ex, cfg.batch_size, pad_id, acc)
@@ -394,7 +400,22 @@ def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if cfg.compile:
+        compile_layers(model)
     return paths, adapter_cfg
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (regional compilation: the layers share one compiled
+    graph, so compiling takes seconds, not minutes; parameter names are unchanged). Returns the count."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise UserError(f"--compile: no decoder layers found in {type(model).__name__} (its _no_split_modules "
+                        "names none); train without --compile")
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)
 
 
 def load_lora_weights(model, ckpt: Path) -> None:
@@ -470,6 +491,7 @@ def _summary(cfg, state, plan, world, tstats, estats, report, device) -> dict:
         "wall_time_s": round(state["wall_time_s"], 2),
         "peak_memory_bytes": peak_memory_bytes(device),
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "final_loss": state["last_loss"],
         "eval_loss": state["eval_history"][-1]["eval_loss"] if state["eval_history"] else None,
         "best_eval_loss": state["best_eval_loss"],

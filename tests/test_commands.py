@@ -133,6 +133,26 @@ def test_merge_onto_the_wrong_base_names_the_problem(cli, trained_run, tmp_path)
     assert not (tmp_path / "m").exists()
 
 
+def test_merge_of_a_4bit_run_says_it_merges_into_the_16bit_base(cli, trained_run, tmp_path):
+    """A --load-in-4bit run (its train_config.yaml says so; the real 4-bit run is in test_cuda.py) merges
+    into the base's own weights, and `lora merge` says so, for the run and for its checkpoints."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    cfg = yaml.safe_load((run / "train_config.yaml").read_text())
+    (run / "train_config.yaml").write_text(yaml.safe_dump({**cfg, "load_in_4bit": True}))
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    for i, src in enumerate((run, ckpt)):
+        code, _, err = cli("merge", src, "--output", tmp_path / f"m{i}")
+        assert code == 0, err
+        assert "4-bit" in err and "unquantized" in err
+    code, _, err = cli("merge", trained_run, "--output", tmp_path / "plain")
+    assert code == 0 and "4-bit" not in err
+
+
 def test_generate_with_and_without_adapter(cli, trained_run, tiny_llama):
     code, out, err = cli("generate", "--model", tiny_llama, "--adapter", trained_run, "--prompt", "What is color 3?",
                          "--max-new-tokens", "8", "--compare")

@@ -144,6 +144,19 @@ def test_gradient_checkpointing_trains_the_same(cli, tiny_llama, chat_data, tmp_
     assert any(tb[k].abs().sum() > 0 for k in tb if "lora_B" in k)
 
 
+@pytest.mark.slow
+def test_compile_trains_the_same(cli, tiny_llama, chat_data, tmp_path):
+    """--compile (regional torch.compile, inductor on CPU) gives the eager run's losses and adapter."""
+    common = ["--model", tiny_llama, "--data", chat_data, "--max-steps", "3", "--lr", "1e-2", "--dropout", "0"]
+    assert cli("train", *common, "--output", tmp_path / "a")[0] == 0
+    code, _, err = cli("train", *common, "--output", tmp_path / "b", "--compile")
+    assert code == 0, err
+    loss = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-4)
+    ta, tb = adapter(tmp_path / "a"), adapter(tmp_path / "b")
+    assert all(torch.allclose(ta[k], tb[k], atol=1e-5) for k in ta)
+
+
 @pytest.mark.parametrize("path", ["cpu-demo.yaml", "chat-0.5b-8gb.yaml", "llama-8b-24gb.yaml"])
 def test_shipped_configs_load_and_validate(path):
     from pathlib import Path
@@ -202,3 +215,14 @@ print(*faults[1:])
 
     assert sum(later_rounds("keep")) < pages // 2
     assert min(later_rounds("default")) > pages // 2
+
+
+def test_runs_in_one_process_do_not_share_accelerate_settings(cli, tiny_llama, chat_data, tmp_path):
+    """A bf16 run after an fp32 one in the same process (a notebook, a test session) gets bf16: Accelerate's
+    process-wide state is reset per run. bf16 autocast on CPU gives the fp32 first loss up to rounding."""
+    common = ["--model", tiny_llama, "--data", chat_data, "--max-steps", "2", "--dropout", "0"]
+    assert cli("train", *common, "--output", tmp_path / "a", "--dtype", "float32")[0] == 0
+    code, _, err = cli("train", *common, "--output", tmp_path / "b", "--dtype", "bfloat16")
+    assert code == 0, err
+    first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in "ab"]
+    assert first[1] == pytest.approx(first[0], rel=2e-2) and first[1] != first[0]

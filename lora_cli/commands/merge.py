@@ -21,7 +21,7 @@ def merge_command(
     import time
 
     from lora_cli.commands.common import dtype_name
-    from lora_cli.config import run_chat_template
+    from lora_cli.config import run_chat_template, run_settings
     from lora_cli.display import stderr_console
 
     dtype = dtype_name(dtype)
@@ -30,6 +30,9 @@ def merge_command(
 
     from lora_cli.merging import merge_to_directory, verify_merge
 
+    if run_settings(adapter).get("load_in_4bit"):
+        console.print("the run trained on a 4-bit (NF4) base: merging into the base's original unquantized weights, "
+                      "never into 4-bit ones")
     t0 = time.perf_counter()
     result = merge_to_directory(adapter, output, base, getattr(torch, dtype) if dtype else None, force, allow_pickle,
                                 run_chat_template(adapter), status=console.print)

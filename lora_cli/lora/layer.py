@@ -168,6 +168,8 @@ class LoraLinear(nn.Module):
     def _keep_mask(self, x: torch.Tensor) -> torch.Tensor:
         """The dropout keep-mask for input `x`, shared with the layers of the same group that read this
         very tensor (weak references: nothing is kept alive between steps)."""
+        if torch.compiler.is_compiling():  # a mask the compiler can trace and fuse; one per layer, as PEFT
+            return torch.rand(x.shape, device=x.device) >= self.dropout
         group = self.dropout_group
         if group is not None and group.get("x") is not None and group["x"]() is x:
             keep = group["keep"]()
