@@ -61,7 +61,7 @@ def encoded(model_ref: str, data: Path, max_length: int):
     return tok, exs
 
 
-def data_loss(model, tok, exs) -> float:
+def data_loss(model, tok, exs, device="cpu") -> float:
     """Mean loss per loss token of `model` over all records (eval mode, plain logits): the same measure
     for every contender, so speed never comes from doing less work."""
     import torch
@@ -74,12 +74,20 @@ def data_loss(model, tok, exs) -> float:
     total = count = 0.0
     with torch.no_grad():
         for i in range(0, len(order), 8):
-            s, n = loss(**collate([exs[j] for j in order[i : i + 8]], tok.pad_token_id))
+            b = collate([exs[j] for j in order[i : i + 8]], tok.pad_token_id)
+            s, n = loss(**{k: v.to(device) for k, v in b.items()})
             total, count = total + float(s), count + float(n)
     return total / count
 
 
 # ---------------------------------------------------------------- workers (each in its own process)
+
+def peak_rss_gb() -> float:
+    """This process's peak RSS so far: taken right after training, before the common loss evaluation."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
 
 def worker_lora(model_ref, data, equal, out):
     run = Path(tempfile.mkdtemp()) / "run"
@@ -99,7 +107,8 @@ def worker_lora(model_ref, data, equal, out):
     model = load_model(resolve_model(model_ref), torch.float32)
     load_adapter(model, run)
     return {"train_s": s["wall_time_s"], "steps": s["steps"], "losses": [r["loss"] for r in rows],
-            "final_loss": data_loss(model, tok, exs), "adapter": str(run)}
+            "peak_rss_gb": s["peak_memory_bytes"] / 2**30,
+            "step_s": [r["step_s"] for r in rows], "final_loss": data_loss(model, tok, exs), "adapter": str(run)}
 
 
 def worker_trainer(model_ref, data, equal, out, peft_on=True):
@@ -117,9 +126,15 @@ def worker_trainer(model_ref, data, equal, out, peft_on=True):
             r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     ds = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in exs]
-    losses = []
+    losses, step_s = [], []
 
     class Log(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step_s.append(time.perf_counter() - self.t0)
+
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
@@ -133,50 +148,69 @@ def worker_trainer(model_ref, data, equal, out, peft_on=True):
     t0 = time.perf_counter()
     trainer.train()
     t = time.perf_counter() - t0
-    return {"train_s": t, "steps": trainer.state.global_step, "losses": losses, "final_loss": data_loss(model, tok, exs)}
+    return {"train_s": t, "steps": trainer.state.global_step, "losses": losses, "step_s": step_s,
+            "peak_rss_gb": peak_rss_gb(),
+            "final_loss": data_loss(model, tok, exs)}
 
 
-def worker_floor(model_ref, data, equal, out):
-    """Frozen model, forward + input-gradient backward, no adapter: what any LoRA step must pay."""
+def worker_floor(model_ref, data, equal, out, fused=False):
+    """Frozen model, forward + input-gradient backward, no adapter: what any LoRA step must pay. With the
+    same allocator setting as `lora train`; `fused`: our label-only chunked head + loss instead of the
+    model's full logits (the strict floor: what is left is the adapter's own cost)."""
     import torch
     import torch.nn.functional as F
 
     from lora_cli.data import collate
+    from lora_cli.loss import CausalLMLoss
     from lora_cli.models import load_model, resolve_model
+    from lora_cli.training import keep_freed_memory
 
+    keep_freed_memory()
     tok, exs = encoded(model_ref, data, LORA["max_length"])
     model = load_model(resolve_model(model_ref), torch.float32).train()
     model.requires_grad_(False)
     model.enable_input_require_grads()
+    loss_model = CausalLMLoss(model)
     order = list(range(len(exs)))
     random.Random(0).shuffle(order)
     t0 = time.perf_counter()
-    steps = 0
+    step_s = []
     for i in range(0, len(order), LORA["batch"]):
+        t = time.perf_counter()
         b = collate([exs[j] for j in order[i : i + LORA["batch"]]], tok.pad_token_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=-100)
+        if fused:
+            s, n = loss_model(**b)
+            loss = s / n
+        else:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=-100)
         loss.backward()
-        steps += 1
-    return {"train_s": time.perf_counter() - t0, "steps": steps, "losses": [], "final_loss": None}
+        step_s.append(time.perf_counter() - t)
+    return {"train_s": time.perf_counter() - t0, "steps": len(step_s), "losses": [], "step_s": step_s,
+            "peak_rss_gb": peak_rss_gb(), "final_loss": None}
 
 
+FLOOR, STRICT_FLOOR = "floor (frozen fwd+bwd)", "strict floor (frozen, fused head)"
 WORKERS = {"lora train": worker_lora, "Trainer + PEFT": worker_trainer,
-           "full fine-tune": lambda *a: worker_trainer(*a, peft_on=False), "floor (frozen fwd+bwd)": worker_floor}
+           "full fine-tune": lambda *a: worker_trainer(*a, peft_on=False), FLOOR: worker_floor,
+           STRICT_FLOOR: lambda *a: worker_floor(*a, fused=True)}
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child process: this checkout first on PYTHONPATH, the caller's path kept."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def run_worker(name: str, model_ref: str, data: Path, equal: bool) -> dict:
-    """Run one contender in a child process; add its peak RSS and real-token throughput."""
+    """Run one contender in a child process (its peak RSS is its own)."""
     out = Path(tempfile.mkstemp(suffix=".json")[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     p = subprocess.Popen([sys.executable, __file__, "--worker", name, "--model", model_ref, "--data", str(data),
                           "--out", str(out)] + (["--equal"] if equal else []), env=env)
-    _, status, usage = os.wait4(p.pid, 0)
-    if status != 0:
-        raise SystemExit(f"worker {name!r} failed ({status})")
-    res = json.loads(out.read_text())
-    res["peak_rss_gb"] = usage.ru_maxrss / 2**20
-    return res
+    if p.wait() != 0:
+        raise SystemExit(f"worker {name!r} failed ({p.returncode})")
+    return json.loads(out.read_text())
 
 
 def cli_latency(adapter_dir: str | None, n: int = 7) -> dict:
@@ -234,7 +268,7 @@ def main() -> None:
         LORA["max_length"] = 256 if equal else 512
         tok, exs = encoded(model_ref, data, LORA["max_length"])
         real_tokens = sum(len(e.input_ids) for e in exs)
-        names = list(WORKERS) if job == "a" else ["lora train", "Trainer + PEFT", "floor (frozen fwd+bwd)"]
+        names = list(WORKERS)[:4] if job == "a" else ["lora train", "Trainer + PEFT", FLOOR, STRICT_FLOOR]
         runs: dict[str, list[dict]] = {n: [] for n in names}
         for rep in range(args.repeats):
             for n in (names if rep % 2 == 0 else names[::-1]):  # alternate the order
@@ -250,6 +284,8 @@ def main() -> None:
                 "peak_rss_gb": round(statistics.median(r["peak_rss_gb"] for r in rs), 2),
                 "final_loss": round(statistics.median(r["final_loss"] for r in rs), 4) if rs[0]["final_loss"] else None,
                 "runs_s": [round(r["train_s"], 2) for r in rs],
+                # a step once warm: the median over runs of each run's median step, the first step left out
+                "step_s": round(statistics.median(statistics.median(r["step_s"][1:] or r["step_s"]) for r in rs), 3),
             }
     results["cli_s"] = cli_latency(last_adapter)
     write_docs(results, Path(args.docs), model_ref, args.repeats)
@@ -270,12 +306,20 @@ def write_docs(results: dict, docs: Path, model_ref: str, repeats: int) -> None:
                        ("b", "Job (b): equal-length batches (8 × 256 tokens)")):
         r = results[job]
         lines += [f"### {title}", "", f"{r['records']} records, {r['real_tokens']:,} real tokens.", "",
-                  "| contender | train time (s) | real tokens/s | speed vs Trainer + PEFT | peak RSS (GB) | "
-                  "loss on the training tokens after training |", "|---|---|---|---|---|---|"]
+                  "| contender | train time (s) | real tokens/s | speed vs Trainer + PEFT | s/step once warm | "
+                  "peak RSS (GB) | loss on the training tokens after training |", "|---|---|---|---|---|---|---|"]
         base = r["contenders"][ref]["train_s"]
         for n, c in r["contenders"].items():
+            step = f"{c['step_s']:.2f}" if job == "b" else "–"  # batches of mixed lengths: no typical step
             lines.append(f"| {n} | {c['train_s']:.1f} | {c['tokens_per_s']:,.0f} | {base / c['train_s']:.2f}× | "
-                         f"{c['peak_rss_gb']:.2f} | {c['final_loss'] if c['final_loss'] is not None else '–'} |")
+                         f"{step} | {c['peak_rss_gb']:.2f} | "
+                         f"{c['final_loss'] if c['final_loss'] is not None else '–'} |")
+        ours = r["contenders"]["lora train"]
+        for f in (FLOOR, STRICT_FLOOR):
+            if job == "b" and f in r["contenders"]:
+                fl = r["contenders"][f]
+                lines.append(f"\n`lora train` vs {f}: {100 * (ours['train_s'] / fl['train_s'] - 1):+.1f}% end to end, "
+                             f"{100 * (ours['step_s'] / fl['step_s'] - 1):+.1f}% per warm step.")
         lines.append("")
     lines += ["### CLI latency (median of 7 fresh processes)", "", "| command | seconds |", "|---|---|"]
     lines += [f"| `{k}` | {v:.2f} |" for k, v in results.get("cli_s", {}).items()] + [""]
@@ -290,7 +334,7 @@ def write_docs(results: dict, docs: Path, model_ref: str, repeats: int) -> None:
         for ax, job in zip(axes, ("a", "b")):
             c = results[job]["contenders"]
             ax.barh(list(c), [v["tokens_per_s"] for v in c.values()], color="#4c72b0")
-            ax.set_title(f"job ({job}): real tokens / s (higher is better)")
+            ax.set_title(f"job ({job}): real tokens/s, higher is better", fontsize=10)
             ax.invert_yaxis()
         fig.tight_layout()
         fig.savefig(docs / "benchmarks.png")
