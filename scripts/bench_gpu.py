@@ -6,10 +6,10 @@ process; peak memory is `torch.cuda.max_memory_allocated` over the whole run (we
 
 The model is Qwen2.5-0.5B's architecture (24 layers, hidden 896, 151,936-token vocabulary, tied
 embeddings: 494M parameters) with seeded random weights, built once with --init (GPU machines here
-reach no Hub); speed and memory do not depend on the weights' values. Tokens come from the tokenizer
-directory given (SmolLM2's, saved by `lora_cli.models.load_tokenizer(...).save_pretrained`).
+reach no Hub); speed and memory do not depend on the weights' values. Tokens come from --tokenizer: a
+directory holding a tokenizer, or any model `lora train` accepts (default: the demo's SmolLM2 GGUF).
 
-    python scripts/bench_gpu.py --tokenizer DIR [--repeats 2] [--records 256] [--out docs/benchmarks_gpu.json]
+    python scripts/bench_gpu.py [--tokenizer DIR_OR_MODEL] [--repeats 2] [--records 256] [--out docs/benchmarks_gpu.json]
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ SAVERS = {"lora train": [], "lora train --gradient-checkpointing": ["--gradient-
 TRAINER = "Trainer + PEFT"
 
 
-def init_model(tokenizer_dir: str, out: Path) -> None:
+def init_model(tokenizer_dir: str | None, out: Path) -> None:
     """Qwen2.5-0.5B's config with random weights (seed 0), bf16 safetensors, plus the tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        from lora_cli.models import embedded_gguf, load_tokenizer, resolve_model
+
+        tok = load_tokenizer(resolve_model(tokenizer_dir or str(embedded_gguf())))  # a model: its tokenizer
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = Qwen2Config(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
                       rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
