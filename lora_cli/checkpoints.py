@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import random
 import re
 import shutil
@@ -67,33 +68,105 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer, scheduler, state: dict,
-                    rng_states: list[dict]) -> Path:
+def optimizer_state(model, optimizer, engine: str) -> dict:
+    """The optimizer's state in a form that resumes on every process. A collective under FSDP and DeepSpeed.
+
+    Plain and DDP: keyed by parameter name (torch.distributed.checkpoint's full format). FSDP: the same,
+    gathered from the shards by torch.distributed.checkpoint (rank 0 gets it, on CPU; the others `{}`).
+    DeepSpeed: every rank's ZeRO partition, in rank order, as DeepSpeed's own loader takes them.
+    """
+    if engine == "FSDP":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, _inner(optimizer), options=opts)
+    if engine == "DeepSpeed":
+        from accelerate.utils import gather_object
+
+        return {"deepspeed_partitions": gather_object([_inner(optimizer).state_dict()])}
+    sd, names = optimizer.state_dict(), _trainable_names(model)
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(model, optimizer, sd: dict, engine: str) -> None:
+    """Inverse of `optimizer_state`: every process takes its own part."""
+    if engine == "FSDP":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, _inner(optimizer), sd, options=StateDictOptions(full_state_dict=True))
+    elif engine == "DeepSpeed":
+        _inner(optimizer).load_state_dict(sd["deepspeed_partitions"])
+    else:
+        index = {n: i for i, n in enumerate(_trainable_names(model))}
+        optimizer.load_state_dict({"state": {index[n]: v for n, v in sd["state"].items()},
+                                   "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                                    for g in sd["param_groups"]]})
+
+
+def _trainable_names(model) -> list[str]:
+    """Names of the trainable parameters in the order the optimizer was given them (DDP's `module.` off)."""
+    model = getattr(model, "module", model)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _deepspeed_state_classes() -> list:
+    """The non-tensor objects in a ZeRO optimizer's state, allowed through torch.load(weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def save_checkpoint(run_dir: Path, step: int, write_adapter, optimizer_sd: dict, scheduler, state: dict,
+                    rng_states: list[dict], engine: str = "none") -> Path:
     """Write checkpoints/step-NNNNNN atomically (temp dir, then rename). Called on the main process with
-    every process's RNG state; `write_adapter(dir)` writes the adapter files."""
+    every process's RNG state and the gathered optimizer state; `write_adapter(dir)` writes the adapter."""
     target = checkpoint_dir(run_dir, step)
     with atomic_dir(target) as tmp:
         write_adapter(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_sd, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng_state_{rank}.pt")
-        state = {**state, "step": step, "world_size": len(rng_states)}
+        state = {**state, "step": step, "world_size": len(rng_states), "parallelism": engine}
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2))
     return target
 
 
-def load_checkpoint_state(ckpt: Path, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore optimizer, scheduler and RNG from `ckpt`; return its trainer state."""
+def load_checkpoint_state(ckpt: Path, model, optimizer, scheduler, rank: int = 0, world: int = 1,
+                          engine: str = "none") -> dict:
+    """Restore optimizer, scheduler and RNG from `ckpt`; return its trainer state. A run resumes with the
+    process count it was written by (--batch-size is per process) and with or without DeepSpeed as it was."""
     try:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state = json.loads((ckpt / STATE_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from None
+    saved_world, saved_engine = state.pop("world_size", 1), state.pop("parallelism", "none")
+    if saved_world != world:
+        raise UserError(f"{ckpt.name} was written by {saved_world} process(es) and this resume runs {world}; "
+                        f"launch it with {saved_world} to continue the same run")
+    if (saved_engine == "DeepSpeed") != (engine == "DeepSpeed"):
+        raise UserError(f"{ckpt.name} was written {'under' if saved_engine == 'DeepSpeed' else 'without'} DeepSpeed "
+                        f"(its optimizer state is in that form); resume it the same way")
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes() if engine == "DeepSpeed" else []):
+            optimizer_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        load_optimizer_state(model, optimizer, optimizer_sd, engine)
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         rng_file = ckpt / f"rng_state_{rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        return json.loads((ckpt / STATE_NAME).read_text())
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from None
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"checkpoint {ckpt} is unreadable ({first}); delete it to resume from an earlier "
+                        "one") from None
+    return state
 
 
 def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:

@@ -24,6 +24,7 @@ from lora_cli.checkpoints import (
     StopFlag,
     list_checkpoints,
     load_checkpoint_state,
+    optimizer_state,
     output_dir_problem,
     prune_checkpoints,
     rng_state,
@@ -219,6 +220,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     GradientState._reset_state()
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, cpu=not use_cuda)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    engine = parallelism(acc)
     say = console.print if main else (lambda *a, **k: None)
 
     with run_lock(run_dir) if main else contextlib.nullcontext():
@@ -228,6 +230,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}
+            if engine != "DeepSpeed":
+                model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say, **extra)
+        if engine == "DeepSpeed":  # under ZeRO-3 loading partitions the weights: a collective of all processes
             model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say, **extra)
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
@@ -243,13 +248,19 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup, cfg.scheduler))
         loss_model = CausalLMLoss(model)
+        if engine == "DeepSpeed":  # our flags rule (no DataLoader to infer the batch from); DeepSpeed clips
+            acc.state.deepspeed_plugin.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                gradient_clipping=cfg.max_grad_norm)
+            acc.gradient_accumulation_steps = cfg.grad_accum
         loss_model, optimizer = acc.prepare(loss_model, optimizer)
+        params = [p for p in loss_model.parameters() if p.requires_grad]  # FSDP2 replaced them with DTensors
         device = acc.device
 
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
                  "best_eval_step": None, "last_loss": None}
         if ckpt:
-            state.update(load_checkpoint_state(ckpt, optimizer, scheduler, rank))
+            state.update(load_checkpoint_state(ckpt, loss_model, optimizer, scheduler, rank, world, engine))
             if state["step"] >= plan.total_steps:
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
                                 "--max-steps or --epochs to train further")
@@ -260,7 +271,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             if not resume:
                 clear_run_files(run_dir)
             atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
-            say(_before_table(cfg, source, model, report, paths, tstats, estats, plan, world, device, dtype))
+            say(_before_table(cfg, source, model, report, paths, tstats, estats, plan, engine, world, device, dtype))
 
         def write_adapter(d: Path, tensors: dict) -> None:
             write_adapter_files(d, adapter_cfg, tensors, meta)
@@ -339,9 +350,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                     if stop.signal or done % plan.save_every == 0 or is_last:
                         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                         tensors = gathered_lora_tensors(acc, loss_model)  # a collective under FSDP / ZeRO-3
+                        opt_sd = optimizer_state(loss_model, optimizer, engine)  # also one
                         if main:
-                            save_checkpoint(run_dir, done, lambda d, t=tensors: write_adapter(d, t), optimizer,
-                                            scheduler, state, rngs)
+                            save_checkpoint(run_dir, done, lambda d, t=tensors: write_adapter(d, t), opt_sd,
+                                            scheduler, state, rngs, engine)
                             prune_checkpoints(run_dir, cfg.save_total_limit, state["best_eval_step"])
                         if stop.signal:
                             stopped = stop.signal
@@ -353,7 +365,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         if stopped:
             raise UserError(f"stopped by {stopped} after step {state['step']}; checkpoint saved. Resume with: "
                             f"lora train --output {run_dir} --resume")
-        summary = _summary(cfg, state, plan, world, tstats, estats, report, device)
+        summary = _summary(cfg, state, plan, engine, world, tstats, estats, report, device)
         tensors = gathered_lora_tensors(acc, loss_model)
         if main:
             write_adapter(run_dir, tensors)
@@ -427,17 +439,35 @@ def load_lora_weights(model, ckpt: Path) -> None:
                 p.copy_(tensors[name])
 
 
-def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
-    """Full (unsharded) LoRA tensors in PEFT's key layout, fp32 on CPU. Every process must call this: under
-    FSDP / ZeRO-3 it gathers the shards (saving a local shard gives a mostly-zero lora_B)."""
+def parallelism(acc) -> str:
+    """How Accelerate spreads the work: "none", "DDP", "FSDP" or "DeepSpeed"."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        sd = acc.get_state_dict(loss_model)
+    names = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}
+    return names.get(acc.distributed_type, "DDP" if acc.num_processes > 1 else "none")
+
+
+def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
+    """Full (unsharded) LoRA tensors in PEFT's key layout, fp32 on CPU copies. Every process must call this:
+    under FSDP and ZeRO-3 it gathers the shards (saving a local shard gives a mostly-zero or empty lora_B).
+    Only the adapter is gathered, except under FSDP1, where Accelerate gathers the whole model to rank 0."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.tensor import DTensor
+
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        named = list(acc.get_state_dict(loss_model).items())
+        gathered = contextlib.nullcontext()
     else:
-        sd = acc.unwrap_model(loss_model).state_dict()
-    return {KEY_PREFIX + k.removeprefix("model."): v.detach().to("cpu", torch.float32).contiguous()
-            for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
+        named = [(k, p) for k, p in acc.unwrap_model(loss_model).named_parameters() if p.requires_grad]
+        gathered = contextlib.nullcontext()
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3 partitions parameters; else a no-op
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+    with gathered:
+        return {KEY_PREFIX + k.removeprefix("model."):
+                (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu", torch.float32, copy=True)
+                for k, v in named if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
 
 
 def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, acc) -> float:
@@ -480,13 +510,14 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _summary(cfg, state, plan, world, tstats, estats, report, device) -> dict:
+def _summary(cfg, state, plan, engine, world, tstats, estats, report, device) -> dict:
     return {
         "steps": state["step"],
         "total_steps": plan.total_steps,
         "epochs": round(state["step"] / plan.steps_per_epoch, 4),
         "loss_tokens_seen": state["loss_tokens_seen"],
         "world_size": world,
+        "parallelism": engine,
         "global_batch": plan.global_size,
         "wall_time_s": round(state["wall_time_s"], 2),
         "peak_memory_bytes": peak_memory_bytes(device),
@@ -508,11 +539,12 @@ def _summary(cfg, state, plan, world, tstats, estats, report, device) -> dict:
     }
 
 
-def _before_table(cfg, source, model, report, paths, tstats, estats, plan, world, device, dtype):
+def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engine, world, device, dtype):
     kinds = sorted({p.split(".")[-1] for p in paths})
     rows = [
         ("model", f"{cfg.model} ({type(model).__name__}{', dequantized GGUF' if source.is_gguf else ''})"),
-        ("device", f"{device} · {str(dtype).replace('torch.', '')} · {world} process(es)"),
+        ("device", f"{device} · {str(dtype).replace('torch.', '')} · {world} process{'es' if world > 1 else ''}"
+                   f"{f' ({engine})' if world > 1 else ''}"),
         ("parameters", str(report)),
         ("LoRA", f"r={cfg.rank} alpha={cfg.lora_alpha:g} dropout={cfg.dropout}{' rsLoRA' if cfg.rslora else ''}"
                  f"{' DoRA' if cfg.dora else ''}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from lora_cli.checkpoints import list_checkpoints
 
 BIN = Path(sys.executable).parent
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 def run(cmd, **kw):
@@ -70,3 +72,77 @@ def test_resume_under_ddp(tmp_path, tiny_llama, chat_data):
     b = load_file(str(tmp_path / "cut/adapter_model.safetensors"))
     for k in a:
         assert (a[k] - b[k]).abs().max() < 1e-6, k
+
+
+def launch_env(config: str) -> dict[str, str]:
+    """The variables `accelerate launch --config_file configs/accelerate/<config>.yaml` sets, computed by
+    Accelerate's own launcher code: the shipped configs are what is tested."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = Path(__file__).parents[1] / "configs/accelerate" / f"{config}.yaml"
+    a, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x"]))
+    if not a.use_deepspeed:
+        return prepare_multi_gpu_env(a)
+    a.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    # DeepSpeed on its CPU accelerator (gloo); tests/sharded_on_cpu.py lets Accelerate use it there
+    return {**prepare_deepspeed_cmd_env(a)[1], "DS_ACCELERATOR": "cpu", "ACCELERATE_TORCH_DEVICE": "cpu"}
+
+
+SHARDED = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(Path(__file__).parent / "sharded_on_cpu.py")]
+
+
+def adapters_close(a, b, rel):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert ((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) < rel, k
+
+
+@pytest.mark.parametrize("config,engine", [
+    ("fsdp", "FSDP"),
+    pytest.param("deepspeed-zero2", "DeepSpeed", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="no deepspeed")),
+    pytest.param("deepspeed-zero3", "DeepSpeed", marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="no deepspeed")),
+])
+def test_sharded_training_gives_the_same_adapter_and_resumes_exactly(config, engine, tmp_path, tiny_llama, chat_data,
+                                                                      monkeypatch):
+    """FSDP2 and DeepSpeed ZeRO-2/3 with the shipped configs on 2 CPU processes: the adapter is gathered whole
+    (not rank 0's shard: under ZeRO-3 that is an empty tensor), equals 1 process × batch 4 (here 2 × batch 1 ×
+    2 accumulation steps), and a resume gives every rank its own optimizer shard back."""
+    run([sys.executable, "-m", "lora_cli", *args(tiny_llama, chat_data, tmp_path / "one", 4)])
+    env = launch_env(config)
+    if config == "deepspeed-zero3":  # partition even these tiny weights (ZeRO-3 keeps those < 1e5 whole)
+        ds = tmp_path / "ds.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+        env = {k: v for k, v in env.items()
+               if not k.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_", "ACCELERATE_CONFIG_DS_FIELDS"))}
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = run([*SHARDED, *args(tiny_llama, chat_data, tmp_path / "sharded", 1), "--grad-accum", "2"])
+    assert f"2 processes ({engine})" in r.stderr
+    summary = json.loads((tmp_path / "sharded/train_summary.json").read_text())
+    assert summary["parallelism"] == engine and summary["world_size"] == 2
+    one = load_file(str(tmp_path / "one/adapter_model.safetensors"))
+    sharded = load_file(str(tmp_path / "sharded/adapter_model.safetensors"))
+    adapters_close(one, sharded, 1e-4)
+
+    import shutil
+
+    shutil.copytree(tmp_path / "sharded", tmp_path / "cut")  # as if interrupted after step 2
+    for s, d in list_checkpoints(tmp_path / "cut"):
+        if s > 2:
+            shutil.rmtree(d)
+    (tmp_path / "cut/adapter_model.safetensors").unlink()
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
+    run([*SHARDED, "train", "--output", str(tmp_path / "cut"), "--resume"])
+    adapters_close(sharded, load_file(str(tmp_path / "cut/adapter_model.safetensors")), 1e-6)
+
+    # --batch-size is per process: resuming with another process count would change the run, so it is refused
+    for k in env:
+        monkeypatch.delenv(k)
+    r1 = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--output", str(tmp_path / "cut1"), "--resume"],
+                        capture_output=True, text=True)
+    assert r1.returncode == 1
+    assert "error: step-000002 was written by 2 process(es) and this resume runs 1" in r1.stderr
+    assert not (tmp_path / "cut1/adapter_model.safetensors").exists()
