@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import resource
@@ -230,10 +231,11 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}
-            if engine != "DeepSpeed":
-                model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say, **extra)
-        if engine == "DeepSpeed":  # under ZeRO-3 loading partitions the weights: a collective of all processes
-            model = load_model(source, dtype, cfg.trust_remote_code, cfg.allow_pickle, status=say, **extra)
+            load = functools.partial(load_model, source, dtype, cfg.trust_remote_code, cfg.allow_pickle,
+                                     status=say, **extra)
+            model = None if engine == "DeepSpeed" else load()
+        if model is None:  # under ZeRO-3 loading partitions the weights: a collective of all processes
+            model = load()
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         report = param_report(model)
@@ -252,7 +254,6 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
                 gradient_clipping=cfg.max_grad_norm)
-            acc.gradient_accumulation_steps = cfg.grad_accum
         loss_model, optimizer = acc.prepare(loss_model, optimizer)
         params = [p for p in loss_model.parameters() if p.requires_grad]  # FSDP2 replaced them with DTensors
         device = acc.device
@@ -454,12 +455,11 @@ def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
     from accelerate.utils import DistributedType
     from torch.distributed.tensor import DTensor
 
+    gathered = contextlib.nullcontext()
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
         named = list(acc.get_state_dict(loss_model).items())
-        gathered = contextlib.nullcontext()
     else:
         named = [(k, p) for k, p in acc.unwrap_model(loss_model).named_parameters() if p.requires_grad]
-        gathered = contextlib.nullcontext()
         if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3 partitions parameters; else a no-op
             import deepspeed
 
