@@ -97,6 +97,8 @@ def load_optimizer_state(model, optimizer, sd: dict, engine: str) -> None:
         set_optimizer_state_dict(model, _inner(optimizer), sd, options=StateDictOptions(full_state_dict=True))
     elif engine == "DeepSpeed":
         _inner(optimizer).load_state_dict(sd["deepspeed_partitions"])
+    elif all(isinstance(i, int) for g in sd["param_groups"] for i in g["params"]):
+        optimizer.load_state_dict(sd)  # keyed by position: a checkpoint written before names were used
     else:
         index = {n: i for i, n in enumerate(_trainable_names(model))}
         optimizer.load_state_dict({"state": {index[n]: v for n, v in sd["state"].items()},

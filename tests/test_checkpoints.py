@@ -127,3 +127,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_llam
     assert kept and max(kept) == bad_step - 1
     t = load_file(str(run / f"checkpoints/step-{max(kept):06d}/adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in t.values())
+
+
+def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
+    """Keyed by name (the form FSDP's full state dict uses, so checkpoints move between engines); a
+    position-keyed state from before loads too."""
+    from lora_cli.checkpoints import load_optimizer_state, optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for _ in range(2):
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.step()
+    sd = optimizer_state(model, opt, "none")
+    assert list(sd["state"]) == ["0.bias", "1.weight", "1.bias"] == sd["param_groups"][0]["params"]
+    for saved in (sd, opt.state_dict()):
+        fresh = torch.optim.AdamW(params, lr=0.1)
+        load_optimizer_state(model, fresh, saved, "none")
+        for p in params:
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(fresh.state[p][k], opt.state[p][k])
