@@ -148,7 +148,7 @@ def load_checkpoint_state(ckpt: Path, model, optimizer, scheduler, rank: int = 0
     try:
         state = json.loads((ckpt / STATE_NAME).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {ckpt} is unreadable ({e}); delete it to resume from an earlier one") from None
+        raise _unreadable(ckpt, e) from None
     saved_world, saved_engine = state.pop("world_size", 1), state.pop("parallelism", "none")
     if saved_world != world:
         raise UserError(f"{ckpt.name} was written by {saved_world} process(es) and this resume runs {world}; "
@@ -165,10 +165,13 @@ def load_checkpoint_state(ckpt: Path, model, optimizer, scheduler, rank: int = 0
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"checkpoint {ckpt} is unreadable ({first}); delete it to resume from an earlier "
-                        "one") from None
+        raise _unreadable(ckpt, e) from None
     return state
+
+
+def _unreadable(ckpt: Path, e: Exception) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"checkpoint {ckpt} is unreadable ({first}); delete it to resume from an earlier one")
 
 
 def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:

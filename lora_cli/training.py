@@ -36,7 +36,14 @@ from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
 from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
 from lora_cli.display import TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
-from lora_cli.lora import AdapterConfig, inject_lora, param_report, peft_target_names, resolve_targets
+from lora_cli.lora import (
+    AdapterConfig,
+    inject_lora,
+    lora_state_dict,
+    param_report,
+    peft_target_names,
+    resolve_targets,
+)
 from lora_cli.lora.adapter import read_adapter_tensors
 from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
@@ -449,25 +456,26 @@ def parallelism(acc) -> str:
 
 
 def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
-    """Full (unsharded) LoRA tensors in PEFT's key layout, fp32 on CPU copies. Every process must call this:
+    """Full (unsharded) LoRA tensors in PEFT's key layout, fp32 CPU copies. Every process must call this:
     under FSDP and ZeRO-3 it gathers the shards (saving a local shard gives a mostly-zero or empty lora_B).
     Only the adapter is gathered, except under FSDP1, where Accelerate gathers the whole model to rank 0."""
     from accelerate.utils import DistributedType
     from torch.distributed.tensor import DTensor
 
-    gathered = contextlib.nullcontext()
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
-        named = list(acc.get_state_dict(loss_model).items())
-    else:
-        named = [(k, p) for k, p in acc.unwrap_model(loss_model).named_parameters() if p.requires_grad]
-        if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3 partitions parameters; else a no-op
-            import deepspeed
+        tensors = {k.removeprefix("model."): v for k, v in acc.get_state_dict(loss_model).items()
+                   if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
+        return {KEY_PREFIX + k: v.to("cpu", torch.float32, copy=True) for k, v in tensors.items()}
+    model = acc.unwrap_model(loss_model).model
+    gathered = contextlib.nullcontext()
+    if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3 partitions parameters; else a no-op
+        import deepspeed
 
-            gathered = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
-    with gathered:
-        return {KEY_PREFIX + k.removeprefix("model."):
-                (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu", torch.float32, copy=True)
-                for k, v in named if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
+        gathered = deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad],
+                                                     modifier_rank=None)
+    with gathered:  # FSDP2: each tensor is a DTensor shard, full_tensor() gathers it (a collective)
+        return {KEY_PREFIX + k: (v.full_tensor() if isinstance(v, DTensor) else v).to("cpu", torch.float32, copy=True)
+                for k, v in lora_state_dict(model).items()}
 
 
 def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, acc) -> float:
