@@ -33,7 +33,7 @@ from lora_cli.checkpoints import (
     save_checkpoint,
 )
 from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
-from lora_cli.data import Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
+from lora_cli.data import IGNORE, Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
 from lora_cli.display import TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
 from lora_cli.lora import (
@@ -291,6 +291,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         t_start = time.perf_counter() - state["wall_time_s"]
         cached_epoch, batches = -1, []
         metrics_fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if main else None
+        probe_forward(loss_model, train_ex[0], pad_id, device)
         loss_model.train()
         stopped = None
         try:
@@ -512,6 +513,17 @@ def clear_run_files(run_dir: Path) -> None:
         if p.name == ".lock":
             continue
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def probe_forward(loss_model, example: Example, pad_id: int, device) -> None:
+    """A forward of a few tokens, without gradients or dropout, before the first step: the LoRA layers learn
+    which siblings read one input (q/k/v) and compute those fused from then on, so every step, the first
+    of a resumed run too, does the same arithmetic."""
+    n = min(4, len(example.input_ids))
+    probe = Example(input_ids=example.input_ids[:n], labels=[IGNORE] * n)
+    loss_model.eval()
+    with torch.no_grad():
+        loss_model(**_to(collate([probe], pad_id), device))
 
 
 def _to(batch: dict, device) -> dict:

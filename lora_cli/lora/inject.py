@@ -48,11 +48,11 @@ def inject_lora(
         raise UserError(f"cannot put LoRA on {', '.join(bad)}: its weight is tied to the input embeddings")
     model.requires_grad_(False)
     layers = {}
-    groups: dict[str, dict] = {}  # one per parent module: siblings reading one input share a dropout mask
+    groups: dict[str, dict] = {}  # one per parent module: siblings reading one input share its mask and matmul
     for path in paths:
         r_i, alpha_i = r(path) if callable(r) else (r, lora_alpha if lora_alpha is not None else 2 * r)
         layer = LoraLinear.from_base(model.get_submodule(path), r_i, alpha_i, dropout, use_rslora, use_dora)
-        layer.dropout_group = groups.setdefault(path.rpartition(".")[0], {})
+        layer.siblings = groups.setdefault(path.rpartition(".")[0], {})
         _set_submodule(model, path, layer)
         layers[path] = layer
     return layers
