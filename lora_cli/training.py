@@ -253,7 +253,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
 
         plan = make_plan(cfg, len(train_ex), world)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the fused kernel: one pass over all tensors (2.5 vs 14 ms a step for SmolLM2's 240 LoRA tensors on a CPU)
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup, cfg.scheduler))
         loss_model = CausalLMLoss(model)

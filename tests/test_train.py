@@ -195,7 +195,8 @@ def test_freed_memory_is_reused_without_page_faults():
     """A training step frees and reallocates the same activations. When glibc hands freed blocks back to
     the OS (its default for large blocks until its adaptive threshold catches up, which varies from run to
     run; pinned here at its 128 KiB default to make the control deterministic) they are faulted in again
-    every round; after keep_freed_memory they are reused."""
+    every round; after keep_freed_memory they are reused (once the heap has settled: in the first rounds
+    small Python objects may take the front of a freed block, so a tensor or three gets fresh pages)."""
     code = """
 import resource, sys, torch
 from lora_cli.training import keep_freed_memory
@@ -205,7 +206,7 @@ else:
     import ctypes
     assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD, fixed: freed blocks are unmapped
 faults = []
-for _ in range(4):
+for _ in range(6):
     f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     ts = [torch.ones(10 << 18) for _ in range(6)]  # 6 x 10 MB of activations
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
@@ -218,7 +219,7 @@ print(*faults[1:])
         out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout
         return [int(x) for x in out.split()]
 
-    assert sum(later_rounds("keep")) < pages // 2
+    assert sum(later_rounds("keep")[-2:]) < pages // 4
     assert min(later_rounds("unmap")) > pages // 2
 
 

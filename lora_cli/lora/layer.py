@@ -11,6 +11,7 @@ detached in forward (as in the paper and PEFT); m starts at ‖W‖_row, so the 
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -126,6 +127,7 @@ class LoraLinear(nn.Module):
         self.siblings: dict | None = None
         self.merged = False
         self.use_dora = use_dora
+        self._plain_base = type(base_layer) is nn.Linear or is_conv1d(base_layer)
         self.reset_lora_parameters()
         if use_dora:
             # (out,): the row norms of W + sBA = ‖W‖ at init (B = 0)
@@ -171,9 +173,10 @@ class LoraLinear(nn.Module):
         b = self.lora_B.weight
         if not self.use_dora:
             if result.dtype == h.dtype and result.dim() >= 2:  # the residual add fused into the GEMM
-                out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.T,
-                                  alpha=scaling)
-                return out.view(result.shape)
+                flat, h2 = result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1])
+                # in place where the base's backward does not need its output (a plain linear): no copy
+                add = flat.addmm_ if self._plain_base else functools.partial(torch.addmm, flat)
+                return add(h2, b.T.to(h.dtype), alpha=scaling).view(result.shape)  # in-place ops skip autocast
             return result + (F.linear(h, b) * scaling).to(result.dtype)
         lora = F.linear(h * scaling, b)
         # DoRA: y = (m/‖W + sBA‖) ⊙ (W x + sBA x) + bias, the norm detached
