@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--equal", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--records", type=int, default=48)
+    ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--cli-only", metavar="ADAPTER_DIR", help="only time `lora --help` and `lora inspect`")
     args = ap.parse_args()
