@@ -293,7 +293,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         t_start = time.perf_counter() - state["wall_time_s"]
         cached_epoch, batches = -1, []
         metrics_fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if main else None
-        probe_forward(loss_model, train_ex[0], pad_id, device)
+        if not cfg.compile:  # compiled layers run q/k/v separately; a probe would only compile another graph
+            probe_forward(loss_model, train_ex[0], pad_id, device)
         loss_model.train()
         stopped = None
         try:
