@@ -385,6 +385,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
             drew = plot_loss(metrics, run_dir / "loss.png")
             say(_after_table(summary, run_dir, drew, cfg.model))
+        if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
+            acc.wait_for_everyone()
+            acc.end_training()
     return summary
 
 
