@@ -473,7 +473,8 @@ def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
         tensors = {k.removeprefix("model."): v for k, v in acc.get_state_dict(loss_model).items()
                    if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
         return {KEY_PREFIX + k: v.to("cpu", torch.float32, copy=True) for k, v in tensors.items()}
-    model = acc.unwrap_model(loss_model).model
+    # one process: nothing wraps it (and Accelerate's unwrap_model imports DeepSpeed, where installed, to check)
+    model = (loss_model if acc.distributed_type == DistributedType.NO else acc.unwrap_model(loss_model)).model
     gathered = contextlib.nullcontext()
     if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3 partitions parameters; else a no-op
         import deepspeed
