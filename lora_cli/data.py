@@ -240,12 +240,12 @@ class Encoder:
             raise UserError(f"{name}: no records")
         first = record_shape(records[0])
         if first is None:
-            raise UserError(f"{name} record 0: unknown shape (keys: {_keys(records[0])}); "
+            raise UserError(f"{name} record 1: unknown shape (keys: {_keys(records[0])}); "
                             f"expected one of: {', '.join(ACCEPTED_SHAPES)}")
         stats.shape = first
         examples: list[Example] = []
         for i, rec in enumerate(records):
-            where = f"{name} record {i}"
+            where = f"{name} record {i + 1}"  # 1-based: the line of a .jsonl file
             shape = record_shape(rec)
             if shape != first:
                 raise UserError(f"{where}: shape {shape or 'unknown'} (keys: {_keys(rec)}) differs from the first "
@@ -286,12 +286,13 @@ class Encoder:
         labels = (list(p) if self.train_on_prompt else [IGNORE] * len(p)) + c
         return self._truncate(Example(p + c, labels), stats)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
         try:
             return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                 add_generation_prompt=add_generation_prompt)
         except Exception as e:  # a template's own raise_exception(), or a broken template
-            raise UserError(f"the chat template failed to render a conversation: {type(e).__name__}: {e}") from None
+            raise UserError(f"{where}: the chat template failed to render the conversation: {type(e).__name__}: {e}"
+                            ) from None
 
     def _chat(self, messages: list[dict], where: str, stats: EncodeStats) -> Example:
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
@@ -302,15 +303,15 @@ class Encoder:
             if i == 0:  # templates cannot render the empty prefix, so its header cannot be told apart
                 raise UserError(f"{where}: the conversation starts with an assistant turn; add the user (or "
                                 "system) turn it answers")
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            full = self.render(messages[: i + 1], add_generation_prompt=False)
+            prompt = self.render(messages[:i], add_generation_prompt=True, where=where)
+            full = self.render(messages[: i + 1], add_generation_prompt=False, where=where)
             if not (prompt.startswith(previous) and full.startswith(prompt)):
                 raise UserError(f"{where}: the chat template rewrites earlier turns when the conversation "
                                 "grows, so loss masks cannot be derived safely; use --chat-template FILE with "
                                 "a template that only appends")
             spans.append((len(prompt), len(full)))
             previous = full
-        text = self.render(messages, add_generation_prompt=False)
+        text = self.render(messages, add_generation_prompt=False, where=where)
         if not text.startswith(previous):
             raise UserError(f"{where}: the chat template rewrites earlier turns; use --chat-template FILE")
         ids, offsets = self._tokenize_with_offsets(text, spans)

@@ -48,6 +48,7 @@ from lora_cli.lora.adapter import read_adapter_tensors
 from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
+from lora_cli.lora.targets import peft_misread_targets
 from lora_cli.loss import CausalLMLoss
 from lora_cli.models import (
     load_model,
@@ -245,6 +246,11 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             model = load()
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
+        misread = peft_misread_targets(model, adapter_cfg.target_modules)
+        if misread:
+            say(f"warning: PEFT will not load this adapter as trained: on {model.config.model_type} models it reads "
+                f"{', '.join(misread)} as the fused MoE experts. lora generate and lora merge load it exactly; "
+                "train attention projections only (--targets attention) to share it through PEFT.")
         report = param_report(model)
         meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
         ckpt = list_checkpoints(run_dir)[-1][1] if resume else None

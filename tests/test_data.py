@@ -109,14 +109,23 @@ def test_truncation_drops_records_without_loss_and_counts_them(tok):
 def test_template_that_rewrites_earlier_turns_is_refused(tok):
     rewriting = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    with pytest.raises(UserError, match="record 0.*rewrites earlier turns"):
+    with pytest.raises(UserError, match="record 1.*rewrites earlier turns"):
         Encoder(tok, 512, chat_template=rewriting).encode_all([{"messages": msgs}])
 
 
+def test_template_that_raises_names_the_record(tok):
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                 "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
+    ok = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    recs = [{"messages": ok}, {"messages": [{"role": "system", "content": "s"}, *ok]}]
+    with pytest.raises(UserError, match="training data record 2: the chat template failed .*System role not supported"):
+        Encoder(tok, 512, chat_template=no_system).encode_all(recs, "training data")
+
+
 def test_mixed_and_unknown_shapes_name_the_record(tok):
-    with pytest.raises(UserError, match=r"record 1: shape prompt_completion .* differs"):
+    with pytest.raises(UserError, match=r"record 2: shape prompt_completion .* differs"):
         Encoder(tok, 64).encode_all([{"text": "a"}, {"prompt": "b", "completion": "c"}])
-    with pytest.raises(UserError, match=r"record 0: unknown shape \(keys: foo\).*messages"):
+    with pytest.raises(UserError, match=r"record 1: unknown shape \(keys: foo\).*messages"):
         Encoder(tok, 64).encode_all([{"foo": 1}])
     with pytest.raises(UserError, match="unknown role"):
         Encoder(tok, 64).encode_all([{"messages": [{"role": "robot", "content": "x"}]}])

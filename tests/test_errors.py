@@ -59,7 +59,7 @@ CASES = {
     "truncated dataset": (lambda d, m, c: train_args(m, d / "truncated.jsonl", d / "o"), ["line 2", "not valid JSON"]),
     "non-JSON dataset": (lambda d, m, c: train_args(m, d / "notjson.jsonl", d / "o"), ["line 1", "not valid JSON"]),
     "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
-                             ["record 0", "unknown shape", "question", "messages"]),
+                             ["record 1", "unknown shape", "question", "messages"]),
     "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
     "max-length beyond the context": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "4096"),
                                       ["exceeds the model's context of 256 tokens"]),

@@ -23,6 +23,7 @@ from lora_cli.lora import (
     resolve_targets,
 )
 from lora_cli.lora.adapter import load_adapter, save_adapter
+from lora_cli.lora.targets import peft_misread_targets
 
 ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon"]
 EXPECTED_ATTENTION = {
@@ -108,6 +109,26 @@ def test_forward_equals_peft_with_same_weights(arch, rslora):
     diff = (logits(ours) - logits(theirs)).abs().max().item()
     assert diff < 1e-5
     assert (logits(ours) - logits(tiny_model(arch))).abs().max() > 1e-3  # the adapter does something
+
+
+@pytest.mark.parametrize("arch,targets,misread", [
+    ("deepseek_v3", "all-linear", ["down_proj", "gate_proj", "up_proj"]),  # dense layer 0 and the shared experts
+    ("deepseek_v3", "attention", []),
+    ("qwen2_moe", "all-linear", []),  # PEFT converts its descendants' names, not qwen2_moe's own
+])
+def test_moe_target_names_that_peft_reads_as_experts_are_flagged(tmp_path, arch, targets, misread):
+    ours, paths = wrapped(arch, targets=targets)
+    names = peft_target_names(ours, paths)
+    assert peft_misread_targets(ours, names) == misread
+    save_adapter(ours, tmp_path, AdapterConfig(r=4, lora_alpha=8, target_modules=names))
+    theirs = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path).eval()
+    peft_paths = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    diff = (logits(ours) - logits(theirs)).abs().max().item()
+    if misread:  # the flag is true: PEFT wraps other modules and gives other logits
+        assert peft_paths != paths and diff > 1e-3
+    else:
+        assert peft_paths == paths and diff < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "gpt_neox", "llama-tied"])
