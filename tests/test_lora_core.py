@@ -25,7 +25,8 @@ from lora_cli.lora import (
 from lora_cli.lora.adapter import load_adapter, save_adapter
 from lora_cli.lora.targets import peft_misread_targets
 
-ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon"]
+ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
+         "gemma2", "phi", "bloom", "mpt", "gpt_bigcode", "codegen"]
 EXPECTED_ATTENTION = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "llama-tied": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -38,6 +39,12 @@ EXPECTED_ATTENTION = {
     "gpt_neox": ["attention.query_key_value", "attention.dense"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "falcon": ["self_attention.query_key_value", "self_attention.dense"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "bloom": ["self_attention.query_key_value", "self_attention.dense"],
+    "mpt": ["Wqkv", "out_proj"],
+    "gpt_bigcode": ["c_attn", "attn.c_proj"],
+    "codegen": ["qkv_proj", "out_proj"],
 }
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7], [3, 4, 8, 16, 32, 64, 100, 120]])
 

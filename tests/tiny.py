@@ -51,6 +51,19 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
     if arch == "falcon":
         return tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                new_decoder_architecture=False, multi_query=True)
+    if arch == "gemma2":  # soft-capped logits: the loss takes the model's own head
+        return tf.Gemma2Config(**c, num_key_value_heads=2, head_dim=8)
+    if arch == "phi":
+        return tf.PhiConfig(**c)
+    if arch == "bloom":
+        return tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4)
+    if arch == "mpt":
+        return tf.MptConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, max_seq_len=256)
+    if arch == "gpt_bigcode":  # multi-query attention in one c_attn Linear
+        return tf.GPTBigCodeConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    if arch == "codegen":
+        return tf.CodeGenConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256,
+                                n_ctx=256)
     if arch == "qwen2_moe":  # MoE: fused experts, a linear shared expert
         return tf.Qwen2MoeConfig(**c, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=16, shared_expert_intermediate_size=16)
