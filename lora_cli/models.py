@@ -203,3 +203,23 @@ def embedded_gguf() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     return path if path.is_file() else None
+
+
+# PEFT (0.18+, under transformers 5) loads adapters of these MoE families as if written for transformers 4,
+# where the experts were linear layers with these names: it turns such target names (bare or dotted) into its
+# fused-expert parameter targets and stops wrapping the modules themselves, shared experts and dense layers
+# included (peft/utils/transformers_weight_conversion.py).
+_PEFT_MOE_EXPERT_NAMES = {"mixtral": ("gate", "w1", "w2", "w3"), "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
+
+
+def peft_misread_targets(model, target_names: list[str]) -> list[str]:
+    """The adapter's target names that PEFT reads as the model's fused MoE experts instead (empty for most
+    models): PEFT cannot load such an adapter as trained."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as families
+    except ImportError:  # transformers 4: no conversion in PEFT either
+        return []
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = {**families, "mixtral": "mixtral"}.get(model_type)
+    names = _PEFT_MOE_EXPERT_NAMES.get(family, ())
+    return [t for t in target_names if t.split(".")[-1] in names]

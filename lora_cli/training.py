@@ -48,12 +48,12 @@ from lora_cli.lora.adapter import read_adapter_tensors
 from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
-from lora_cli.lora.targets import peft_misread_targets
 from lora_cli.loss import CausalLMLoss
 from lora_cli.models import (
     load_model,
     load_tokenizer,
     local_path,
+    peft_misread_targets,
     quantization_4bit,
     resolve_model,
     torch_dtype,

@@ -23,7 +23,7 @@ from lora_cli.lora import (
     resolve_targets,
 )
 from lora_cli.lora.adapter import load_adapter, save_adapter
-from lora_cli.lora.targets import peft_misread_targets
+from lora_cli.models import peft_misread_targets
 
 ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
          "gemma2", "phi", "bloom", "mpt", "gpt_bigcode", "codegen"]
