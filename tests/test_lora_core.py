@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 
 import peft
@@ -438,3 +439,24 @@ def test_a_sibling_reading_another_tensor_than_planned_computes_alone():
     ones = torch.ones(2, 16, dtype=torch.float64)
     for ll, inp in ((k, x), (v, y)):  # k now reads another tensor: its precomputed slice must not be used
         torch.testing.assert_close(ll(inp), _reference(ll, inp, ones)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_recompute_that_stops_early_keeps_the_plan_and_the_dropout_draws(monkeypatch):
+    """Under gradient checkpointing the forward frees what it saved and the recompute keeps it, and the
+    recompute may stop after the first reader: neither may change the plan or the number of random draws."""
+    from lora_cli.lora import layer as layer_mod
+
+    torch.manual_seed(0)
+    q, k, v = _siblings([(4, 16), (4, 8), (4, 8)], 0.3)
+    x, y, z, w = (torch.randn(2, 16, dtype=torch.float64) for _ in range(4))
+    for ll in (q, k, v):
+        ll(x)
+    q(y)  # a recompute that stopped after q
+    q(z)
+    assert q.siblings["plan"][q] == (q, k, v)
+    draws = []
+    real = layer_mod.dropout_positions
+    monkeypatch.setattr(layer_mod, "dropout_positions", lambda *a: draws.append(1) or real(*a))
+    q._dropped_positions(w)
+    gc.collect()  # nothing else holds the positions, as in a checkpointed forward
+    assert k._dropped_positions(w) is q._dropped_positions(w) and len(draws) == 1

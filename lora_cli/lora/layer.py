@@ -189,27 +189,33 @@ class LoraLinear(nn.Module):
         return result + ((scale - 1) * base + scale * lora).to(result.dtype)
 
     def _input_state(self, x: torch.Tensor) -> dict | None:
-        """The sibling group's state for input tensor `x` (weak references: nothing outlives a step). A new
-        input starts a new state; the layers that read the previous one, in call order, become the plan
-        for its first reader."""
+        """The sibling group's state for input tensor `x` (held weakly). A new input starts a new state; the
+        layers that read the previous one, in call order, become the plan for its first reader, unless it
+        already has a longer one: a recompute under gradient checkpointing may stop after the first
+        reader, and a stale, longer plan is harmless (see `_shared_down`)."""
         g = self.siblings
         if g is None:
             return None
         ref = g.get("x")
         if ref is None or ref() is not x:
-            if g.get("readers"):
-                g.setdefault("plan", {})[g["readers"][0]] = tuple(g["readers"])
+            readers, plans = g.get("readers"), g.setdefault("plan", {})
+            if readers and len(readers) >= len(plans.get(readers[0], ())):
+                plans[readers[0]] = tuple(readers)
             g.update(x=weakref.ref(x), readers=[], pending={}, positions=None)
         return g
 
     def _dropped_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Where dropout zeroes input `x` (flat indices), shared by the siblings that read this very tensor."""
+        """Where dropout zeroes input `x` (flat indices), shared by the siblings that read this very tensor.
+
+        Drawn once per input and held (strongly) until the next input: the random draws then do not depend
+        on which tensors autograd keeps alive, so a recompute under gradient checkpointing (which keeps
+        them, where the checkpointed forward freed them) draws the same positions as the forward did."""
         g = self._input_state(x)
-        positions = g["positions"]() if g is not None and g["positions"] is not None else None
-        if positions is None:
-            positions = dropout_positions(x.shape, self.dropout, x.device)
-            if g is not None:
-                g["positions"] = weakref.ref(positions)
+        if g is not None and g["positions"] is not None:
+            return g["positions"]
+        positions = dropout_positions(x.shape, self.dropout, x.device)
+        if g is not None:
+            g["positions"] = positions
         return positions
 
     def _shared_down(self, x: torch.Tensor, xd: torch.Tensor, dropped: bool) -> torch.Tensor:
