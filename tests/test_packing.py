@@ -7,8 +7,11 @@ import torch
 import transformers as tf
 from tiny import tiny_config, tiny_tokenizer
 
+from lora_cli import loss as loss_mod
 from lora_cli.data import IGNORE, Encoder, collate, pack
+from lora_cli.errors import UserError
 from lora_cli.loss import CausalLMLoss, attention_mask_for
+from lora_cli.training import check_packing
 
 
 def records():
@@ -57,3 +60,50 @@ def test_packed_loss_equals_unpacked_loss():
         s2, n2 = loss(**collate(pack(exs, 128), tok.pad_token_id))
     assert int(n1) == int(n2)
     assert abs(float(s1) - float(s2)) < 1e-4
+
+
+def _loss_model(arch):
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(arch, len(tok)))
+    exs, _ = Encoder(tok, 128).encode_all(records())
+    return CausalLMLoss(model), exs[0], tok.pad_token_id
+
+
+def test_packing_check_passes_a_model_that_keeps_records_apart():
+    loss_model, example, pad = _loss_model("llama")
+    check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "LlamaForCausalLM")
+
+
+def test_packing_check_catches_records_that_see_each_other(monkeypatch):
+    """A plain 2-D mask instead of the block mask: the second copy attends to the first, refused."""
+    loss_model, example, pad = _loss_model("llama")
+    monkeypatch.setattr(loss_mod, "attention_mask_for", lambda model, block: torch.ones(block.shape[0], block.shape[-1]))
+    with pytest.raises(UserError, match="packed together see each other in LlamaForCausalLM"):
+        check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "LlamaForCausalLM")
+
+
+def test_packing_on_a_model_without_4d_masks_is_one_clear_error(cli, tmp_path):
+    """BLOOM builds ALiBi from a 2-D mask: --packing fails before anything is written."""
+    from conftest import write_jsonl
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "bloom", "bloom")
+    data = write_jsonl(tmp_path / "d.jsonl", records())
+    code, _, err = cli("train", "--model", model, "--data", data, "--output", tmp_path / "run", "--packing",
+                       "--max-steps", "1")
+    assert code == 1 and "error: --packing: BloomForCausalLM does not take a per-record attention mask" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_mpt_context_length_caps_packed_sequences(cli, tmp_path):
+    """MPT names its context max_seq_len; packing to the 1024 default would overrun its ALiBi table."""
+    from conftest import write_jsonl
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "mpt", "mpt")
+    data = write_jsonl(tmp_path / "d.jsonl", records() * 30)
+    code, _, err = cli("train", "--model", model, "--data", data, "--output", tmp_path / "run", "--packing",
+                       "--max-steps", "1")
+    assert code == 0, err
+    assert "max length 1024 → 256" in err
