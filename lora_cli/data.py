@@ -99,7 +99,7 @@ def read_file(path: Path) -> list[dict]:
     if suffix in (".jsonl", ".json"):
         _check_json(path)
     builder, kwargs = {".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
-                       ".parquet": ("parquet", {}), ".txt": ("text", {"sample_by": "paragraph"})}[suffix]
+                       ".parquet": ("parquet", {}), ".txt": ("text", {"sample_by": "paragraph", "encoding": "utf-8-sig"})}[suffix]
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
@@ -116,7 +116,7 @@ def read_file(path: Path) -> list[dict]:
 
 def _check_json(path: Path) -> None:
     """Point at the first malformed line: datasets' own error does not say where."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a leading BOM (Windows editors) is dropped
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path} is empty")

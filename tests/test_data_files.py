@@ -56,6 +56,19 @@ def test_each_file_type_trains(cli, tiny_llama, tmp_path, suffix, shape):
     assert "8 records" in err
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
+def test_a_leading_byte_order_mark_is_not_data(tmp_path, suffix):
+    """Windows editors start UTF-8 files with a BOM: it must neither fail the JSON check nor enter the text."""
+    from lora_cli.data import load_records
+
+    shape = "text" if suffix == ".txt" else "prompt_completion"
+    path = write(tmp_path / f"d{suffix}", SHAPES[shape][:2])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    records, _ = load_records(str(path), "train")
+    first = records[0]["text" if shape == "text" else "prompt"]
+    assert first == SHAPES[shape][0]["text" if shape == "text" else "prompt"]
+
+
 def test_directory_with_valid_split_and_packing(cli, tiny_llama, tmp_path):
     d = tmp_path / "data"
     d.mkdir()
