@@ -79,6 +79,9 @@ def match_weights(adapter_paths: list[str], checkpoint_keys: dict[str, list[int]
             found[path] = cands[0]
         else:
             problems.append(f"{path} ({'no weight' if not cands else 'ambiguous'} in the base checkpoint)")
+    if problems and not found:
+        raise UserError(f"the adapter does not fit this base model: none of its {len(problems)} modules (e.g. "
+                        f"{min(adapter_paths)}) has a weight in it; was it trained on another model? (--base sets it)")
     if problems:
         shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
         raise UserError(f"the adapter does not fit this base model: {shown}")

@@ -117,7 +117,12 @@ def check_adapter_fits(
             problems.append(f"{path} has a DoRA magnitude but the config says use_dora=false")
         if config.fan_in_fan_out != is_conv1d(modules[path]):
             problems.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {path} ({type(modules[path]).__name__})")
+    wanted = {m["path"] for key in tensors if (m := _KEY_RX.match(key))}
+    if wanted and not wanted & modules.keys():
+        raise UserError(f"adapter {source} does not fit this base model: none of its {len(wanted)} modules (e.g. "
+                        f"{min(wanted)}) is in it; it was trained on {config.base_model_name_or_path or 'another model'}")
     if problems:
+        problems = list(dict.fromkeys(problems))  # lora_A and lora_B of one module: one line
         shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
         raise UserError(f"adapter {source} does not fit this base model: {shown}")
     return paths
