@@ -68,15 +68,32 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def attention_mask_for(model: nn.Module, block: torch.Tensor) -> torch.Tensor | None:
-    """A boolean (B, 1, T, T) packing mask in the form the model's attention implementation takes."""
+def attention_mask_for(model: nn.Module, block: torch.Tensor) -> torch.Tensor | dict | None:
+    """A boolean (B, 1, T, T) packing mask in the form the model's attention implementation takes.
+
+    A model given a 4-D mask uses it as it is, so a sliding window is applied here: every layer slides
+    (Mistral, Phi-3, …: `sliding_window` set and no `layer_types`), or only the "sliding_attention" layers
+    (Gemma 2/3, GPT-OSS, …: one mask per layer type, which those models take as a dict)."""
     impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
-    if impl == "eager":  # additive: 0 where attended, the dtype's minimum elsewhere
-        dtype = model.get_input_embeddings().weight.dtype
-        return torch.zeros(block.shape, dtype=dtype, device=block.device).masked_fill(~block, torch.finfo(dtype).min)
     if "flash" in impl:  # flash attention finds packed records from the restarting position ids
         return None
-    return block
+    window = getattr(model.config, "sliding_window", None)
+    layer_types = getattr(model.config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return _in_attention_form(model, impl, block)
+    idx = torch.arange(block.shape[-1], device=block.device)
+    near = idx[None, :] > idx[:, None] - window  # key > query − window: transformers' sliding_window_overlay
+    windowed = _in_attention_form(model, impl, block & near)
+    if layer_types is None:
+        return windowed
+    return {"full_attention": _in_attention_form(model, impl, block), "sliding_attention": windowed}
+
+
+def _in_attention_form(model: nn.Module, impl: str, mask: torch.Tensor) -> torch.Tensor:
+    if impl == "eager":  # additive: 0 where attended, the dtype's minimum elsewhere
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 class CausalLMLoss(nn.Module):

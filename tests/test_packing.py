@@ -8,7 +8,7 @@ import transformers as tf
 from tiny import tiny_config, tiny_tokenizer
 
 from lora_cli import loss as loss_mod
-from lora_cli.data import IGNORE, Encoder, collate, pack
+from lora_cli.data import IGNORE, Encoder, Example, collate, pack
 from lora_cli.errors import UserError
 from lora_cli.loss import CausalLMLoss, attention_mask_for
 from lora_cli.training import check_packing
@@ -47,6 +47,37 @@ def test_packed_logits_equal_alone(arch, impl):
                 idx = [i for i, s in enumerate(p.segments) if s == seg]
                 alone = model(input_ids=torch.tensor([[p.input_ids[i] for i in idx]])).logits[0]
                 assert (out[p_i, idx] - alone).abs().max() < 1e-5
+
+
+SLIDING = {  # window 4, records of 12 and 7 tokens: the window matters inside each record
+    "gemma3": lambda c: tf.Gemma3TextConfig(**c, head_dim=8, sliding_window=4, sliding_window_pattern=2),
+    "gemma2": lambda c: tf.Gemma2Config(**c, head_dim=8, sliding_window=4),
+    "mistral": lambda c: tf.MistralConfig(**c, sliding_window=4),
+    "phi3": lambda c: tf.Phi3Config(**c, sliding_window=4, pad_token_id=0),
+    "qwen2": lambda c: tf.Qwen2Config(**c, sliding_window=4, use_sliding_window=True, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", list(SLIDING))
+def test_packed_records_keep_the_sliding_window(arch, impl):
+    """A model given a 4-D mask takes it as it is: the packing mask must carry the window itself (for every
+    layer, or per layer type where local and global layers alternate)."""
+    c = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if arch == "gemma2" and impl == "sdpa":
+        pytest.skip("Gemma 2 has no SDPA attention")
+    model = tf.AutoModelForCausalLM.from_config(SLIDING[arch](c), attn_implementation=impl).eval()
+    first, second = list(range(5, 17)), list(range(20, 27))
+    (packed,) = pack([Example(first, first), Example(second, second)], 24)
+    batch = collate([packed], 0)
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    attention_mask=attention_mask_for(model, batch["attention_mask"])).logits[0]
+        for ids, rows in ((first, slice(0, 12)), (second, slice(12, 19))):
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            assert (out[rows] - alone).abs().max() < 1e-5
 
 
 def test_packed_loss_equals_unpacked_loss():
