@@ -124,4 +124,3 @@ def peft_target_names(model: nn.Module, wrapped: list[str]) -> list[str]:
                 names.add(key)
                 break
     return sorted(names)
-
