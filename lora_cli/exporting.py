@@ -136,8 +136,11 @@ def export_portable(adapter_dir: str | Path, output: str | Path, dtype: torch.dt
             "base_size_bytes": base_size_bytes(config.base_model_name_or_path)}
 
 
-# model_type → (llama.cpp architecture, whether llama.cpp permutes the rows of Q and K)
-GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+# model_type → (llama.cpp architecture, whether llama.cpp permutes the rows of Q and K): its converter
+# permutes for the models it reads as LlamaModel (Llama, Mistral, Mixtral) and for no other of these.
+GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "mixtral": ("llama", True),
+              "qwen2": ("qwen2", False), "qwen3": ("qwen3", False), "gemma": ("gemma", False),
+              "gemma2": ("gemma2", False), "gemma3_text": ("gemma3", False), "phi3": ("phi3", False)}
 
 
 def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -61,7 +61,10 @@ def test_portable_export_pads_mixed_ranks(cli, tiny_llama, tmp_path):
     assert (logits(theirs) - logits(m)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "qkv_proj": "attn_qkv"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
 def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
     base = save_tiny(tmp_path / "base", arch)
     run = tmp_path / "run"
@@ -77,8 +80,11 @@ def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
     _, factors = read_factors(run)  # scaling folded into B
     assert alpha == 16  # = r: one global alpha / r = 1, the folded scaling is exact
     n_head, n_kv = 4, 2  # tiny configs: 4 attention heads, 2 key/value heads
+    projections = ["qkv_proj", "o_proj"] if arch == "phi3" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert len(tensors) == 2 * 2 * len(projections)
     for layer in range(2):
-        for proj, short in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+        for proj in projections:
+            short = GGUF_NAMES[proj]
             f = factors[f"model.layers.{layer}.self_attn.{proj}"]
             a, b = tensors[f"blk.{layer}.{short}.weight.lora_a"], tensors[f"blk.{layer}.{short}.weight.lora_b"]
             assert tuple(a.shape) == tuple(f.a.shape) and tuple(b.shape) == tuple(f.b.shape)
