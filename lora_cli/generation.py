@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.data import BUILTIN_CHAT_TEMPLATE
+from lora_cli.errors import UserError
 
 CHAT_SHAPES = ("messages", "prompt_completion", "alpaca", "sharegpt")
 
@@ -34,7 +35,12 @@ def prompt_ids(tokenizer, prompt: str, template: str | None, system: str | None 
     if template is None:
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:  # a template's own raise_exception(): Gemma's refuses a system turn
+        hint = "; try without --system" if system else "; --no-chat sends the prompt as raw text"
+        raise UserError(f"the chat template cannot render this prompt: {type(e).__name__}: {e}{hint}") from None
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 

@@ -159,6 +159,17 @@ def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_generate_with_a_template_that_refuses_the_prompt(cli, tmp_path):
+    """Gemma's template raises on a system turn: one error line with what to try, no traceback."""
+    from tiny import save_tiny
+
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    model = save_tiny(tmp_path / "m", chat_template=no_system)
+    assert_user_error(cli("generate", "--model", model, "--system", "be brief", "--prompt", "hi"),
+                      "chat template cannot render this prompt", "System role not supported", "without --system")
+
+
 def test_unsupported_adapter_tensors_are_named(cli, run_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
