@@ -182,6 +182,9 @@ def record_shape(rec: Any) -> str | None:
     return None
 
 
+TURN_EXTRAS = ("tool_calls", "name", "tool_call_id")
+
+
 def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
     """(messages, is_prompt_completion) for chat-like shapes; raises UserError on malformed content."""
     if shape == "prompt_completion":
@@ -207,8 +210,27 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
             role, content = SHARE_GPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
         if role not in ("system", "user", "assistant", "tool"):
             raise UserError(f"{where}: turn {j} has an unknown role {t.get('role', t.get('from'))!r}")
-        messages.append({"role": role, "content": _str(content, where, f"turn {j} content")})
+        # function calling: the template renders these (a row-wise loader fills absent keys with None)
+        extras = {k: t[k] for k in TURN_EXTRAS if shape == "messages" and t.get(k) is not None}
+        if content is None and extras.get("tool_calls"):
+            content = ""
+        messages.append({"role": role, "content": _str(content, where, f"turn {j} content"), **extras})
     return messages, False
+
+
+def tools_of(rec: dict, where: str) -> list | None:
+    """A record's function definitions (`tools`: a list, or that list as a JSON string), for the template."""
+    tools = rec.get("tools")
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: tools is not valid JSON ({e.msg})") from None
+    if not isinstance(tools, list):
+        raise UserError(f"{where}: tools must be a list of function definitions, got {type(tools).__name__}")
+    return tools
 
 
 def _str(value: Any, where: str, what: str) -> str:
@@ -269,7 +291,7 @@ class Encoder:
         messages, is_pc = to_chat(rec, shape, where)
         if is_pc and not self.has_template:
             return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
-        return [self._chat(messages, where, stats)]
+        return [self._chat(messages, where, stats, tools_of(rec, where))]
 
     def _text(self, text: str, stats: EncodeStats) -> list[Example]:
         ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
@@ -286,15 +308,15 @@ class Encoder:
         labels = (list(p) if self.train_on_prompt else [IGNORE] * len(p)) + c
         return self._truncate(Example(p + c, labels), stats)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, where: str, tools: list | None = None) -> str:
         try:
             return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                add_generation_prompt=add_generation_prompt)
+                                                add_generation_prompt=add_generation_prompt, tools=tools)
         except Exception as e:  # a template's own raise_exception(), or a broken template
             raise UserError(f"{where}: the chat template failed to render the conversation: {type(e).__name__}: {e}"
                             ) from None
 
-    def _chat(self, messages: list[dict], where: str, stats: EncodeStats) -> Example:
+    def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None) -> Example:
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
         previous = ""
         for i, m in enumerate(messages):
@@ -303,15 +325,15 @@ class Encoder:
             if i == 0:  # templates cannot render the empty prefix, so its header cannot be told apart
                 raise UserError(f"{where}: the conversation starts with an assistant turn; add the user (or "
                                 "system) turn it answers")
-            prompt = self.render(messages[:i], add_generation_prompt=True, where=where)
-            full = self.render(messages[: i + 1], add_generation_prompt=False, where=where)
+            prompt = self.render(messages[:i], add_generation_prompt=True, where=where, tools=tools)
+            full = self.render(messages[: i + 1], add_generation_prompt=False, where=where, tools=tools)
             if not (prompt.startswith(previous) and full.startswith(prompt)):
                 raise UserError(f"{where}: the chat template rewrites earlier turns when the conversation "
                                 "grows, so loss masks cannot be derived safely; use --chat-template FILE with "
                                 "a template that only appends")
             spans.append((len(prompt), len(full)))
             previous = full
-        text = self.render(messages, add_generation_prompt=False, where=where)
+        text = self.render(messages, add_generation_prompt=False, where=where, tools=tools)
         if not text.startswith(previous):
             raise UserError(f"{where}: the chat template rewrites earlier turns; use --chat-template FILE")
         ids, offsets = self._tokenize_with_offsets(text, spans)

@@ -160,3 +160,45 @@ def test_smollm2_template_masks(smollm2_tokenizer):
     masked = masked_text(tok, ex)
     assert "You are a helpful AI assistant named SmolLM" in masked and "And 3+3?" in masked
     assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}call {{ c['function']['name'] }}"
+    "{{ c['function']['arguments'] | tojson }}{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TOOL_RECORD = {
+    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+    "messages": [
+        {"role": "user", "content": "color of Paris?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "weather", "content": "purple"},
+        {"role": "assistant", "content": "Paris is purple"},
+    ],
+}
+
+
+def test_function_calling_records_learn_the_calls_and_answers_not_the_results(tok):
+    (ex,), _ = Encoder(tok, 512, chat_template=TOOL_TEMPLATE).encode_all([TOOL_RECORD])
+    assert tok.decode(ex.input_ids).startswith("<tools>weather;</tools>\n")  # the definitions reach the template
+    assert labelled_text(tok, ex) == 'call weather{"city": "Paris"}<|im_end|>\nParis is purple<|im_end|>\n'
+    assert "purple<|im_end|>" in masked_text(tok, ex)  # the tool's result is context, not a target
+
+
+def test_function_calling_records_read_from_a_jsonl_file(tok, tmp_path):
+    """Through the file loader: absent keys come back as None, and `tools` may be a JSON string."""
+    import json
+
+    from lora_cli.data import load_records
+
+    rec = dict(TOOL_RECORD, tools=json.dumps(TOOL_RECORD["tools"]))
+    path = tmp_path / "calls.jsonl"
+    path.write_text(json.dumps(rec) + "\n" + json.dumps({"messages": TOOL_RECORD["messages"][:1] + [
+        {"role": "assistant", "content": "no tools here"}], "tools": ""}) + "\n")
+    records, _ = load_records(str(path), "train")
+    (ex, plain), _ = Encoder(tok, 512, chat_template=TOOL_TEMPLATE).encode_all(records)
+    assert labelled_text(tok, ex) == 'call weather{"city": "Paris"}<|im_end|>\nParis is purple<|im_end|>\n'
+    assert labelled_text(tok, plain) == "no tools here<|im_end|>\n"
