@@ -201,7 +201,7 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{where}: '{'messages' if shape == 'messages' else 'conversations'}' must be a non-empty list")
     messages = []
-    for j, t in enumerate(turns):
+    for j, t in enumerate(turns, start=1):  # 1-based, as records are
         if not isinstance(t, dict):
             raise UserError(f"{where}: turn {j} is not an object")
         if shape == "messages":
