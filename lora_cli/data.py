@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,7 @@ def record_shape(rec: Any) -> str | None:
 
 
 TURN_EXTRAS = ("tool_calls", "name", "tool_call_id")
+GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")  # a template that marks the assistant's tokens
 
 
 def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
@@ -231,6 +233,10 @@ def tools_of(rec: dict, where: str) -> list | None:
     if not isinstance(tools, list):
         raise UserError(f"{where}: tools must be a list of function definitions, got {type(tools).__name__}")
     return tools
+
+
+def _render_error(where: str, e: Exception) -> UserError:
+    return UserError(f"{where}: the chat template failed to render the conversation: {type(e).__name__}: {e}")
 
 
 def _str(value: Any, where: str, what: str) -> str:
@@ -313,10 +319,11 @@ class Encoder:
             return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                 add_generation_prompt=add_generation_prompt, tools=tools)
         except Exception as e:  # a template's own raise_exception(), or a broken template
-            raise UserError(f"{where}: the chat template failed to render the conversation: {type(e).__name__}: {e}"
-                            ) from None
+            raise _render_error(where, e) from None
 
     def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None) -> Example:
+        if GENERATION_TAG.search(self.template):
+            return self._tagged_chat(messages, where, stats, tools)
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
         previous = ""
         for i, m in enumerate(messages):
@@ -344,6 +351,18 @@ class Encoder:
             # predicts assistant text too); an empty-width token counts where it stands
             labels = [t if any((s < b and e > a) if e > s else a <= s < b for a, b in spans) else IGNORE
                       for t, (s, e) in zip(ids, offsets)]
+        return self._truncate(Example(ids, labels), stats)
+
+    def _tagged_chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None) -> Example:
+        """The template marks what the assistant says itself (`{% generation %}`, as in TRL's training
+        templates): the mask is read from it, so such a template may also rewrite earlier turns."""
+        try:
+            enc = self.tok.apply_chat_template(messages, chat_template=self.template, tools=tools, tokenize=True,
+                                               return_dict=True, return_assistant_tokens_mask=True)
+        except Exception as e:
+            raise _render_error(where, e) from None
+        ids = list(enc["input_ids"])
+        labels = list(ids) if self.train_on_prompt else [t if m else IGNORE for t, m in zip(ids, enc["assistant_masks"])]
         return self._truncate(Example(ids, labels), stats)
 
     def _tokenize_with_offsets(self, text: str, spans: list[tuple[int, int]]

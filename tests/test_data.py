@@ -202,3 +202,23 @@ def test_function_calling_records_read_from_a_jsonl_file(tok, tmp_path):
     (ex, plain), _ = Encoder(tok, 512, chat_template=TOOL_TEMPLATE).encode_all(records)
     assert labelled_text(tok, ex) == 'call weather{"city": "Paris"}<|im_end|>\nParis is purple<|im_end|>\n'
     assert labelled_text(tok, plain) == "no tools here<|im_end|>\n"
+
+
+def test_a_template_that_marks_the_assistant_gives_the_mask_even_when_it_rewrites_earlier_turns(tok):
+    """Qwen3-style: only the last assistant turn gets a think block, so prefixes are not token prefixes.
+    Untagged that is refused; with `{% generation %}` tags (TRL's training templates) the template's own
+    marks are the mask."""
+    body = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['role'] == 'assistant' %}{GEN}{% if loop.last %}<think></think>{% endif %}"
+            "{{ m['content'] }}<|im_end|>{END}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris is red"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Berlin is blue"}]
+    with pytest.raises(UserError, match="record 1: the chat template rewrites earlier turns"):
+        Encoder(tok, 512, chat_template=body.replace("{GEN}", "").replace("{END}", "")).encode_all([{"messages": msgs}])
+    tagged = body.replace("{GEN}", "{% generation %}").replace("{END}", "{% endgeneration %}")
+    (ex,), _ = Encoder(tok, 512, chat_template=tagged).encode_all([{"messages": msgs}])
+    assert labelled_text(tok, ex) == "Paris is red<|im_end|><think></think>Berlin is blue<|im_end|>"
+    assert "hello" in masked_text(tok, ex) and "and?" in masked_text(tok, ex)
+    (full,), _ = Encoder(tok, 512, chat_template=tagged, train_on_prompt=True).encode_all([{"messages": msgs}])
+    assert full.labels == full.input_ids
