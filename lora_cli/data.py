@@ -183,7 +183,7 @@ def record_shape(rec: Any) -> str | None:
     return None
 
 
-TURN_EXTRAS = ("tool_calls", "name", "tool_call_id")
+TURN_EXTRAS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking")  # what templates read
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")  # a template that marks the assistant's tokens
 
 
@@ -212,7 +212,7 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
             role, content = SHARE_GPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
         if role not in ("system", "user", "assistant", "tool"):
             raise UserError(f"{where}: turn {j} has an unknown role {t.get('role', t.get('from'))!r}")
-        # function calling: the template renders these (a row-wise loader fills absent keys with None)
+        # function calling and reasoning: the template renders these (the loader fills absent keys with None)
         extras = {k: t[k] for k in TURN_EXTRAS if shape == "messages" and t.get(k) is not None}
         if content is None and extras.get("tool_calls"):
             content = ""

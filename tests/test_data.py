@@ -222,3 +222,13 @@ def test_a_template_that_marks_the_assistant_gives_the_mask_even_when_it_rewrite
     assert "hello" in masked_text(tok, ex) and "and?" in masked_text(tok, ex)
     (full,), _ = Encoder(tok, 512, chat_template=tagged, train_on_prompt=True).encode_all([{"messages": msgs}])
     assert full.labels == full.input_ids
+
+
+def test_reasoning_content_reaches_the_template_and_is_learned(tok):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('reasoning_content') %}"
+                "<think>{{ m['reasoning_content'] }}</think>{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = [{"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "Paris", "reasoning_content": "the capital of France"}]
+    (ex,), _ = Encoder(tok, 512, chat_template=template).encode_all([{"messages": msgs}])
+    assert labelled_text(tok, ex) == "<think>the capital of France</think>Paris<|im_end|>\n"
