@@ -184,6 +184,7 @@ def record_shape(rec: Any) -> str | None:
 
 
 TURN_EXTRAS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking")  # what templates read
+MUST_BE_READ = ("tool_calls", "reasoning_content", "thinking")  # names and call ids may be left out
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")  # a template that marks the assistant's tokens
 
 
@@ -322,6 +323,11 @@ class Encoder:
             raise _render_error(where, e) from None
 
     def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None) -> Example:
+        unread = sorted({k for m in messages for k in m if k in MUST_BE_READ and k not in self.template}
+                        | ({"tools"} if tools and "tools" not in self.template else set()))
+        if unread:  # the template would drop them silently: the model would learn empty tool-call turns
+            raise UserError(f"{where}: the record has {', '.join(unread)} but the chat template never reads "
+                            f"{'them' if len(unread) > 1 else 'it'}; pass --chat-template FILE with a template that does")
         if GENERATION_TAG.search(self.template):
             return self._tagged_chat(messages, where, stats, tools)
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)

@@ -232,3 +232,9 @@ def test_reasoning_content_reaches_the_template_and_is_learned(tok):
             {"role": "assistant", "content": "Paris", "reasoning_content": "the capital of France"}]
     (ex,), _ = Encoder(tok, 512, chat_template=template).encode_all([{"messages": msgs}])
     assert labelled_text(tok, ex) == "<think>the capital of France</think>Paris<|im_end|>\n"
+
+
+def test_tool_calls_a_template_would_drop_are_refused(tok):
+    """ChatML without tool support would render the call turn empty: the model would learn empty turns."""
+    with pytest.raises(UserError, match="record 1: the record has tool_calls, tools but the chat template never"):
+        Encoder(tok, 512).encode_all([TOOL_RECORD])
