@@ -561,8 +561,9 @@ def check_packing(loss_model, example: Example, pad_id: int, device, dtype, mode
         except Exception as e:  # the model's attention rejects the 4-D mask or the position ids
             raise UserError(f"--packing: {model_name} does not take a per-record attention mask "
                             f"({type(e).__name__}: {e}); train without --packing") from None
-    # relative; half precision rounds differently per sequence length (measured ≤ 5e-4 on tiny models)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    # relative. SmolLM2-135M: a leak moves the loss by 34%; rounding alone by 1e-6 in fp32 and 5e-3 in bf16
+    # (half precision rounds differently per sequence length)
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
     if abs(two - one) > tolerance * abs(one):
         raise UserError(f"--packing: records packed together see each other in {model_name} (a record's loss is "
                         f"{two:.6g} behind a copy of itself, {one:.6g} alone); train without --packing")
