@@ -87,11 +87,14 @@ def check_adapter_fits(
     paths = adapter_module_paths(model, config)
     modules = dict(model.named_modules())
     problems: list[str] = []
+    wanted: set[str] = set()  # the module paths the tensors name
     for key, t in tensors.items():
         m = _KEY_RX.match(key)
         if not m:
             problems.append(f"unsupported tensor {key!r}")
-        elif m["path"] not in paths:
+            continue
+        wanted.add(m["path"])
+        if m["path"] not in paths:
             where = "is not a linear module of the base" if m["path"] not in modules else "is not in target_modules"
             problems.append(f"{m['path']} {where}")
         elif not t.is_floating_point():
@@ -117,7 +120,6 @@ def check_adapter_fits(
             problems.append(f"{path} has a DoRA magnitude but the config says use_dora=false")
         if config.fan_in_fan_out != is_conv1d(modules[path]):
             problems.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {path} ({type(modules[path]).__name__})")
-    wanted = {m["path"] for key in tensors if (m := _KEY_RX.match(key))}
     if wanted and not wanted & modules.keys():
         raise UserError(f"adapter {source} does not fit this base model: none of its {len(wanted)} modules (e.g. "
                         f"{min(wanted)}) is in it; it was trained on {config.base_model_name_or_path or 'another model'}")
