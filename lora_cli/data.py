@@ -188,37 +188,66 @@ MUST_BE_READ = ("tool_calls", "reasoning_content", "thinking")  # names and call
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")  # a template that marks the assistant's tokens
 
 
-def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], bool]:
-    """(messages, is_prompt_completion) for chat-like shapes; raises UserError on malformed content."""
+def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
+    """(messages, index of the first turn that may carry loss, whether the record is a plain string pair).
+
+    Raises UserError on malformed content. prompt/completion may also be lists of messages (TRL's
+    conversational prompt-completion): the loss then goes on the completion's assistant turns only.
+    """
     if shape == "prompt_completion":
-        return [{"role": "user", "content": _str(rec["prompt"], where, "prompt")},
-                {"role": "assistant", "content": _str(rec["completion"], where, "completion")}], True
+        prompt, completion = rec["prompt"], rec["completion"]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            return _turns(prompt, where, "prompt") + _turns(completion, where, "completion"), len(prompt), False
+        if isinstance(prompt, list) or isinstance(completion, list):
+            raise UserError(f"{where}: prompt and completion must both be strings or both lists of messages")
+        return [{"role": "user", "content": _str(prompt, where, "prompt")},
+                {"role": "assistant", "content": _str(completion, where, "completion")}], 0, True
     if shape == "alpaca":
         prompt = _str(rec["instruction"], where, "instruction")
         extra = rec.get("input")
         if extra:
             prompt = f"{prompt}\n\n{_str(extra, where, 'input')}"
         return [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": _str(rec["output"], where, "output")}], True
-    turns = rec[shape if shape == "messages" else "conversations"]
+                {"role": "assistant", "content": _str(rec["output"], where, "output")}], 0, True
+    key = "messages" if shape == "messages" else "conversations"
+    return _turns(rec[key], where, key), 0, False
+
+
+def _turns(turns: Any, where: str, key: str) -> list[dict]:
+    """Chat turns in either style, `role`/`content` or ShareGPT's `from`/`value`, as template messages."""
     if not isinstance(turns, list) or not turns:
-        raise UserError(f"{where}: '{'messages' if shape == 'messages' else 'conversations'}' must be a non-empty list")
+        raise UserError(f"{where}: '{key}' must be a non-empty list")
     messages = []
     for j, t in enumerate(turns, start=1):  # 1-based, as records are
         if not isinstance(t, dict):
-            raise UserError(f"{where}: turn {j} is not an object")
-        if shape == "messages":
-            role, content = t.get("role"), t.get("content")
+            raise UserError(f"{where}: {key} turn {j} is not an object")
+        sharegpt = t.get("role") is None and "from" in t
+        if sharegpt:
+            role, content, name = SHARE_GPT_ROLES.get(str(t.get("from")).lower()), t.get("value"), t.get("from")
         else:
-            role, content = SHARE_GPT_ROLES.get(str(t.get("from", "")).lower()), t.get("value")
+            role, content, name = t.get("role"), t.get("content"), t.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise UserError(f"{where}: turn {j} has an unknown role {t.get('role', t.get('from'))!r}")
+            raise UserError(f"{where}: {key} turn {j} has an unknown role {name!r}")
         # function calling and reasoning: the template renders these (the loader fills absent keys with None)
-        extras = {k: t[k] for k in TURN_EXTRAS if shape == "messages" and t.get(k) is not None}
+        extras = {} if sharegpt else {k: t[k] for k in TURN_EXTRAS if t.get(k) is not None}
         if content is None and extras.get("tool_calls"):
             content = ""
-        messages.append({"role": role, "content": _str(content, where, f"turn {j} content"), **extras})
-    return messages, False
+        messages.append({"role": role, "content": _content(content, where, f"{key} turn {j} content"), **extras})
+    return messages
+
+
+def _content(value: Any, where: str, what: str) -> str:
+    """A turn's text: a string, or a list of content parts (`{"type": "text", "text": …}`) joined by newlines."""
+    if not isinstance(value, list):
+        return _str(value, where, what)
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise UserError(f"{where}: {what} has a {kind or type(part).__name__!r} part; only text parts "
+                            "can be trained (this tool fine-tunes text models)")
+        texts.append(_str(part.get("text"), where, f"{what} text part"))
+    return "\n".join(texts)
 
 
 def tools_of(rec: dict, where: str) -> list | None:
@@ -295,10 +324,10 @@ class Encoder:
     def encode(self, rec: dict, shape: str, where: str, stats: EncodeStats) -> list[Example]:
         if shape == "text":
             return self._text(_str(rec["text"], where, "text"), stats)
-        messages, is_pc = to_chat(rec, shape, where)
-        if is_pc and not self.has_template:
+        messages, first_loss, plain_pair = to_chat(rec, shape, where)
+        if plain_pair and not self.has_template:
             return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
-        return [self._chat(messages, where, stats, tools_of(rec, where))]
+        return [self._chat(messages, where, stats, tools_of(rec, where), first_loss)]
 
     def _text(self, text: str, stats: EncodeStats) -> list[Example]:
         ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
@@ -322,18 +351,20 @@ class Encoder:
         except Exception as e:  # a template's own raise_exception(), or a broken template
             raise _render_error(where, e) from None
 
-    def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None) -> Example:
+    def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None,
+              first_loss: int = 0) -> Example:
+        """Render a conversation; the loss goes on its assistant turns from turn `first_loss` on."""
         unread = sorted({k for m in messages for k in m if k in MUST_BE_READ and k not in self.template}
                         | ({"tools"} if tools and "tools" not in self.template else set()))
         if unread:  # the template would drop them silently: the model would learn empty tool-call turns
             raise UserError(f"{where}: the record has {', '.join(unread)} but the chat template never reads "
                             f"{'them' if len(unread) > 1 else 'it'}; pass --chat-template FILE with a template that does")
         if GENERATION_TAG.search(self.template):
-            return self._tagged_chat(messages, where, stats, tools)
+            return self._tagged_chat(messages, where, stats, tools, first_loss)
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
         previous = ""
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < first_loss:
                 continue
             if i == 0:  # templates cannot render the empty prefix, so its header cannot be told apart
                 raise UserError(f"{where}: the conversation starts with an assistant turn; add the user (or "
@@ -359,16 +390,25 @@ class Encoder:
                       for t, (s, e) in zip(ids, offsets)]
         return self._truncate(Example(ids, labels), stats)
 
-    def _tagged_chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None) -> Example:
+    def _tagged_chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None,
+                     first_loss: int) -> Example:
         """The template marks what the assistant says itself (`{% generation %}`, as in TRL's training
         templates): the mask is read from it, so such a template may also rewrite earlier turns."""
-        try:
-            enc = self.tok.apply_chat_template(messages, chat_template=self.template, tools=tools, tokenize=True,
-                                               return_dict=True, return_assistant_tokens_mask=True)
-        except Exception as e:
-            raise _render_error(where, e) from None
+        def tokens(turns: list[dict], **kw) -> dict:
+            try:
+                return self.tok.apply_chat_template(turns, chat_template=self.template, tools=tools, tokenize=True,
+                                                    return_dict=True, **kw)
+            except Exception as e:
+                raise _render_error(where, e) from None
+        enc = tokens(messages, return_assistant_tokens_mask=True)
         ids = list(enc["input_ids"])
         labels = list(ids) if self.train_on_prompt else [t if m else IGNORE for t, m in zip(ids, enc["assistant_masks"])]
+        if first_loss and not self.train_on_prompt:  # a conversational prompt: its own assistant turns get no loss
+            prompt = list(tokens(messages[:first_loss], add_generation_prompt=True)["input_ids"])
+            if ids[: len(prompt)] != prompt:
+                raise UserError(f"{where}: the chat template renders the prompt differently once the completion "
+                                "follows, so the completion cannot be told apart; use --chat-template FILE")
+            labels[: len(prompt)] = [IGNORE] * len(prompt)
         return self._truncate(Example(ids, labels), stats)
 
     def _tokenize_with_offsets(self, text: str, spans: list[tuple[int, int]]

@@ -238,3 +238,65 @@ def test_tool_calls_a_template_would_drop_are_refused(tok):
     """ChatML without tool support would render the call turn empty: the model would learn empty turns."""
     with pytest.raises(UserError, match="record 1: the record has tool_calls, tools but the chat template never"):
         Encoder(tok, 512).encode_all([TOOL_RECORD])
+
+
+CONVERSATIONAL_PC = {  # TRL's conversational prompt-completion: the prompt may hold earlier assistant turns
+    "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "Paris is red"}, {"role": "user", "content": "and?"}],
+    "completion": [{"role": "assistant", "content": "Berlin is blue"}]}
+
+
+def test_conversational_prompt_completion_learns_the_completion_only(tok):
+    (ex,), stats = Encoder(tok, 512).encode_all([CONVERSATIONAL_PC])
+    assert stats.shape == "prompt_completion"
+    msgs = CONVERSATIONAL_PC["prompt"] + CONVERSATIONAL_PC["completion"]
+    assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert labelled_text(tok, ex) == "Berlin is blue<|im_end|>\n"  # not the prompt's own assistant turn
+    (as_messages,), _ = Encoder(tok, 512).encode_all([{"messages": msgs}])
+    assert labelled_text(tok, as_messages) == "Paris is red<|im_end|>\nBerlin is blue<|im_end|>\n"
+    (full,), _ = Encoder(tok, 512, train_on_prompt=True).encode_all([CONVERSATIONAL_PC])
+    assert full.labels == full.input_ids
+    with pytest.raises(UserError, match="record 1: prompt and completion must both be strings or both lists"):
+        Encoder(tok, 512).encode_all([{"prompt": "hello", "completion": CONVERSATIONAL_PC["completion"]}])
+
+
+def test_conversational_prompt_completion_with_a_tagged_template(tok):
+    tagged = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>"
+              "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (ex,), _ = Encoder(tok, 512, chat_template=tagged).encode_all([CONVERSATIONAL_PC])
+    assert labelled_text(tok, ex) == "Berlin is blue<|im_end|>"
+
+
+def test_conversational_prompt_completion_from_a_parquet_file(tok, tmp_path):
+    import datasets
+
+    from lora_cli.data import load_records
+
+    datasets.Dataset.from_list([CONVERSATIONAL_PC, CONVERSATIONAL_PC]).to_parquet(tmp_path / "train.parquet")
+    records, _ = load_records(str(tmp_path), "train")
+    exs, _ = Encoder(tok, 512).encode_all(records)
+    assert [labelled_text(tok, e) for e in exs] == ["Berlin is blue<|im_end|>\n"] * 2
+
+
+def test_content_parts_are_joined_text(tok):
+    """OpenAI-style content: a list of parts; text parts read as one string, anything else refused."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Paris is red"}]}]
+    plain = [{"role": "user", "content": "hello\nthere"}, {"role": "assistant", "content": "Paris is red"}]
+    (a, b), _ = Encoder(tok, 512).encode_all([{"messages": parts}, {"messages": plain}])
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+    image = [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "what?"}]},
+             plain[1]]
+    with pytest.raises(UserError, match="record 2: messages turn 1 content has a 'image' part; only text"):
+        Encoder(tok, 512).encode_all([{"messages": plain}, {"messages": image}])
+
+
+def test_either_turn_style_in_either_list(tok):
+    """`messages` written ShareGPT-style (from/value), `conversations` written role/content: both read."""
+    sharegpt_turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    role_turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    exs, _ = Encoder(tok, 512).encode_all([{"messages": sharegpt_turns}, {"messages": role_turns}])
+    (c, d), _ = Encoder(tok, 512).encode_all([{"conversations": role_turns}, {"conversations": sharegpt_turns}])
+    assert exs[0].input_ids == exs[1].input_ids == c.input_ids == d.input_ids
+    assert labelled_text(tok, c) == "hello<|im_end|>\n"
