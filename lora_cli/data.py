@@ -97,13 +97,15 @@ def read_file(path: Path) -> list[dict]:
         raise UserError(f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
-    if suffix in (".jsonl", ".json"):
-        _check_json(path)
-    builder, kwargs = {".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
-                       ".parquet": ("parquet", {}), ".txt": ("text", {"sample_by": "paragraph", "encoding": "utf-8-sig"})}[suffix]
+    kwargs = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if suffix == ".txt" else {}
+    rows = _check_json(path) if suffix in (".jsonl", ".json") else None
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        if rows is not None:
+            ds = datasets.Dataset.from_list(rows)
+        else:
+            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[suffix]
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {path}: {msg}") from None
@@ -115,8 +117,13 @@ def read_file(path: Path) -> list[dict]:
     return records
 
 
-def _check_json(path: Path) -> None:
-    """Point at the first malformed line: datasets' own error does not say where."""
+def _check_json(path: Path) -> list[dict] | None:
+    """Check a JSON file, pointing at the first malformed line (datasets' own error does not say where).
+
+    A file that is one JSON object (on one line or pretty-printed) is read here and its records returned:
+    the object itself when it is a record, its rows when it holds equal-length columns ({"text": [...]}),
+    or the one list of records it holds ({"version": …, "data": [...]}). None: a JSON list of records or one
+    record per line, left to datasets."""
     text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a leading BOM (Windows editors) is dropped
     stripped = text.lstrip()
     if not stripped:
@@ -128,7 +135,23 @@ def _check_json(path: Path) -> None:
             raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         if not all(isinstance(r, dict) for r in data):
             raise UserError(f"{path}: expected a JSON list of objects")
-        return
+        return None
+    if stripped[0] == "{":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # one object per line
+        if isinstance(whole, dict):
+            lists = [v for v in whole.values() if isinstance(v, list)]
+            if (len(lists) == len(whole) and len({len(v) for v in lists}) == 1
+                    and not any(isinstance(x, dict) for v in lists for x in v)):  # a record's turns are objects
+                return [dict(zip(whole, row)) for row in zip(*lists)]
+            if record_shape(whole) is not None:
+                return [whole]
+            records = [v for v in lists if v and all(isinstance(r, dict) for r in v)]
+            if len(records) == 1:
+                return records[0]
+            return [whole]  # one record of an unknown shape: the encoder names its keys
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -138,6 +161,7 @@ def _check_json(path: Path) -> None:
             raise UserError(f"{path} line {i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
+    return None
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
@@ -215,6 +239,11 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
 
 def _turns(turns: Any, where: str, key: str) -> list[dict]:
     """Chat turns in either style, `role`/`content` or ShareGPT's `from`/`value`, as template messages."""
+    if isinstance(turns, str) and turns.lstrip().startswith("["):  # a CSV cell holds the list as JSON
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: '{key}' is a string but not valid JSON ({e.msg})") from None
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{where}: '{key}' must be a non-empty list")
     messages = []

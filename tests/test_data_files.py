@@ -69,6 +69,39 @@ def test_a_leading_byte_order_mark_is_not_data(tmp_path, suffix):
     assert first == SHAPES[shape][0]["text" if shape == "text" else "prompt"]
 
 
+
+MESSAGES = SHAPES["messages"][:3]
+
+
+@pytest.mark.parametrize("layout", ["columns", "one list of records", "pretty-printed record", "list", "lines"])
+def test_json_file_layouts(tmp_path, layout):
+    """What people save as .json: a list, lines, one object of columns (pandas' orient='list'), one object
+    holding the records ({"version": …, "data": [...]}), or a single pretty-printed record."""
+    from lora_cli.data import load_records
+
+    text = {"columns": json.dumps({"messages": [r["messages"] for r in MESSAGES]}),
+            "one list of records": json.dumps({"version": "1.0", "data": MESSAGES}, indent=2),
+            "pretty-printed record": json.dumps(MESSAGES[0], indent=2),
+            "list": json.dumps(MESSAGES, indent=2),
+            "lines": "".join(json.dumps(r) + "\n" for r in MESSAGES)}[layout]
+    (tmp_path / "d.json").write_text(text)
+    records, _ = load_records(str(tmp_path / "d.json"), "train")
+    assert records == (MESSAGES[:1] if layout == "pretty-printed record" else MESSAGES)
+
+
+def test_a_csv_cell_may_hold_the_messages_as_json(cli, tiny_llama, tmp_path):
+    from lora_cli.data import load_records
+
+    pd.DataFrame({"messages": [json.dumps(r["messages"]) for r in MESSAGES]}).to_csv(tmp_path / "d.csv", index=False)
+    write(tmp_path / "d.jsonl", MESSAGES)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    from_csv = Encoder(tok, 512).encode_all(load_records(str(tmp_path / "d.csv"))[0])[0]
+    from_jsonl = Encoder(tok, 512).encode_all(load_records(str(tmp_path / "d.jsonl"))[0])[0]
+    assert [(e.input_ids, e.labels) for e in from_csv] == [(e.input_ids, e.labels) for e in from_jsonl]
+    pd.DataFrame({"messages": ["[not json"]}).to_csv(tmp_path / "bad.csv", index=False)
+    code, _, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "bad.csv", "--output", tmp_path / "run")
+    assert code == 1 and "record 1: 'messages' is a string but not valid JSON" in err
+
 def test_directory_with_valid_split_and_packing(cli, tiny_llama, tmp_path):
     d = tmp_path / "data"
     d.mkdir()
