@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug, not a user mistake: still one line, with the way to see more
         if debug:
             raise
+        if isinstance(e, OSError) and e.strerror:  # the file system said no: a missing or read-only folder,
+            _fail(f"{e.strerror}: {e.filename}" if e.filename else e.strerror)  # a full disk, permissions
         if "out of memory" in str(e).lower():
             _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")

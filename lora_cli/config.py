@@ -135,7 +135,7 @@ class TrainConfig:
             p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             p.append(f"--lr must be > 0 (got {self.lr})")
-        if self.warmup < 0:
+        if not (self.warmup >= 0 and math.isfinite(self.warmup)):
             p.append(f"--warmup must be >= 0 (got {self.warmup})")
         if self.scheduler not in SCHEDULERS:
             p.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
@@ -147,10 +147,14 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"--max-steps must be >= 1 (got {self.max_steps})")
         for name in ("eval_every", "save_every", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 p.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.save_total_limit < 1:
             p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit})")
+        if not 0 <= self.seed < 2**32:
+            p.append(f"--seed must be in [0, 2**32) (got {self.seed})")
+        if not self.targets.strip():
+            p.append("--targets is empty; use attention, all-linear, a comma list of module names or re:PATTERN")
         if not 0 <= self.eval_split < 1:
             p.append(f"--eval-split must be a fraction in [0, 1) (got {self.eval_split})")
         if self.targets.startswith("re:"):
