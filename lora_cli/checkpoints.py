@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_cli.errors import UserError, atomic_dir
+from lora_cli.errors import UserError, atomic_dir, creating
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -192,7 +192,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     import fcntl
 
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with creating(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
     fh = open(lock, "a+")
     try:

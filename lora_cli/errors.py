@@ -26,8 +26,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The file appears complete or not at all: a crash or an exception leaves the old file (if any) intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,8 +57,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success rename it onto `path` (replacing an old one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -75,6 +77,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         _rmtree(tmp)
+
+
+@contextlib.contextmanager
+def creating(path: Path) -> Iterator[None]:
+    """Name the user's path, not our temporary one, when the file system refuses to create it."""
+    try:
+        yield
+    except OSError as e:
+        blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking else e.strerror or e
+        raise UserError(f"cannot write {path}: {reason}") from None
 
 
 def _rmtree(path: Path) -> None:

@@ -77,7 +77,7 @@ CASES = {
     "NaN warmup": (lambda d, m, c: train_args(m, c, d / "o", "--warmup", "nan"), ["--warmup must be >= 0"]),
     "split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--data-split", "test"),
                               ["--data-split 'test' picks a split of a Hub dataset", "is local"]),
-    "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["Not a directory", "/o"]),
+    "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["cannot write", "is a file, not a folder"]),
     "4-bit on CPU": (lambda d, m, c: train_args(m, c, d / "o", "--load-in-4bit"), ["--load-in-4bit needs a CUDA GPU"]),
     "pickled weights": (lambda d, m, c: train_args(d / "pickled", c, d / "o"), ["pickled", "--allow-pickle"]),
     "resume without checkpoint": (lambda d, m, c: ("train", "--output", d / "nope-run", "--resume"),
@@ -157,6 +157,13 @@ def test_merge_onto_base_with_other_shapes(cli, run_dir, tmp_path):
 
 def test_unknown_merge_dtype(cli, run_dir, tmp_path):
     assert_user_error(cli("merge", run_dir, "--output", tmp_path / "o", "--dtype", "float8"), "--dtype")
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_output_the_file_system_refuses_names_the_users_path(cli, run_dir, tmp_path, command):
+    (tmp_path / "file").write_text("")
+    assert_user_error(cli(command, run_dir, "--output", tmp_path / "file" / "o"),
+                      f"cannot write {tmp_path / 'file' / 'o'}: {tmp_path / 'file'} is a file, not a folder")
 
 
 def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
