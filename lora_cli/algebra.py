@@ -68,10 +68,11 @@ def energy(s: torch.Tensor, k: int) -> tuple[float, float]:
     return float((s[:k] ** 2).sum()), float((s**2).sum())
 
 
-def combine(adapters: list[str], weights: list[float], rank: int | None = None
+def combine(adapters: list[str], weights: list[float], rank: int | None = None, warn=None
             ) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
     """Σ wᵢ · deltaᵢ, exact: stack the ranks (r = Σ rᵢ, zero blocks where an adapter lacks a module);
-    with `rank`, compress each module by SVD. Returns (config, factors, retained energy per module)."""
+    with `rank`, compress each module by SVD. Returns (config, factors, retained energy per module).
+    `warn` hears about adapters that name different bases (same shapes, so possibly on purpose)."""
     if len(adapters) < 2:
         raise UserError("combine needs at least two adapters")
     if len(weights) != len(adapters):
@@ -80,6 +81,10 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None
     configs = [c for c, _ in loaded]
     if len({c.fan_in_fan_out for c in configs}) > 1:
         raise UserError("the adapters were made for different layer layouts (fan_in_fan_out differs)")
+    bases = {str(Path(b).resolve()) if b and Path(b).exists() else b for b in (c.base_model_name_or_path for c in configs)}
+    if len(bases) > 1 and warn:
+        warn(f"warning: the adapters were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
+             "their sum is only meaningful on one of them")
     modules = sorted(set().union(*(f for _, f in loaded)))
     ranks = [max(x.a.shape[0] for x in f.values()) for _, f in loaded]
     total = sum(ranks)
@@ -114,8 +119,8 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None
 def resize(adapter: str, rank: float) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
     """Per-module truncated SVD: `rank` ≥ 1 keeps that many singular values, 0 < rank < 1 keeps the
     smallest number that retains that fraction of each module's energy (Σ s²)."""
-    if not rank > 0:
-        raise UserError(f"--rank must be > 0 (a rank, or a fraction of energy below 1), got {rank}")
+    if not rank > 0 or (rank >= 1 and rank != int(rank)):
+        raise UserError(f"--rank must be a whole rank >= 1 or a fraction of energy below 1, got {rank}")
     config, factors = read_factors(adapter)
     out, kept, ranks = {}, {}, {}
     for m, f in factors.items():
@@ -172,7 +177,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
 
     from safetensors import safe_open
 
-    from lora_cli.lora.targets import suffix_matches
+    from lora_cli.lora.targets import REGEX_PREFIX, suffix_matches
     from lora_cli.merging import base_directory, weight_shards
     from lora_cli.models import resolve_model
 
@@ -180,16 +185,25 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         raise UserError(f"--rank must be >= 1, got {rank}")
     dirs = [base_directory(resolve_model(x), status) for x in (base, tuned)]
     where = [{k: d / s for s in weight_shards(d) for k in _keys(d / s)} for d in dirs]
-    model_type = json.loads((dirs[1] / "config.json").read_text()).get("model_type") \
-        if (dirs[1] / "config.json").is_file() else None
+    base_type, model_type = (json.loads((d / "config.json").read_text()).get("model_type")
+                             if (d / "config.json").is_file() else None for d in dirs)
+    if base_type and model_type and base_type != model_type:
+        raise UserError(f"--tuned is a {model_type} model and --base a {base_type} one; a fine-tune keeps its "
+                        "base's architecture")
     fan_in_fan_out = model_type == "gpt2"  # GPT-2's Conv1D stores (in, out)
-    names = [t.strip() for t in targets.split(",")] if targets != "all-linear" else None
+    try:
+        pattern = re.compile(targets[len(REGEX_PREFIX):]) if targets.startswith(REGEX_PREFIX) else None
+    except re.error as e:
+        raise UserError(f"--targets: invalid regular expression ({e})") from None
+    names = [t.strip() for t in targets.split(",")] if targets != "all-linear" and pattern is None else None
     factors, kept = {}, {}
     for key, path in sorted(where[1].items()):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module is None or any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR):
             continue
         if names is not None and not any(suffix_matches(module, n) for n in names):
+            continue
+        if pattern is not None and not pattern.fullmatch(module):
             continue
         if key not in where[0]:
             raise UserError(f"{key} is in the tuned model but not in the base; are they the same architecture?")

@@ -92,6 +92,20 @@ def test_resize_to_rank_and_to_energy(cli, two, base, tmp_path):
         assert kept >= 0.9 and (k == 1 or float((s[: k - 1] ** 2).sum() / (s**2).sum()) < 0.9)
     # per-layer ranks travel as rank_pattern/alpha_pattern and load in PEFT with our logits
     assert_peft_matches_ours(base, tmp_path / "e")
+    code, _, err = cli("resize", a, "--rank", "1.5", "--output", tmp_path / "half")
+    assert code == 1 and "--rank must be a whole rank >= 1 or a fraction of energy below 1, got 1.5" in err
+
+
+def test_combine_warns_when_the_adapters_name_different_bases(cli, two, base, tmp_path):
+    """Same shapes, other base (a base and its instruct variant, say): allowed, but said."""
+    import shutil
+
+    shutil.copytree(base, tmp_path / "other")
+    peft_adapter(tmp_path / "other", tmp_path / "z", 0, r=2, lora_alpha=4, target_modules=["q_proj"])
+    code, _, err = cli("combine", two[0], tmp_path / "z", "--output", tmp_path / "o")
+    assert code == 0 and "warning: the adapters were trained on different bases" in err
+    code, _, err = cli("combine", *two, "--output", tmp_path / "same")
+    assert code == 0 and "warning" not in err
 
 
 def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
@@ -131,3 +145,14 @@ def test_extract_recovers_a_low_rank_fine_tune(cli, tmp_path, arch):
         want = tuned_model.eval()(input_ids=ids).logits
         assert (theirs(input_ids=ids).logits - want).abs().max() / want.abs().max() < 1e-4
     assert sorted(read_factors(tmp_path / "x")[1]) == sorted(changed)
+    if arch == "llama":  # a regex picks modules by path, as in train
+        code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                           "--output", tmp_path / "re", "--targets", r"re:.*layers\.0\..*")
+        assert code == 0, err
+        assert sorted(read_factors(tmp_path / "re")[1]) == sorted(m for m in changed if ".layers.0." in m)
+
+
+def test_extract_refuses_a_tuned_model_of_another_architecture(cli, tmp_path):
+    base, other = save_tiny(tmp_path / "base", "llama"), save_tiny(tmp_path / "other", "qwen2")
+    code, _, err = cli("extract", "--base", base, "--tuned", other, "--rank", "2", "--output", tmp_path / "x")
+    assert code == 1 and "--tuned is a qwen2 model and --base a llama one" in err and not (tmp_path / "x").exists()

@@ -26,15 +26,16 @@ def combine_command(
     if rank is not None and rank < 1:
         raise UserError(f"--rank must be >= 1, got {rank}")
     from lora_cli.algebra import combine, write_factors
+    from lora_cli.display import stderr_console
 
-    config, factors, kept = combine(adapters, w, rank)
+    config, factors, kept = combine(adapters, w, rank, warn=stderr_console().print)
     write_factors(Path(output), config, factors, force=force)
     _report(output, config.r, kept)
 
 
 def resize_command(
     adapter: str = typer.Argument(..., help="Adapter directory."),
-    rank: float = typer.Option(..., "--rank", help="New rank (>= 1), or a fraction of energy to keep per layer (< 1)."),
+    rank: float = typer.Option(..., "--rank", help="New rank (a whole number >= 1), or a fraction of energy to keep per layer (< 1)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the resized adapter."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
 ) -> None:
@@ -51,7 +52,7 @@ def extract_command(
     tuned: str = typer.Option(..., "--tuned", help="The fully fine-tuned model (same architecture)."),
     rank: int = typer.Option(..., "--rank", help="Rank of the extracted adapter."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the adapter."),
-    targets: str = typer.Option("all-linear", "--targets", help="all-linear, or a comma list of module names."),
+    targets: str = typer.Option("all-linear", "--targets", help="all-linear, a comma list of module names, or re:PATTERN."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
 ) -> None:
     """A LoRA adapter approximating a full fine-tune: per-layer SVD of W_tuned − W_base, streamed."""
