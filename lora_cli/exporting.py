@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from lora_cli.errors import UserError, atomic_dir
 from lora_cli.inspection import adapter_facts
 from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
-from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, AdapterConfig, read_adapter_config
+from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
 
 
 def base_size_bytes(ref: str | None) -> int | None:
@@ -117,9 +118,8 @@ def portable_factors(adapter_dir: str | Path):
         k = f.a.shape[0]
         padded[m] = Factors(torch.cat([f.a, torch.zeros(r - k, f.a.shape[1])]),
                             torch.cat([f.b, torch.zeros(f.b.shape[0], r - k)], dim=1))
-    portable = AdapterConfig(r=r, lora_alpha=float(r), target_modules=config.target_modules, lora_dropout=0.0,
-                             use_rslora=False, fan_in_fan_out=config.fan_in_fan_out,
-                             base_model_name_or_path=config.base_model_name_or_path)
+    portable = dataclasses.replace(config, r=r, lora_alpha=float(r), lora_dropout=0.0, use_rslora=False,
+                                   rank_pattern={}, alpha_pattern={})
     return portable, padded
 
 

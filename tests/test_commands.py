@@ -91,6 +91,8 @@ def test_export_loads_in_peft(cli, trained_run, tiny_llama, tmp_path):
     ("llama", dict(target_modules=["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2},
                    alpha_pattern={"v_proj": 5})),
     ("gpt2", dict(target_modules=["c_attn", "attn.c_proj"], fan_in_fan_out=True)),
+    ("llama", dict(target_modules=["q_proj", "gate_proj", "down_proj"], layers_to_transform=[1],
+                   exclude_modules=r".*mlp\.gate_proj")),
 ])
 def test_merge_peft_made_adapters(cli, tmp_path, arch, kw):
     base_dir = save_tiny(tmp_path / "base", arch, chat_template=None)
@@ -102,6 +104,11 @@ def test_merge_peft_made_adapters(cli, tmp_path, arch, kw):
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert rel_diff(logits(merged), logits(theirs)) < 1e-4
+    # exported (float32 here), the selection travels: PEFT loads it as it was
+    code, _, err = cli("export", tmp_path / "adapter", "--output", tmp_path / "x", "--dtype", "float32")
+    assert code == 0, err
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "x").eval()
+    assert rel_diff(logits(again), logits(theirs)) < 1e-5
 
 
 def test_merge_sharded_in_sharded_out(cli, tmp_path):

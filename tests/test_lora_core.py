@@ -24,6 +24,7 @@ from lora_cli.lora import (
     resolve_targets,
 )
 from lora_cli.lora.adapter import load_adapter, save_adapter
+from lora_cli.lora.targets import linear_modules
 from lora_cli.models import peft_misread_targets
 
 ARCHS = ["llama", "llama-tied", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon",
@@ -193,6 +194,28 @@ def test_peft_regex_target_modules_load(tmp_path):
     assert (logits(ours.eval()) - logits(theirs)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("arch,selection", [
+    ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    ("llama", dict(target_modules=["q_proj", "o_proj"], layers_to_transform=0, layers_pattern="layers")),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["down_proj", "k_proj"])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=r".*layers\.0\..*")),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], layers_to_transform=[0], layers_pattern="h",
+                  fan_in_fan_out=True)),
+])
+def test_peft_layer_selection_and_exclusion_load_in_ours(tmp_path, arch, selection):
+    """layers_to_transform / layers_pattern / exclude_modules: the same modules as PEFT, the same logits."""
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                                   **selection)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = tiny_model(arch)
+    load_adapter(ours, tmp_path)
+    peft_paths = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(lora_layers(ours)) == peft_paths and len(peft_paths) < len(linear_modules(ours))
+    assert (logits(ours.eval()) - logits(theirs)).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_merge_unmerge(arch):
     model, _ = wrapped(arch)
@@ -258,9 +281,7 @@ def test_wrapping_twice_is_refused():
         inject_lora(model, paths, 4, 8)
 
 
-@pytest.mark.parametrize("feature,value", [("modules_to_save", ["lm_head"]),
-                                           ("layers_to_transform", [0]), ("lora_bias", True),
-                                           ("exclude_modules", ["q_proj"])])
+@pytest.mark.parametrize("feature,value", [("modules_to_save", ["lm_head"]), ("lora_bias", True)])
 def test_unimplemented_peft_features_are_refused_by_name(tmp_path, feature, value):
     d = peft_config_on_disk(tmp_path)
     d[feature] = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ from lora_cli.lora.peft_format import (
     adapter_files,
     read_adapter_config,
 )
-from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets, suffix_matches
+from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets
 
 _KEY_RX = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
@@ -67,14 +68,12 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def adapter_module_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """The linear modules PEFT would wrap for this config (list = suffix match, str = full-match regex)."""
-    targets = config.target_modules
-    if targets == ALL_LINEAR:
-        return resolve_targets(model, ALL_LINEAR)
-    names = linear_modules(model)
-    if isinstance(targets, str):
-        return sorted(n for n in names if re.fullmatch(targets, n))
-    return sorted(n for n in names if any(suffix_matches(n, t) for t in targets))
+    """The linear modules PEFT would wrap for this config (list = suffix match, str = full-match regex,
+    with layers_to_transform and exclude_modules)."""
+    if config.target_modules == ALL_LINEAR:  # PEFT expands it to the names of the linear layers
+        names = sorted({p.rsplit(".", 1)[-1] for p in resolve_targets(model, ALL_LINEAR)})
+        config = dataclasses.replace(config, target_modules=names)
+    return sorted(n for n in linear_modules(model) if config.targets(n))
 
 
 def check_adapter_fits(

@@ -26,8 +26,7 @@ _BENIGN_KEYS = {
     "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias",
     "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights", "runtime_config", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
-    "ensure_weight_tying", "monteclora_config", "use_dora",
-    "layers_pattern",  # has no effect without layers_to_transform, which is refused
+    "ensure_weight_tying", "monteclora_config", "use_dora", "layers_to_transform", "layers_pattern", "exclude_modules",
 }
 # init_lora_weights values that change the *base* weights: such adapters need the modified base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -47,6 +46,32 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
+    layers_to_transform: list[int] | None = None  # PEFT's layer selection, for a target_modules list
+    layers_pattern: list[str] | None = None
+    exclude_modules: list[str] | str | None = None  # suffixes, or a full-match regex
+
+    def targets(self, module_path: str) -> bool:
+        """Whether PEFT wraps this module (its check_target_module_exists, for `target_modules` as written;
+        the all-linear shorthand is expanded by the caller)."""
+        ex = self.exclude_modules
+        if ex and (re.fullmatch(ex, module_path) if isinstance(ex, str) else any(suffix_matches(module_path, e) for e in ex)):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_path) is not None
+        if module_path in self.target_modules:
+            return True
+        return any(suffix_matches(module_path, t) for t in self.target_modules) and self.in_layers(module_path)
+
+    def in_layers(self, module_path: str) -> bool:
+        """layers_to_transform: the module's first numbered segment (after `layers_pattern`) is listed."""
+        if not self.layers_to_transform:
+            return True
+        patterns = self.layers_pattern or [r"[^.]*"]
+        for pattern in patterns:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module_path)
+            if m:
+                return int(m[1]) in self.layers_to_transform
+        return False
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """r and alpha of one module, honouring rank_pattern / alpha_pattern (PEFT's first-match rule)."""
@@ -76,6 +101,8 @@ class AdapterConfig:
             "alpha_pattern": self.alpha_pattern,
             "modules_to_save": None,
             "use_dora": self.use_dora,
+            **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
+               if (v := getattr(self, k)) is not None},
         }
 
     @classmethod
@@ -112,12 +139,27 @@ class AdapterConfig:
                 rank_pattern={str(k): int(v) for k, v in (d.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
                 use_dora=bool(d.get("use_dora", False)),
+                layers_to_transform=_int_list(d.get("layers_to_transform")),
+                layers_pattern=[d["layers_pattern"]] if isinstance(d.get("layers_pattern"), str)
+                else d.get("layers_pattern") or None,
+                exclude_modules=d.get("exclude_modules") or None,
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: malformed value ({e})") from None
         if cfg.r < 1 or any(v < 1 for v in cfg.rank_pattern.values()):
             raise UserError(f"{source}: rank must be >= 1")
         return cfg
+
+
+def suffix_matches(name: str, key: str) -> bool:
+    """PEFT's list rule: `key` is the whole module path or a suffix of it on a dotted boundary."""
+    return name == key or name.endswith("." + key)
+
+
+def _int_list(value) -> list[int] | None:
+    if value is None or value == []:
+        return None
+    return [int(value)] if isinstance(value, (int, float, str)) else [int(v) for v in value]
 
 
 def _pattern_value(patterns: dict, name: str, default):

@@ -15,6 +15,7 @@ from torch import nn
 
 from lora_cli.errors import UserError
 from lora_cli.lora.layer import is_linear_like
+from lora_cli.lora.peft_format import suffix_matches
 
 ATTENTION = "attention"
 ALL_LINEAR = "all-linear"
@@ -47,11 +48,6 @@ def attention_projections(model: nn.Module) -> list[str]:
     innermost = [n for n in attn if not any(o != n and o.startswith(n + ".") for o in attn)]
     linears = linear_modules(model)
     return sorted(name for name in linears if any(name.startswith(a + ".") for a in innermost))
-
-
-def suffix_matches(name: str, key: str) -> bool:
-    """PEFT's list rule: `key` is the whole module path or a suffix of it on a dotted boundary."""
-    return name == key or name.endswith("." + key)
 
 
 def describe_linears(model: nn.Module, limit: int = 12) -> str:
