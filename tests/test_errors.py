@@ -196,8 +196,13 @@ def test_unsupported_adapter_tensors_are_named(cli, run_dir, tmp_path):
     from lora_cli.errors import UserError
     from lora_cli.lora.adapter import load_adapter
 
-    with pytest.raises(UserError, match="unsupported tensor.*lora_embedding_A"):
+    with pytest.raises(UserError, match=r"holds LoRA on embedding layers \(model.embed_tokens\); lora implements"):
         load_adapter(tiny_model("llama", vocab=320), odd)
+    # every command that reads the factors says so too, never dropping the embedding part silently
+    for args in (("merge", odd, "--output", tmp_path / "m"), ("export", odd, "--output", tmp_path / "x"),
+                 ("resize", odd, "--rank", "2", "--output", tmp_path / "r"),
+                 ("combine", odd, run_dir, "--output", tmp_path / "c")):
+        assert_user_error(cli(*args), "LoRA on embedding layers (model.embed_tokens)")
 
 
 def test_debug_shows_the_traceback(tmp_path):

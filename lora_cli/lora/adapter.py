@@ -64,7 +64,14 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{weights}: tensor names lack PEFT's '{KEY_PREFIX}' prefix (e.g. {problems[0]!r}); not a PEFT adapter"
         )
-    return {k[len(KEY_PREFIX) :]: v for k, v in raw.items()}
+    tensors = {k[len(KEY_PREFIX) :]: v for k, v in raw.items()}
+    odd = sorted(k for k in tensors if not _KEY_RX.match(k))
+    if odd:  # never dropped silently: a merge, export or combine without them would be another adapter
+        embeddings = sorted({k.rsplit(".", 1)[0] for k in odd if ".lora_embedding_" in k})
+        what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
+                else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
+        raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
+    return tensors
 
 
 def adapter_module_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -88,10 +95,7 @@ def check_adapter_fits(
     problems: list[str] = []
     wanted: set[str] = set()  # the module paths the tensors name
     for key, t in tensors.items():
-        m = _KEY_RX.match(key)
-        if not m:
-            problems.append(f"unsupported tensor {key!r}")
-            continue
+        m = _KEY_RX.match(key)  # read_adapter_tensors let only LoRA factors through
         wanted.add(m["path"])
         if m["path"] not in paths:
             where = "is not a linear module of the base" if m["path"] not in modules else "is not in target_modules"
