@@ -170,3 +170,14 @@ def test_generate_with_and_without_adapter(cli, trained_run, tiny_llama):
     assert code == 0, err
     code, _, err = cli("generate", "--model", tiny_llama, "--adapter", trained_run / "nope", "--prompt", "x")
     assert code == 1 and "does not exist" in err
+
+
+def test_sampling_is_reproducible_from_its_seed(cli, tiny_llama):
+    def sample(seed):
+        code, out, err = cli("generate", "--model", tiny_llama, "--prompt", "hello", "--max-new-tokens", "12",
+                             "--temperature", "1", "--seed", str(seed), "--no-chat")
+        assert code == 0, err
+        return out
+
+    first = sample(1)
+    assert first == sample(1) and first != sample(2)

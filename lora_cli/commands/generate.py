@@ -19,6 +19,7 @@ def generate_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Maximum tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: each answer draws from it afresh (with --temperature > 0)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
@@ -46,11 +47,13 @@ def generate_command(
     for a in adapters:
         adapter_files(a)  # a missing adapter fails before the model loads
     dtype = dtype_name(dtype, ("auto", "float32", "bfloat16", "float16"))
-    _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, dtype,
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32) (got {seed})")
+    _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, seed, dtype,
          trust_remote_code, allow_pickle)
 
 
-def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, dtype,
+def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, seed, dtype,
          trust_remote_code, allow_pickle) -> None:
     import sys
     import time
@@ -87,7 +90,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             ids = prompt_ids(tok, p, template, system).to(device)
-            answers[label].append(generate(model, tok, ids, max_new_tokens, temperature, top_p, streamer))
+            answers[label].append(generate(model, tok, ids, max_new_tokens, temperature, top_p, streamer, seed))
             sys.stdout.flush()
     if len(variants) > 1:
         table = Table(title="answers", show_lines=True)
