@@ -223,3 +223,16 @@ def peft_misread_targets(model, target_names: list[str]) -> list[str]:
     family = {**families, "mixtral": "mixtral"}.get(model_type)
     names = _PEFT_MOE_EXPERT_NAMES.get(family, ())
     return [t for t in target_names if t.split(".")[-1] in names]
+
+
+# PEFT refuses LoRA on these modules of Mamba-family models: their fused kernel reads the weights directly.
+_PEFT_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
+_PEFT_MAMBA_REFUSED = {"out_proj", "conv1d"}
+
+
+def peft_refused_targets(model, paths: list[str]) -> list[str]:
+    """The module paths PEFT refuses to put LoRA on for this model (so it would not load the adapter)."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _PEFT_MAMBA_TYPES:
+        return []
+    return [p for p in paths if p.rsplit(".", 1)[-1] in _PEFT_MAMBA_REFUSED]
+

@@ -39,6 +39,7 @@ from lora_cli.errors import UserError, atomic_write_text
 from lora_cli.lora import (
     AdapterConfig,
     inject_lora,
+    lora_layers,
     lora_state_dict,
     param_report,
     peft_target_names,
@@ -54,6 +55,7 @@ from lora_cli.models import (
     load_tokenizer,
     local_path,
     peft_misread_targets,
+    peft_refused_targets,
     quantization_4bit,
     resolve_model,
     torch_dtype,
@@ -305,7 +307,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         cached_epoch, batches = -1, []
         metrics_fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if main else None
         if not cfg.compile:  # compiled layers run q/k/v separately; a probe would only compile another graph
-            probe_forward(loss_model, train_ex[0], pad_id, device)
+            idle = probe_forward(loss_model, train_ex[0], pad_id, device, lora_layers(model))
+            if idle:
+                say(f"warning: LoRA on {len(idle)} module(s) never runs (e.g. {idle[0]}): the model reads their "
+                    "weights directly, so their adapters cannot learn; leave them out of --targets")
         loss_model.train()
         stopped = None
         try:
@@ -427,6 +432,12 @@ def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
 def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]:
     """Wrap the targets with LoRA (A seeded by the caller), set up checkpointing, describe the adapter."""
     paths = resolve_targets(model, cfg.targets)
+    refused = sorted({p.rsplit(".", 1)[-1] for p in peft_refused_targets(model, paths)})
+    if refused:
+        others = sorted({p.rsplit(".", 1)[-1] for p in paths} - set(refused))
+        raise UserError(f"PEFT refuses LoRA on {', '.join(refused)} of {model.config.model_type} models (their fused "
+                        "kernel reads the weight directly), so it could not load this adapter; "
+                        + (f"use --targets {','.join(others)}" if others else "name other modules with --targets"))
     inject_lora(model, paths, cfg.rank, cfg.lora_alpha, cfg.dropout, cfg.rslora, cfg.dora)
     adapter_cfg = AdapterConfig(
         r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_target_names(model, paths),
@@ -537,15 +548,27 @@ def clear_run_files(run_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def probe_forward(loss_model, example: Example, pad_id: int, device) -> None:
+def probe_forward(loss_model, example: Example, pad_id: int, device, layers: dict | None = None) -> list[str]:
     """A forward of a few tokens, without gradients or dropout, before the first step: the LoRA layers learn
     which siblings read one input (q/k/v) and compute those fused from then on, so every step, the first
-    of a resumed run too, does the same arithmetic."""
+    of a resumed run too, does the same arithmetic.
+
+    Returns the LoRA layers (of `layers`, by path) that never ran: model code that reads a projection's
+    weight directly (Mamba's dt_proj) bypasses its LoRA, which then cannot learn. MoE experts are left out:
+    a few tokens reach only some of them."""
     n = min(4, len(example.input_ids))
     probe = Example(input_ids=example.input_ids[:n], labels=[IGNORE] * n)
+    ran: set[str] = set()
+    layers = layers or {}
+    hooks = [layer.register_forward_hook(lambda *_, path=path: ran.add(path)) for path, layer in layers.items()]
     loss_model.eval()
-    with torch.no_grad():
-        loss_model(**_to(collate([probe], pad_id), device))
+    try:
+        with torch.no_grad():
+            loss_model(**_to(collate([probe], pad_id), device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [p for p in layers if p not in ran and ".experts." not in p]
 
 
 def check_packing(loss_model, example: Example, pad_id: int, device, dtype, model_name: str) -> None:

@@ -234,3 +234,21 @@ def test_runs_in_one_process_do_not_share_accelerate_settings(cli, tiny_llama, c
     assert code == 0, err
     first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in "ab"]
     assert first[1] == pytest.approx(first[0], rel=2e-2) and first[1] != first[0]
+
+
+def test_modules_whose_weights_the_model_reads_directly_are_named(cli, chat_data, tmp_path):
+    """Mamba: PEFT refuses LoRA on out_proj (the fused kernel bypasses it), and the slow path reads
+    dt_proj.weight directly, so LoRA there never runs and cannot learn: refused, and warned about."""
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "mamba", "mamba")
+    run = ["train", "--model", base, "--data", chat_data, *FAST]
+    code, _, err = cli(*run, "--targets", "all-linear", "--output", tmp_path / "all")
+    assert code == 1 and "PEFT refuses LoRA on out_proj of mamba models" in err and "--targets dt_proj,in_proj,x_proj" in err
+    assert not (tmp_path / "all").exists()
+    code, _, err = cli(*run, "--targets", "in_proj,dt_proj", "--output", tmp_path / "run")
+    assert code == 0, err
+    assert "warning: LoRA on 2 module(s) never runs (e.g. backbone.layers.0.mixer.dt_proj)" in " ".join(err.split())
+    b = {k: v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k}
+    assert all(v.abs().sum() == 0 for k, v in b.items() if "dt_proj" in k)  # as warned: nothing learned
+    assert all(v.abs().sum() > 0 for k, v in b.items() if "in_proj" in k)

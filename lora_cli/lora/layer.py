@@ -152,6 +152,16 @@ class LoraLinear(nn.Module):
         """The base weight (some model code reads `.weight` of its projections directly)."""
         return self.base_layer.weight
 
+    def __getattr__(self, name: str):
+        """Anything else the model reads off its projection (`bias`, `in_features`…) comes from the base, as
+        with PEFT's wrappers."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
