@@ -59,6 +59,27 @@ CONFIGS = {  # hidden 64, 2 layers, 4 heads; what each architecture needs beside
                                                      topk_group=1),
     "ernie4_5": lambda c, kv: tf.Ernie4_5Config(**c, **kv, head_dim=16),
     "exaone4": lambda c, kv: tf.Exaone4Config(**c, **kv),
+    "gpt_oss": lambda c, kv: tf.GptOssConfig(**c, **kv, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                             sliding_window=8),
+    "qwen3_moe": lambda c, kv: tf.Qwen3MoeConfig(**c, **kv, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                 moe_intermediate_size=32),
+    "olmoe": lambda c, kv: tf.OlmoeConfig(**c, **kv, num_experts=4, num_experts_per_tok=2),
+    "lfm2": lambda c, kv: tf.Lfm2Config(**c, **kv, layer_types=["conv", "full_attention"]),  # hybrid conv
+    "falcon_h1": lambda c, kv: tf.FalconH1Config(**c, **kv, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                                 mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16),
+    "llama4_text": lambda c, kv: tf.Llama4TextConfig(**c, **kv, head_dim=16, num_local_experts=2,
+                                                     intermediate_size_mlp=96),
+    "jamba": lambda c, kv: tf.JambaConfig(**c, **kv, num_experts=2, attn_layer_period=2, attn_layer_offset=1,
+                                          expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                                          use_mamba_kernels=False),
+    "qwen3_next": lambda c, kv: tf.Qwen3NextConfig(**c, **kv, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                                   linear_num_value_heads=4, linear_num_key_heads=2,
+                                                   linear_key_head_dim=16, linear_value_head_dim=16,
+                                                   layer_types=["linear_attention", "full_attention"]),
+    "apertus": lambda c, kv: tf.ApertusConfig(**c, **kv),
+    "seed_oss": lambda c, kv: tf.SeedOssConfig(**c, **kv, head_dim=16),
+    "olmo3": lambda c, kv: tf.Olmo3Config(**c, **kv, sliding_window=8),
 }
 
 
