@@ -104,6 +104,10 @@ def test_merge_peft_made_adapters(cli, tmp_path, arch, kw):
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert rel_diff(logits(merged), logits(theirs)) < 1e-4
+    if "layers_to_transform" in kw:  # inspect names the selection
+        code, out, _ = cli("inspect", tmp_path / "adapter", "--json")
+        facts = json.loads(out)
+        assert (facts["layers_to_transform"], facts["exclude_modules"], facts["num_modules"]) == ([1], kw["exclude_modules"], 2)
     # exported (float32 here), the selection travels: PEFT loads it as it was
     code, _, err = cli("export", tmp_path / "adapter", "--output", tmp_path / "x", "--dtype", "float32")
     assert code == 0, err
