@@ -320,8 +320,8 @@ class Encoder:
         if self.eos_id is None:
             raise UserError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
 
-    def encode_all(self, records: list[dict], name: str = "data") -> tuple[list[Example], EncodeStats]:
-        """Encode every record; all records must share one shape."""
+    def encode_all(self, records: list[dict], name: str = "data", advance=None) -> tuple[list[Example], EncodeStats]:
+        """Encode every record; all records must share one shape. `advance()` is called after each record."""
         stats = EncodeStats(records=len(records))
         if not records:
             raise UserError(f"{name}: no records")
@@ -342,6 +342,8 @@ class Encoder:
                     stats.dropped_no_loss += 1
                     continue
                 examples.append(ex)
+            if advance:
+                advance()
         stats.examples = len(examples)
         stats.tokens = sum(len(e.input_ids) for e in examples)
         stats.loss_tokens = sum(e.n_loss for e in examples)

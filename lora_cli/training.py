@@ -34,7 +34,7 @@ from lora_cli.checkpoints import (
 )
 from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
 from lora_cli.data import IGNORE, Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
-from lora_cli.display import TrainProgress, kv_table, plot_loss
+from lora_cli.display import RecordProgress, TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
 from lora_cli.lora import (
     AdapterConfig,
@@ -157,8 +157,9 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     return saved
 
 
-def encode_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Example] | None, EncodeStats,
-                                                           EncodeStats | None]:
+def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Example], list[Example] | None,
+                                                                         EncodeStats, EncodeStats | None]:
+    """Load and tokenize the training (and eval) records; `console` shows a bar for large datasets."""
     if cfg.data_split != "train" and Path(cfg.data).expanduser().exists():
         raise UserError(f"--data-split {cfg.data_split!r} picks a split of a Hub dataset, but {cfg.data!r} is local; "
                         "a directory's splits are its train.* and valid.* files")
@@ -169,13 +170,15 @@ def encode_datasets(cfg: TrainConfig, tokenizer) -> tuple[list[Example], list[Ex
         train_records, valid_records = split_eval(train_records, cfg.eval_split, cfg.seed)
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
-    train, train_stats = enc.encode_all(train_records, "training data")
+    with RecordProgress(console, "tokenizing", len(train_records)) as advance:
+        train, train_stats = enc.encode_all(train_records, "training data", advance)
     if cfg.packing:
         train = pack(train, cfg.max_length)
         train_stats.packed = len(train)
     if valid_records is None:
         return train, None, train_stats, None
-    valid, valid_stats = enc.encode_all(valid_records, "eval data")  # eval unpacked: per-record loss as-is
+    with RecordProgress(console, "tokenizing eval", len(valid_records)) as advance:
+        valid, valid_stats = enc.encode_all(valid_records, "eval data", advance)  # eval unpacked: per-record loss
     return train, valid, train_stats, valid_stats
 
 
@@ -241,7 +244,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         with acc.main_process_first():  # one process converts a GGUF / fills the caches, the others reuse them
             tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
             cfg.max_length = fit_max_length(cfg, source, "max_length" in given, say)
-            train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer)
+            train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer, console if main else None)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}
             load = functools.partial(load_model, source, dtype, cfg.trust_remote_code, cfg.allow_pickle,

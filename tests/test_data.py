@@ -300,3 +300,23 @@ def test_either_turn_style_in_either_list(tok):
     (c, d), _ = Encoder(tok, 512).encode_all([{"conversations": role_turns}, {"conversations": sharegpt_turns}])
     assert exs[0].input_ids == exs[1].input_ids == c.input_ids == d.input_ids
     assert labelled_text(tok, c) == "hello<|im_end|>\n"
+
+
+def test_progress_advances_once_per_record_and_shows_only_for_large_datasets(tok):
+    import io
+
+    from rich.console import Console
+
+    from lora_cli.display import RecordProgress
+
+    recs = [{"prompt": f"q{i}", "completion": "a"} for i in range(5)]
+    seen = []
+    exs, _ = Encoder(tok, 64).encode_all(recs, advance=lambda: seen.append(1))
+    assert len(seen) == 5 and len(exs) == 5
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100)
+    with RecordProgress(console, "tokenizing", 5) as advance:  # below the threshold: no bar at all
+        assert advance is None
+    with RecordProgress(console, "tokenizing", 5, min_total=1) as advance:
+        Encoder(tok, 64).encode_all(recs, advance=advance)
+    assert "5/5" in out.getvalue()
