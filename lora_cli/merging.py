@@ -180,23 +180,28 @@ def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: st
     """The tokenizer with its chat template, and a generation config whose EOS includes the end of turn."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    from lora_cli.models import has_vocabulary
+
     try:
         tok = AutoTokenizer.from_pretrained(base_dir)
     except Exception:
-        return  # a base without a tokenizer: nothing to carry over
-    if chat_template:
-        tok.chat_template = chat_template
-    tok.save_pretrained(out)
+        tok = None
+    if tok is not None and has_vocabulary(tok):
+        if chat_template:
+            tok.chat_template = chat_template
+        tok.save_pretrained(out)
+    else:
+        tok = None  # a base without a tokenizer: nothing to carry over
     try:
         gen = GenerationConfig.from_pretrained(base_dir)
     except Exception:
         gen = GenerationConfig.from_model_config(_read_config(base_dir))
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     eos = [e for e in eos if e is not None]
-    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
-    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
-    if gen.pad_token_id is None and tok.pad_token_id is not None:
+    gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
+    if gen.pad_token_id is None and tok is not None and tok.pad_token_id is not None:
         gen.pad_token_id = tok.pad_token_id
     gen.save_pretrained(out)
 

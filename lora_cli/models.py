@@ -133,12 +133,30 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
     """The model's tokenizer, with a clear error when it cannot be loaded."""
     from transformers import AutoTokenizer
 
+    no_tokenizer = UserError(f"model {source.ref!r} has no tokenizer (no tokenizer.json, tokenizer.model or vocab "
+                             "files); copy the tokenizer files of its base model into it")
+    path = local_path(source, status)
+    if source.kind == "dir" and not any(f.name in _TOKENIZER_FILES or f.suffix == ".tiktoken"
+                                        for f in Path(path).iterdir()):
+        raise no_tokenizer
     try:
-        return AutoTokenizer.from_pretrained(local_path(source, status), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except UserError:
         raise
     except Exception as e:
         raise UserError(_load_failure(source, "tokenizer", e)) from None
+    if not has_vocabulary(tok):
+        raise no_tokenizer
+    return tok
+
+
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken"}
+
+
+def has_vocabulary(tok) -> bool:
+    """False for the empty tokenizer transformers 5 builds from a directory without tokenizer files."""
+    return bool(tok("Hello world", add_special_tokens=False)["input_ids"])
 
 
 def quantization_4bit(dtype):

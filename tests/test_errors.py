@@ -39,6 +39,10 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     pickled.mkdir()
     shutil.copy(tiny_llama / "config.json", pickled / "config.json")
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    untokenized = d / "untokenized"  # weights and config, no tokenizer files
+    untokenized.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama / name, untokenized / name)
     return d
 
 
@@ -78,6 +82,8 @@ CASES = {
     "split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--data-split", "test"),
                               ["--data-split 'test' picks a split of a Hub dataset", "is local"]),
     "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["cannot write", "is a file, not a folder"]),
+    "model without a tokenizer": (lambda d, m, c: train_args(d / "untokenized", c, d / "o"),
+                                  ["has no tokenizer", "copy the tokenizer files of its base model"]),
     "4-bit on CPU": (lambda d, m, c: train_args(m, c, d / "o", "--load-in-4bit"), ["--load-in-4bit needs a CUDA GPU"]),
     "pickled weights": (lambda d, m, c: train_args(d / "pickled", c, d / "o"), ["pickled", "--allow-pickle"]),
     "resume without checkpoint": (lambda d, m, c: ("train", "--output", d / "nope-run", "--resume"),
@@ -157,6 +163,14 @@ def test_merge_onto_base_with_other_shapes(cli, run_dir, tmp_path):
 
 def test_unknown_merge_dtype(cli, run_dir, tmp_path):
     assert_user_error(cli("merge", run_dir, "--output", tmp_path / "o", "--dtype", "float8"), "--dtype")
+
+
+def test_merge_onto_a_base_without_tokenizer_writes_none(cli, run_dir, bad_inputs):
+    """transformers 5 builds an empty tokenizer for such a directory: it must not be saved as if it were one."""
+    code, _, err = cli("merge", run_dir, "--base", bad_inputs / "untokenized", "--output", bad_inputs / "m")
+    assert code == 0, err
+    assert sorted(p.name for p in (bad_inputs / "m").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
 
 
 @pytest.mark.parametrize("command", ["merge", "export"])
