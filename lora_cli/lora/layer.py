@@ -112,6 +112,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"rank must be >= 1, got {r}")
         n_in, n_out = linear_shape(base_layer)
         self.base_layer = base_layer
+        self.in_features, self.out_features = n_in, n_out  # as PEFT's layers have them
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
@@ -152,15 +153,10 @@ class LoraLinear(nn.Module):
         """The base weight (some model code reads `.weight` of its projections directly)."""
         return self.base_layer.weight
 
-    def __getattr__(self, name: str):
-        """Anything else the model reads off its projection (`bias`, `in_features`…) comes from the base, as
-        with PEFT's wrappers."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base bias (Mamba reads `dt_proj.bias` directly), as PEFT's wrappers expose it."""
+        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
