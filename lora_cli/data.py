@@ -314,7 +314,9 @@ class Encoder:
         self.tok = tokenizer
         self.max_length = max_length
         self.has_template = bool(chat_template or getattr(tokenizer, "chat_template", None))
-        self.template = chat_template or getattr(tokenizer, "chat_template", None) or BUILTIN_CHAT_TEMPLATE
+        own = getattr(tokenizer, "chat_template", None)
+        # one template, or None: the tokenizer holds named ones ({"default": …, "tool_use": …}), picked per record
+        self.template = chat_template or (own if isinstance(own, str) else None) or (None if own else BUILTIN_CHAT_TEMPLATE)
         self.train_on_prompt = train_on_prompt
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
@@ -375,9 +377,14 @@ class Encoder:
         labels = (list(p) if self.train_on_prompt else [IGNORE] * len(p)) + c
         return self._truncate(Example(p + c, labels), stats)
 
+    def template_for(self, tools: list | None) -> str:
+        """The record's template: one for all, or, from a tokenizer with named templates, the one
+        transformers picks ("tool_use" for a record with tools, when there is one, else "default")."""
+        return self.template or self.tok.get_chat_template(tools=tools)
+
     def render(self, messages: list[dict], add_generation_prompt: bool, where: str, tools: list | None = None) -> str:
         try:
-            return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+            return self.tok.apply_chat_template(messages, chat_template=self.template_for(tools), tokenize=False,
                                                 add_generation_prompt=add_generation_prompt, tools=tools)
         except Exception as e:  # a template's own raise_exception(), or a broken template
             raise _render_error(where, e) from None
@@ -385,12 +392,13 @@ class Encoder:
     def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None,
               first_loss: int = 0) -> Example:
         """Render a conversation; the loss goes on its assistant turns from turn `first_loss` on."""
-        unread = sorted({k for m in messages for k in m if k in MUST_BE_READ and k not in self.template}
-                        | ({"tools"} if tools and "tools" not in self.template else set()))
+        template = self.template_for(tools)
+        unread = sorted({k for m in messages for k in m if k in MUST_BE_READ and k not in template}
+                        | ({"tools"} if tools and "tools" not in template else set()))
         if unread:  # the template would drop them silently: the model would learn empty tool-call turns
             raise UserError(f"{where}: the record has {', '.join(unread)} but the chat template never reads "
                             f"{'them' if len(unread) > 1 else 'it'}; pass --chat-template FILE with a template that does")
-        if GENERATION_TAG.search(self.template):
+        if GENERATION_TAG.search(template):
             return self._tagged_chat(messages, where, stats, tools, first_loss)
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
         previous = ""
@@ -427,7 +435,7 @@ class Encoder:
         templates): the mask is read from it, so such a template may also rewrite earlier turns."""
         def tokens(turns: list[dict], **kw) -> dict:
             try:
-                return self.tok.apply_chat_template(turns, chat_template=self.template, tools=tools, tokenize=True,
+                return self.tok.apply_chat_template(turns, chat_template=self.template_for(tools), tools=tools, tokenize=True,
                                                     return_dict=True, **kw)
             except Exception as e:
                 raise _render_error(where, e) from None

@@ -23,7 +23,7 @@ def chat_template_for(tokenizer, adapter_dirs: list[str]) -> str | None:
         if t:
             return t
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
+        return tokenizer.get_chat_template()  # the "default" one of a tokenizer with named templates
     for a in adapter_dirs:
         summary = Path(a) / "train_summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("data_shape") in CHAT_SHAPES:

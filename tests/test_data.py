@@ -320,3 +320,18 @@ def test_progress_advances_once_per_record_and_shows_only_for_large_datasets(tok
     with RecordProgress(console, "tokenizing", 5, min_total=1) as advance:
         Encoder(tok, 64).encode_all(recs, advance=advance)
     assert "5/5" in out.getvalue()
+
+
+def test_a_tokenizer_with_named_templates_picks_per_record_as_transformers_does(tok):
+    """Older tool-calling tokenizers hold {"default": …, "tool_use": …}: records with tools get "tool_use"."""
+    from tiny import CHATML, tiny_tokenizer
+
+    from lora_cli.generation import chat_template_for, prompt_ids
+
+    named = tiny_tokenizer()
+    named.chat_template = {"default": CHATML, "tool_use": "TOOLS{% for t in tools %}{{ t.name }};{% endfor %}" + CHATML}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    (plain, tooled), _ = Encoder(named, 128).encode_all([{"messages": msgs}, {"messages": msgs, "tools": [{"name": "f"}]}])
+    assert named.decode(tooled.input_ids) == "TOOLSf;" + named.decode(plain.input_ids)
+    assert labelled_text(named, plain) == labelled_text(named, tooled) == "yo<|im_end|>\n"
+    assert named.decode(prompt_ids(named, "hi", chat_template_for(named, []))[0]).startswith("<|im_start|>user\nhi")
