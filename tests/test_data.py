@@ -322,7 +322,7 @@ def test_progress_advances_once_per_record_and_shows_only_for_large_datasets(tok
     assert "5/5" in out.getvalue()
 
 
-def test_a_tokenizer_with_named_templates_picks_per_record_as_transformers_does(tok):
+def test_a_tokenizer_with_named_templates_picks_per_record_as_transformers_does():
     """Older tool-calling tokenizers hold {"default": …, "tool_use": …}: records with tools get "tool_use"."""
     from tiny import CHATML, tiny_tokenizer
 
