@@ -48,6 +48,13 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
         if not p.is_dir():
             raise UserError(f"model {ref!r} is a file; give a transformers directory, a .gguf file or a Hub id")
         if not (p / "config.json").is_file():
+            if (p / "adapter_config.json").is_file():  # a run or adapter given where its base belongs
+                try:
+                    base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"] or "BASE"
+                except (ValueError, KeyError, TypeError, OSError):
+                    base = "BASE"
+                raise UserError(f"{ref!r} is a LoRA adapter, not a model; its base is {base!r}: for generate use "
+                                f"--model {base} --adapter {ref}, for merge `lora merge {ref}`")
             raise UserError(f"model directory {ref!r} has no config.json; is it a transformers model directory?")
         check_no_pickle(p, allow_pickle)
         return ModelSource(ref, str(p.resolve()), "dir")

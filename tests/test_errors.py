@@ -39,6 +39,8 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     pickled.mkdir()
     shutil.copy(tiny_llama / "config.json", pickled / "config.json")
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    (d / "an-adapter").mkdir()
+    (d / "an-adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
     untokenized = d / "untokenized"  # weights and config, no tokenizer files
     untokenized.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -82,6 +84,8 @@ CASES = {
     "split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--data-split", "test"),
                               ["--data-split 'test' picks a split of a Hub dataset", "is local"]),
     "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["cannot write", "is a file, not a folder"]),
+    "adapter given as the model": (lambda d, m, c: ("generate", "--model", d / "an-adapter", "--prompt", "x"),
+                                   ["is a LoRA adapter, not a model; its base is 'org/base'", "--adapter"]),
     "model without a tokenizer": (lambda d, m, c: train_args(d / "untokenized", c, d / "o"),
                                   ["has no tokenizer", "copy the tokenizer files of its base model"]),
     "4-bit on CPU": (lambda d, m, c: train_args(m, c, d / "o", "--load-in-4bit"), ["--load-in-4bit needs a CUDA GPU"]),
