@@ -472,6 +472,18 @@ class Encoder:
         return ex
 
 
+def fingerprint(examples: list[Example]) -> str:
+    """A digest of the token ids, labels and positions: --resume checks the data is still the run's."""
+    from array import array
+    from hashlib import sha256
+
+    h = sha256()
+    for e in examples:
+        for seq in (e.input_ids, e.labels, e.position_ids or ()):
+            h.update(array("q", seq).tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
 def _keys(rec: Any) -> str:
     return ", ".join(sorted(map(str, rec))) if isinstance(rec, dict) else type(rec).__name__
 

@@ -33,7 +33,17 @@ from lora_cli.checkpoints import (
     save_checkpoint,
 )
 from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
-from lora_cli.data import IGNORE, Encoder, EncodeStats, Example, collate, load_records, pack, split_eval
+from lora_cli.data import (
+    IGNORE,
+    Encoder,
+    EncodeStats,
+    Example,
+    collate,
+    fingerprint,
+    load_records,
+    pack,
+    split_eval,
+)
 from lora_cli.display import RecordProgress, TrainProgress, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text
 from lora_cli.lora import (
@@ -285,9 +295,14 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             check_packing(loss_model, train_ex[0], pad_id, device, dtype, type(model).__name__)
 
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
-                 "best_eval_step": None, "last_loss": None}
+                 "best_eval_step": None, "last_loss": None, "data_fingerprint": fingerprint(train_ex)}
         if ckpt:
-            state.update(load_checkpoint_state(ckpt, loss_model, optimizer, scheduler, rank, world, engine))
+            saved = load_checkpoint_state(ckpt, loss_model, optimizer, scheduler, rank, world, engine)
+            if saved.get("data_fingerprint", state["data_fingerprint"]) != state["data_fingerprint"]:
+                raise UserError(f"the training data is not the run's any more ({cfg.data} gives other tokens than "
+                                f"when {ckpt.name} was written); --resume continues the same run exactly: restore "
+                                "the data, or start a new run")
+            state.update(saved)
             if state["step"] >= plan.total_steps:
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
                                 "--max-steps or --epochs to train further")

@@ -59,6 +59,21 @@ def test_resume_keeps_base_frozen_and_does_not_wrap_twice(cli, tiny_llama, chat_
         sum(v.numel() for v in t.values())
 
 
+def test_resume_refuses_data_that_changed_since_the_checkpoint(cli, tiny_llama, chat_data, tmp_path):
+    data = tmp_path / "data.jsonl"
+    shutil.copy(chat_data, data)
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", data, "--output", run, "--max-steps", "2",
+               "--save-every", "1")[0] == 0
+    original = data.read_text()
+    data.write_text(original.replace("purple", "orange"))  # same records, other tokens
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "4")
+    assert code == 1 and "the training data is not the run's any more" in err and "step-000002" in err
+    data.write_text(original)
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "4")
+    assert code == 0, err
+
+
 def test_save_total_limit_keeps_newest_plus_best(cli, tiny_llama, chat_data, tmp_path):
     run = tmp_path / "run"
     assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "8",
