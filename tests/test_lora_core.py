@@ -273,6 +273,11 @@ def test_regex_and_all_linear_targets():
     assert "lm_head" not in all_lin and len(all_lin) == 2 * 7
     with pytest.raises(UserError, match="invalid regular expression"):
         resolve_targets(model, "re:(")
+    # a keyword inside a comma list: the attention projections plus the named modules
+    mixed = resolve_targets(model, "attention, mlp.down_proj")
+    assert mixed == sorted(resolve_targets(model, "attention") + resolve_targets(model, "down_proj"))
+    with pytest.raises(UserError, match="nope"):
+        resolve_targets(model, "attention,nope")
 
 
 def test_wrapping_twice_is_refused():

@@ -59,7 +59,8 @@ def describe_linears(model: nn.Module, limit: int = 12) -> str:
 
 
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Module paths to wrap for `--targets` (attention | all-linear | comma list | re:PATTERN).
+    """Module paths to wrap for `--targets` (attention | all-linear | comma list, keywords allowed in it |
+    re:PATTERN).
 
     Raises UserError naming the model's linear modules when nothing matches.
     """
@@ -70,6 +71,9 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     else:
         spec = targets.strip()
         keys = [t.strip() for t in spec.split(",") if t.strip()]
+    if len(keys) > 1 and not spec.startswith(REGEX_PREFIX) and {ATTENTION, ALL_LINEAR} & set(keys):
+        # a keyword with names: `attention,down_proj` is the attention projections plus the down projections
+        return sorted(set().union(*(resolve_targets(model, k) for k in keys)))
     if spec == ATTENTION:
         found = attention_projections(model)
         if not found:
