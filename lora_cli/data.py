@@ -9,6 +9,7 @@ characters between them are the assistant's: the tokens that start there carry t
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def load_records(spec: str, split: str = "train") -> tuple[list[dict], list[dict
     if p.is_dir():
         train = _split_file(p, ("train",))
         if train is None:
-            raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)})")
+            return _read_dataset_directory(p, spec)
         valid = _split_file(p, EVAL_SPLIT_NAMES)
         return read_file(train), (read_file(valid) if valid else None)
     if p.exists():
@@ -86,6 +87,29 @@ def _split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
             if (directory / f"{name}{suffix}").is_file():
                 return directory / f"{name}{suffix}"
     return None
+
+
+def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] | None]:
+    """A directory laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`, `train/*.jsonl`…):
+    datasets finds its splits by their file names, as it does on the Hub."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "Repo card metadata block was not found": a local folder needs no card
+    try:
+        splits = datasets.load_dataset(str(p))
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
+                        f"cannot read it as a dataset repository either: {msg}") from None
+    finally:
+        logging.disable(quiet)
+    if "train" not in splits:
+        raise UserError(f"data directory {spec!r} has no train split (datasets finds {', '.join(splits)}); name "
+                        "the training files train.* or train-*")
+    valid = next((splits[n] for n in EVAL_SPLIT_NAMES if n in splits), None)
+    return splits["train"].to_list(), (valid.to_list() if valid is not None else None)
 
 
 def read_file(path: Path) -> list[dict]:

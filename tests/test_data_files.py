@@ -114,6 +114,28 @@ def test_directory_with_valid_split_and_packing(cli, tiny_llama, tmp_path):
     assert "eval_loss" in rows[-1] and "eval_ppl" in rows[-1]
 
 
+def test_a_directory_laid_out_as_a_hub_dataset_repository(cli, tiny_llama, tmp_path):
+    """A local copy of a Hub dataset: sharded data/train-*.parquet and data/test-*.parquet, found by name."""
+    from lora_cli.data import load_records
+
+    d = tmp_path / "repo"
+    (d / "data").mkdir(parents=True)
+    recs = SHAPES["alpaca"]
+    write(d / "data" / "train-00000-of-00002.parquet", recs[:5])
+    write(d / "data" / "train-00001-of-00002.parquet", recs[5:])
+    write(d / "data" / "test-00000-of-00001.parquet", recs[:2])
+    (d / "README.md").write_text("# a dataset card without metadata\n")
+    train, valid = load_records(str(d))
+    assert sorted(r["input"] for r in train) == sorted(r["input"] for r in recs) and len(valid) == 2
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--output", tmp_path / "run", *RUN)
+    assert code == 0, err
+    assert "8 records (alpaca)" in err and "Repo card" not in err
+    (d / "data" / "train-00000-of-00002.parquet").unlink()
+    (d / "data" / "train-00001-of-00002.parquet").unlink()
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--output", tmp_path / "run2", *RUN)
+    assert code == 1 and "has no train split (datasets finds test)" in err
+
+
 def test_custom_chat_template_file(cli, tiny_gpt2, tmp_path):
     tpl = tmp_path / "t.jinja"
     tpl.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
