@@ -101,6 +101,8 @@ class TrainConfig:
         hints = get_type_hints(cls)
         clean = {}
         for k, v in values.items():
+            if k == "targets" and isinstance(v, list) and all(isinstance(t, str) for t in v):
+                v = ",".join(v)  # YAML's natural spelling of a module list
             if k in known:
                 try:
                     clean[k] = _coerce(v, hints[k])

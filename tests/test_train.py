@@ -106,7 +106,7 @@ def test_train_config_yaml_reruns_the_run(cli, tiny_llama, chat_data, tmp_path):
 
 def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("rank: 8\nlr: 0.001\nbatch_size: 2\n")
+    cfg.write_text("rank: 8\nlr: 0.001\nbatch_size: 2\ntargets: [q_proj, v_proj]\n")
     out = tmp_path / "never"
     code, stdout, _ = cli("train", "--model", "m", "--data", "d.jsonl", "--config", cfg, "--rank", "4",
                           "--output", out, "--dry-run")
@@ -115,6 +115,7 @@ def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     assert resolved["rank"] == 4  # flag beats YAML
     assert resolved["lr"] == 0.001 and resolved["batch_size"] == 2  # YAML beats default
     assert resolved["dropout"] == 0.05 and resolved["alpha"] == 8.0  # defaults (alpha = 2 × rank)
+    assert resolved["targets"] == "q_proj,v_proj"  # a YAML list of modules reads as the comma list
     assert not out.exists()
 
 
