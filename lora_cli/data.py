@@ -89,6 +89,14 @@ def _split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _root_message(e: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps parser errors in "An error occurred while
+    generating the dataset", which says nothing of what is wrong."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] | None]:
     """A directory laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`, `train/*.jsonl`…):
     datasets finds its splits by their file names, as it does on the Hub."""
@@ -100,7 +108,7 @@ def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] 
     try:
         splits = datasets.load_dataset(str(p))
     except Exception as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        msg = _root_message(e)
         raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
                         f"cannot read it as a dataset repository either: {msg}") from None
     finally:
@@ -121,6 +129,9 @@ def read_file(path: Path) -> list[dict]:
         raise UserError(f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise UserError(f"{path} is UTF-16 text; save it as UTF-8")
     kwargs = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if suffix == ".txt" else {}
     rows = _check_json(path) if suffix in (".jsonl", ".json") else None
     datasets.disable_progress_bars()
@@ -131,7 +142,7 @@ def read_file(path: Path) -> list[dict]:
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[suffix]
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _root_message(e)
         raise UserError(f"cannot read {path}: {msg}") from None
     records = ds.to_list()
     if suffix == ".txt":
@@ -167,7 +178,7 @@ def _check_json(path: Path) -> list[dict] | None:
             whole = None  # one object per line
         if isinstance(whole, dict):
             lists = [v for v in whole.values() if isinstance(v, list)]
-            if (len(lists) == len(whole) and len({len(v) for v in lists}) == 1
+            if (len(lists) == len(whole) and len({len(v) for v in lists}) == 1 and lists[0]
                     and not any(isinstance(x, dict) for v in lists for x in v)):  # a record's turns are objects
                 return [dict(zip(whole, row)) for row in zip(*lists)]
             if record_shape(whole) is not None:
@@ -195,7 +206,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _root_message(e)
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "
                         f"did not provide it: {msg}") from None
     return ds.to_list()
@@ -374,8 +385,8 @@ class Encoder:
         stats.tokens = sum(len(e.input_ids) for e in examples)
         stats.loss_tokens = sum(e.n_loss for e in examples)
         if not examples:
-            raise UserError(f"{name}: no record has a token to learn from after truncation to "
-                            f"--max-length {self.max_length} ({stats.dropped_no_loss} dropped)")
+            raise UserError(f"{name}: no record has a token to learn from ({stats.dropped_no_loss} dropped: empty, "
+                            f"or every answer token cut by --max-length {self.max_length})")
         return examples, stats
 
     def encode(self, rec: dict, shape: str, where: str, stats: EncodeStats) -> list[Example]:

@@ -39,6 +39,9 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     pickled.mkdir()
     shutil.copy(tiny_llama / "config.json", pickled / "config.json")
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
+    (d / "utf16.jsonl").write_bytes('{"text": "hello"}\n'.encode("utf-16"))
+    (d / "broken.csv").write_text('text\n"unterminated\n')
+    (d / "one-empty-record.jsonl").write_text('{"messages": []}\n')
     (d / "an-adapter").mkdir()
     (d / "an-adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
     untokenized = d / "untokenized"  # weights and config, no tokenizer files
@@ -84,6 +87,11 @@ CASES = {
     "split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--data-split", "test"),
                               ["--data-split 'test' picks a split of a Hub dataset", "is local"]),
     "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["cannot write", "is a file, not a folder"]),
+    "UTF-16 data": (lambda d, m, c: train_args(m, d / "utf16.jsonl", d / "o"), ["is UTF-16 text; save it as UTF-8"]),
+    "malformed CSV": (lambda d, m, c: train_args(m, d / "broken.csv", d / "o"),
+                      ["cannot read", "EOF inside string"]),  # the parser's words, not datasets' wrapper
+    "one record, empty messages": (lambda d, m, c: train_args(m, d / "one-empty-record.jsonl", d / "o"),
+                                   ["record 1: 'messages' must be a non-empty list"]),
     "adapter given as the model": (lambda d, m, c: ("generate", "--model", d / "an-adapter", "--prompt", "x"),
                                    ["is a LoRA adapter, not a model; its base is 'org/base'", "--adapter"]),
     "model without a tokenizer": (lambda d, m, c: train_args(d / "untokenized", c, d / "o"),
