@@ -56,7 +56,8 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "size_bytes": weights.stat().st_size,
         "dtype": _dtype_name(dtypes.most_common(1)[0][0]) if dtypes else None,
         "fan_in_fan_out": config.fan_in_fan_out,
-        **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if (v := getattr(config, k))},
+        **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save")
+           if (v := getattr(config, k))},
     }
     summary = path / "train_summary.json"
     if summary.is_file():

@@ -98,7 +98,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                        dtype: torch.dtype | None = None, force: bool = False, allow_pickle: bool = False,
                        chat_template: str | None = None, status=None) -> MergeResult:
     """Bake the adapter into the base weights and write a plain transformers directory at `output`."""
-    from lora_cli.lora.adapter import read_adapter_tensors
+    from lora_cli.lora.adapter import read_adapter_tensors, saved_layers
 
     output = Path(output)
     if output.exists() and not force:
@@ -113,9 +113,13 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
     all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}
+    whole = saved_layers(tensors)  # modules_to_save: layers the adapter replaces outright
+    tensors = {k: v for k, v in tensors.items() if k not in whole}
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})  # …lora_A / lora_B / lora_magnitude_vector
     weight_of = match_weights(paths, all_keys)
     _check_shapes(config, tensors, weight_of, all_keys)
+    replace = _saved_layer_keys(whole, all_keys, base_dir)  # adapter key → checkpoint key
+    untie = [k for k in replace.values() if k not in all_keys]  # a tied head the adapter trained on its own
 
     merged = 0
     with atomic_dir(output) as tmp:
@@ -136,13 +140,56 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                     raise UserError(f"merging {path} gives non-finite weights; the adapter is broken")
                 state[key] = new.to(dtype or w.dtype)
                 merged += 1
+            for k, key in replace.items():
+                if key in state or (key in untie and shard == shards[-1]):
+                    like = state[key] if key in state else next(v for v in state.values() if v.is_floating_point())
+                    state[key] = whole[k].to(dtype or like.dtype)
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt"})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)
+        if untie:
+            _untie(tmp, untie, shards[-1])
         _write_tokenizer_and_generation(base_dir, tmp, chat_template)
     return MergeResult(output, merged, len(shards), str(dtype).replace("torch.", "") if dtype else None)
+
+
+def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[int]], base_dir: Path) -> dict[str, str]:
+    """Checkpoint key of each whole layer an adapter carries; a tied output head (no key of its own in the
+    checkpoint) gets one, written into the last shard."""
+    text = _read_config(base_dir).get_text_config() if whole else None
+    keys, problems = {}, []
+    for k, t in whole.items():
+        cands = [c for c in all_keys if c == k or k.endswith("." + c)]
+        if len(cands) == 1:
+            keys[k], shape = cands[0], list(all_keys[cands[0]])
+        elif not cands and text.tie_word_embeddings and k.rsplit(".", 1)[0].endswith("lm_head"):
+            keys[k], shape = k, [text.vocab_size, text.hidden_size][: t.dim()]  # the tied input embeddings'
+        else:
+            problems.append(f"{k} ({'no such weight' if not cands else 'ambiguous'} in the base checkpoint)")
+            continue
+        if list(t.shape) != shape:
+            problems.append(f"{k} is {list(t.shape)}, the base's {shape}"
+                            + (" (the vocabulary was resized)" if list(t.shape[1:]) == shape[1:] else ""))
+    if problems:
+        raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
+    return keys
+
+
+def _untie(out: Path, keys: list[str], shard: str) -> None:
+    """The merged head has its own weight now: the config must stop tying it to the input embeddings."""
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tie_word_embeddings"] = False
+    if isinstance(cfg.get("text_config"), dict) and "tie_word_embeddings" in cfg["text_config"]:
+        cfg["text_config"]["tie_word_embeddings"] = False
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    index = out / INDEX_NAME
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({k: shard for k in keys})
+        index.write_text(json.dumps(data, indent=2))
 
 
 def _check_shapes(config, tensors, weight_of, all_keys) -> None:

@@ -115,6 +115,40 @@ def test_merge_peft_made_adapters(cli, tmp_path, arch, kw):
     assert rel_diff(logits(again), logits(theirs)) < 1e-5
 
 
+def test_an_adapter_with_modules_to_save_through_every_command(cli, tmp_path):
+    """PEFT's modules_to_save on a tied base: merge writes the head as its own weight and unties it, export
+    keeps the layers, inspect names them, and what cannot hold them (resize) says so."""
+    base_dir = save_tiny(tmp_path / "base", "llama-tied", chat_template=None)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)
+    theirs.eval().save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base_dir, "--output", tmp_path / "m")
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert rel_diff(logits(merged), logits(theirs)) < 1e-5
+    code, out, _ = cli("inspect", tmp_path / "adapter", "--json")
+    assert json.loads(out)["modules_to_save"] == ["lm_head"]
+    code, _, err = cli("export", tmp_path / "adapter", "--output", tmp_path / "x", "--dtype", "float32")
+    assert code == 0, err
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "x").eval()
+    assert rel_diff(logits(again), logits(theirs)) < 1e-6
+    code, _, err = cli("resize", tmp_path / "adapter", "--rank", "2", "--output", tmp_path / "r")
+    assert code == 1 and "also carries whole layers (lm_head: modules_to_save)" in err
+    # a head for a resized vocabulary (added tokens) does not fit the base: said, not half-merged
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    t["base_model.model.lm_head.weight"] = torch.zeros(t["base_model.model.lm_head.weight"].shape[0] + 2,
+                                                       t["base_model.model.lm_head.weight"].shape[1])
+    save_file(t, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base_dir, "--output", tmp_path / "m2")
+    assert code == 1 and "(the vocabulary was resized)" in err and not (tmp_path / "m2").exists()
+
+
 def test_merge_sharded_in_sharded_out(cli, tmp_path):
     model = tiny_model("llama", vocab=320)
     base = tmp_path / "base"

@@ -24,6 +24,7 @@ from lora_cli.lora import (
     resolve_targets,
 )
 from lora_cli.lora.adapter import load_adapter, save_adapter
+from lora_cli.lora.inject import unload_lora
 from lora_cli.lora.targets import linear_modules
 from lora_cli.models import peft_misread_targets
 
@@ -216,6 +217,30 @@ def test_peft_layer_selection_and_exclusion_load_in_ours(tmp_path, arch, selecti
     assert (logits(ours.eval()) - logits(theirs)).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("arch,saved", [("llama", ["lm_head"]), ("llama-tied", ["lm_head"]),
+                                         ("llama-tied", ["embed_tokens", "lm_head"]), ("qwen2", ["embed_tokens"])])
+def test_peft_modules_to_save_load_in_ours_and_unload_cleanly(tmp_path, arch, saved):
+    """Layers an adapter saves whole replace the base's (a tied head gets its own weight, as under PEFT);
+    unloading puts the originals back, ties included."""
+    torch.manual_seed(6)
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                                   modules_to_save=saved, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = tiny_model(arch)
+    before = logits(ours)
+    cfg = load_adapter(ours, tmp_path)
+    assert cfg.modules_to_save == saved
+    assert (logits(ours) - logits(theirs)).abs().max().item() < 1e-5
+    unload_lora(ours)
+    assert torch.equal(logits(ours), before)
+    if arch == "llama-tied":
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_merge_unmerge(arch):
     model, _ = wrapped(arch)
@@ -286,7 +311,7 @@ def test_wrapping_twice_is_refused():
         inject_lora(model, paths, 4, 8)
 
 
-@pytest.mark.parametrize("feature,value", [("modules_to_save", ["lm_head"]), ("lora_bias", True)])
+@pytest.mark.parametrize("feature,value", [("lora_bias", True), ("bias", "all")])
 def test_unimplemented_peft_features_are_refused_by_name(tmp_path, feature, value):
     d = peft_config_on_disk(tmp_path)
     d[feature] = value

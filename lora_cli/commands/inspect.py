@@ -31,6 +31,8 @@ def inspect_command(
                             + (" (rsLoRA: alpha/√r)" if facts["use_rslora"] else "")),
         ("targets", ", ".join(f"{k} ×{v}" for k, v in facts["modules"].items())
                     + f"  ({facts['num_modules']} modules)"),
+        *([("saved whole", ", ".join(facts["modules_to_save"]) + " (modules_to_save: trained in full)")]
+          if facts.get("modules_to_save") else []),
         ("trainable params", f"{facts['trainable_params']:,}"),
         ("size", f"{facts['size_bytes'] / 2**20:.2f} MB ({facts['dtype']})"),
     ]

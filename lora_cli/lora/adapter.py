@@ -65,13 +65,25 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             f"{weights}: tensor names lack PEFT's '{KEY_PREFIX}' prefix (e.g. {problems[0]!r}); not a PEFT adapter"
         )
     tensors = {k[len(KEY_PREFIX) :]: v for k, v in raw.items()}
-    odd = sorted(k for k in tensors if not _KEY_RX.match(k))
+    config = read_adapter_config(path)
+    odd = sorted(k for k in tensors if not _KEY_RX.match(k) and not _is_saved(k, config))
     if odd:  # never dropped silently: a merge, export or combine without them would be another adapter
         embeddings = sorted({k.rsplit(".", 1)[0] for k in odd if ".lora_embedding_" in k})
         what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
                 else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
     return tensors
+
+
+def _is_saved(key: str, config: AdapterConfig) -> bool:
+    """A whole layer's weight or bias carried by the adapter (modules_to_save)."""
+    path, _, leaf = key.rpartition(".")
+    return leaf in ("weight", "bias") and config.saves(path)
+
+
+def saved_layers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's whole-layer tensors (modules_to_save), by `{module path}.weight|bias`."""
+    return {k: v for k, v in tensors.items() if not _KEY_RX.match(k)}
 
 
 def adapter_module_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -95,7 +107,19 @@ def check_adapter_fits(
     problems: list[str] = []
     wanted: set[str] = set()  # the module paths the tensors name
     for key, t in tensors.items():
-        m = _KEY_RX.match(key)  # read_adapter_tensors let only LoRA factors through
+        m = _KEY_RX.match(key)
+        if m is None:  # a layer saved whole (modules_to_save): read_adapter_tensors let only these through
+            path, _, leaf = key.rpartition(".")
+            wanted.add(path)
+            base = getattr(modules.get(path), leaf, None)
+            if not isinstance(base, torch.Tensor):
+                problems.append(f"{path} has no {leaf} in the base")
+            elif tuple(base.shape) != tuple(t.shape):
+                problems.append(f"{key} is {tuple(t.shape)}, the base's {tuple(base.shape)}"
+                                + (" (the vocabulary was resized)" if t.shape[1:] == base.shape[1:] else ""))
+            elif not torch.isfinite(t).all():
+                problems.append(f"{key} holds NaN or inf")
+            continue
         wanted.add(m["path"])
         if m["path"] not in paths:
             where = "is not a linear module of the base" if m["path"] not in modules else "is not in target_modules"
@@ -146,4 +170,17 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0) -> Ad
             layer.lora_B.weight.copy_(tensors[f"{p}.lora_B.weight"])
             if layer.use_dora:
                 layer.lora_magnitude_vector.copy_(tensors[f"{p}.lora_magnitude_vector"])
+    replace_saved_layers(model, saved_layers(tensors))
     return config
+
+
+def replace_saved_layers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put the adapter's whole layers (modules_to_save) in place, as new parameters: a tied output head gets
+    its own weight, as under PEFT. The originals are kept for unload_lora."""
+    originals = model.__dict__.setdefault("_lora_replaced", {})
+    for key, t in saved.items():
+        path, _, leaf = key.rpartition(".")
+        module = model.get_submodule(path)
+        old = getattr(module, leaf)
+        originals.setdefault(key, old)
+        setattr(module, leaf, nn.Parameter(t.to(old.device, old.dtype), requires_grad=False))

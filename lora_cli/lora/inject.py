@@ -81,6 +81,9 @@ def unload_lora(model: nn.Module) -> nn.Module:
     for path, layer in lora_layers(model).items():
         layer.unmerge()
         _set_submodule(model, path, layer.base_layer)
+    for key, original in model.__dict__.pop("_lora_replaced", {}).items():  # layers an adapter saved whole
+        path, _, leaf = key.rpartition(".")
+        setattr(model.get_submodule(path), leaf, original)
     return model
 
 

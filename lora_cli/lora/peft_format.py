@@ -27,6 +27,7 @@ _BENIGN_KEYS = {
     "use_rslora", "rank_pattern", "alpha_pattern", "init_lora_weights", "runtime_config", "megatron_core",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
     "ensure_weight_tying", "monteclora_config", "use_dora", "layers_to_transform", "layers_pattern", "exclude_modules",
+    "modules_to_save",
 }
 # init_lora_weights values that change the *base* weights: such adapters need the modified base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -49,11 +50,18 @@ class AdapterConfig:
     layers_to_transform: list[int] | None = None  # PEFT's layer selection, for a target_modules list
     layers_pattern: list[str] | None = None
     exclude_modules: list[str] | str | None = None  # suffixes, or a full-match regex
+    modules_to_save: list[str] | None = None  # layers saved whole (trained in full), by name
+
+    def saves(self, module_path: str) -> bool:
+        """Whether the adapter carries this module whole (PEFT's modules_to_save: a name segment of the path)."""
+        return any(re.match(rf"(^|.*\.){re.escape(m)}$", module_path) for m in self.modules_to_save or ())
 
     def targets(self, module_path: str) -> bool:
         """Whether PEFT wraps this module (its check_target_module_exists, for `target_modules` as written;
         the all-linear shorthand is expanded by the caller)."""
         ex = self.exclude_modules
+        if self.saves(module_path):  # a layer saved whole is never also wrapped (PEFT excludes it)
+            return False
         if ex and (re.fullmatch(ex, module_path) if isinstance(ex, str) else any(suffix_matches(module_path, e) for e in ex)):
             return False
         if isinstance(self.target_modules, str):
@@ -99,7 +107,7 @@ class AdapterConfig:
             "init_lora_weights": True,
             "rank_pattern": self.rank_pattern,
             "alpha_pattern": self.alpha_pattern,
-            "modules_to_save": None,
+            "modules_to_save": self.modules_to_save,
             "use_dora": self.use_dora,
             **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
                if (v := getattr(self, k)) is not None},
@@ -143,6 +151,7 @@ class AdapterConfig:
                 layers_pattern=[d["layers_pattern"]] if isinstance(d.get("layers_pattern"), str)
                 else d.get("layers_pattern") or None,
                 exclude_modules=d.get("exclude_modules") or None,
+                modules_to_save=[str(m) for m in d["modules_to_save"]] if d.get("modules_to_save") else None,
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: malformed value ({e})") from None
