@@ -231,6 +231,23 @@ def test_unsupported_adapter_tensors_are_named(cli, run_dir, tmp_path):
         assert_user_error(cli(*args), "LoRA on embedding layers (model.embed_tokens)")
 
 
+def test_a_pickled_adapter_is_refused_with_the_conversion_to_run(cli, run_dir, tmp_path):
+    """Older PEFT adapters are adapter_model.bin: never unpickled here; the error gives the one-liner."""
+    from safetensors.torch import load_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(run_dir / "adapter_config.json", old)
+    torch.save(load_file(str(run_dir / "adapter_model.safetensors")), old / "adapter_model.bin")
+    code, _, err = cli("inspect", old)
+    assert code == 1 and "never unpickled here" in err
+    command = err.split("convert it once: ")[1].strip()
+    assert command.startswith('python -c "')
+    subprocess.run([sys.executable, "-c", command[len('python -c "'):-1]], check=True)
+    code, out, err = cli("inspect", old, "--json")
+    assert code == 0 and json.loads(out)["trainable_params"] == json.loads(cli("inspect", run_dir, "--json")[1])["trainable_params"]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path), "--debug"],
                        capture_output=True, text=True)
