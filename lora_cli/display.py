@@ -36,7 +36,7 @@ class RecordProgress:
 
     def __init__(self, console: Console | None, what: str, total: int, min_total: int = 2000) -> None:
         self.progress = None
-        if console is not None and total >= min_total:
+        if console is not None and console.is_terminal and total >= min_total:  # a log gets no bar (nor a blank line)
             self.progress = Progress(TextColumn(f"[bold]{what}"), MofNCompleteColumn(), BarColumn(),
                                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                      console=console, transient=True)
