@@ -184,7 +184,7 @@ def read_yaml_config(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"--config {path!r}: no such file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--config {path!r}: not valid YAML ({first})") from None
@@ -255,4 +255,4 @@ def run_settings(adapter_dir: str | Path) -> dict:
 def run_chat_template(adapter_dir: str | Path) -> str | None:
     """The chat template a run trained with, if it set one with --chat-template (read from train_config.yaml)."""
     path = run_settings(adapter_dir).get("chat_template")
-    return Path(path).read_text(encoding="utf-8") if path and Path(path).is_file() else None
+    return Path(path).read_text(encoding="utf-8-sig") if path and Path(path).is_file() else None

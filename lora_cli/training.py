@@ -178,7 +178,7 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Exa
         valid_records, _ = load_records(cfg.eval_data, cfg.data_split)
     elif valid_records is None and cfg.eval_split > 0:
         train_records, valid_records = split_eval(train_records, cfg.eval_split, cfg.seed)
-    template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
+    template = Path(cfg.chat_template).read_text(encoding="utf-8-sig") if cfg.chat_template else None
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
     with RecordProgress(console, "tokenizing", len(train_records)) as advance:
         train, train_stats = enc.encode_all(train_records, "training data", advance)

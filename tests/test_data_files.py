@@ -138,15 +138,16 @@ def test_a_directory_laid_out_as_a_hub_dataset_repository(cli, tiny_llama, tmp_p
 
 def test_custom_chat_template_file(cli, tiny_gpt2, tmp_path):
     tpl = tmp_path / "t.jinja"
-    tpl.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                   "{% if add_generation_prompt %}<assistant>{% endif %}")
+    body = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tpl.write_text("\ufeff" + body, encoding="utf-8")  # saved by a Windows editor: the BOM is not template text
     data = write(tmp_path / "d.jsonl", SHAPES["messages"])
     code, _, err = cli("train", "--model", tiny_gpt2, "--data", data, "--output", tmp_path / "run", *RUN,
                        "--chat-template", tpl)
     assert code == 0, err
     code, _, err = cli("merge", tmp_path / "run", "--output", tmp_path / "m")
     assert code == 0, err
-    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == tpl.read_text()
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == body
 
 
 def test_eval_loss_equals_a_hand_computation(cli, tiny_llama, tmp_path):

@@ -35,7 +35,7 @@ def generate_command(
     if prompt_file:
         if not Path(prompt_file).is_file():
             raise UserError(f"--prompt-file {prompt_file!r} does not exist")
-        prompts += [line for line in Path(prompt_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not prompts:
         raise UserError("give --prompt TEXT or --prompt-file FILE")
     if max_new_tokens < 1:
