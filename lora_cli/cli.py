@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail("interrupted", code=130)
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
+        if e.code == 130 and not debug:
+            _fail("interrupted", code=130)
+        raise
     except MemoryError:
         if debug:
             raise

@@ -248,6 +248,20 @@ def test_a_pickled_adapter_is_refused_with_the_conversion_to_run(cli, run_dir, t
     assert code == 0 and json.loads(out)["trainable_params"] == json.loads(cli("inspect", run_dir, "--json")[1])["trainable_params"]
 
 
+def test_ctrl_c_is_one_error_line_and_exit_130(monkeypatch, capsys, run_dir):
+    """typer turns KeyboardInterrupt into a silent exit 130: the user still gets the one line."""
+    import lora_cli.inspection
+    from lora_cli.cli import main
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_cli.inspection, "adapter_facts", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", str(run_dir)])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+
 def test_debug_shows_the_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path), "--debug"],
                        capture_output=True, text=True)
