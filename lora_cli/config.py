@@ -155,6 +155,9 @@ class TrainConfig:
             p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit})")
         if not 0 <= self.seed < 2**32:
             p.append(f"--seed must be in [0, 2**32) (got {self.seed})")
+        if self.data and self.data_split != "train" and Path(self.data).expanduser().exists():
+            p.append(f"--data-split {self.data_split!r} picks a split of a Hub dataset, but {self.data!r} is local; "
+                     "a directory's splits are its train.* and valid.* files")
         if not self.targets.strip():
             p.append("--targets is empty; use attention, all-linear, a comma list of module names or re:PATTERN")
         if not 0 <= self.eval_split < 1:

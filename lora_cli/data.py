@@ -275,10 +275,7 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
 def _turns(turns: Any, where: str, key: str) -> list[dict]:
     """Chat turns in either style, `role`/`content` or ShareGPT's `from`/`value`, as template messages."""
     if isinstance(turns, str) and turns.lstrip().startswith("["):  # a CSV cell holds the list as JSON
-        try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: '{key}' is a string but not valid JSON ({e.msg})") from None
+        turns = _from_json(turns, where, f"'{key}' is a string but")
     if not isinstance(turns, list) or not turns:
         raise UserError(f"{where}: '{key}' must be a non-empty list")
     messages = []
@@ -320,13 +317,18 @@ def tools_of(rec: dict, where: str) -> list | None:
     if tools is None or tools == "":
         return None
     if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: tools is not valid JSON ({e.msg})") from None
+        tools = _from_json(tools, where, "tools is")
     if not isinstance(tools, list):
         raise UserError(f"{where}: tools must be a list of function definitions, got {type(tools).__name__}")
     return tools
+
+
+def _from_json(text: str, where: str, what: str) -> Any:
+    """A value a column holds as JSON text (CSV cells, `tools` strings)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: {what} not valid JSON ({e.msg})") from None
 
 
 def _render_error(where: str, e: Exception) -> UserError:

@@ -70,11 +70,7 @@ def match_weights(adapter_paths: list[str], checkpoint_keys: dict[str, list[int]
     """Module path → checkpoint key of its weight. Keys may lack the model's prefix (GPT-2's `h.0…`)."""
     found, problems = {}, []
     for path in adapter_paths:
-        full = path + ".weight"
-        if full in checkpoint_keys:
-            found[path] = full
-            continue
-        cands = [k for k in checkpoint_keys if full.endswith("." + k)]
+        cands = _checkpoint_keys_for(path + ".weight", checkpoint_keys)
         if len(cands) == 1:
             found[path] = cands[0]
         else:
@@ -86,6 +82,12 @@ def match_weights(adapter_paths: list[str], checkpoint_keys: dict[str, list[int]
         shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
         raise UserError(f"the adapter does not fit this base model: {shown}")
     return found
+
+
+def _checkpoint_keys_for(key: str, checkpoint_keys) -> list[str]:
+    """The checkpoint's name for a model key: itself, else the keys it ends with (checkpoints may lack the
+    model's prefix, as GPT-2's `h.0…`)."""
+    return [key] if key in checkpoint_keys else [k for k in checkpoint_keys if key.endswith("." + k)]
 
 
 def delta(config: AdapterConfig, path: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,7 +163,7 @@ def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[i
     text = _read_config(base_dir).get_text_config() if whole else None
     keys, problems = {}, []
     for k, t in whole.items():
-        cands = [c for c in all_keys if c == k or k.endswith("." + c)]
+        cands = _checkpoint_keys_for(k, all_keys)
         if len(cands) == 1:
             keys[k], shape = cands[0], list(all_keys[cands[0]])
         elif not cands and text.tie_word_embeddings and k.rsplit(".", 1)[0].endswith("lm_head"):

@@ -170,9 +170,6 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
 def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Example], list[Example] | None,
                                                                          EncodeStats, EncodeStats | None]:
     """Load and tokenize the training (and eval) records; `console` shows a bar for large datasets."""
-    if cfg.data_split != "train" and Path(cfg.data).expanduser().exists():
-        raise UserError(f"--data-split {cfg.data_split!r} picks a split of a Hub dataset, but {cfg.data!r} is local; "
-                        "a directory's splits are its train.* and valid.* files")
     train_records, valid_records = load_records(cfg.data, cfg.data_split)
     if cfg.eval_data:
         valid_records, _ = load_records(cfg.eval_data, cfg.data_split)
