@@ -37,6 +37,7 @@ class TrainConfig:
     data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
     data_split: str = _opt("train", "Split to read from a Hub dataset.", "Model and data")
     eval_data: str | None = _opt(None, "Evaluation data (same formats as --data).", "Model and data")
+    eval_data_split: str = _opt("test", "Split to read from a Hub --eval-data.", "Model and data")
     eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when there is no eval data.", "Model and data")
     output: str | None = _opt(None, "Run directory [default: runs/<model>-<yyyymmdd-hhmmss>].", "Model and data")
     chat_template: str | None = _opt(None, "Jinja chat template file to use instead of the tokenizer's.", "Model and data")
@@ -158,6 +159,9 @@ class TrainConfig:
         if self.data and self.data_split != "train" and Path(self.data).expanduser().exists():
             p.append(f"--data-split {self.data_split!r} picks a split of a Hub dataset, but {self.data!r} is local; "
                      "a directory's splits are its train.* and valid.* files")
+        if self.eval_data_split != "test" and not (self.eval_data and not Path(self.eval_data).expanduser().exists()):
+            p.append(f"--eval-data-split {self.eval_data_split!r} picks a split of a Hub --eval-data, but "
+                     + (f"{self.eval_data!r} is local" if self.eval_data else "no --eval-data is given"))
         if not self.targets.strip():
             p.append("--targets is empty; use attention, all-linear, a comma list of module names or re:PATTERN")
         if not 0 <= self.eval_split < 1:

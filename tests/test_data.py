@@ -335,3 +335,37 @@ def test_a_tokenizer_with_named_templates_picks_per_record_as_transformers_does(
     assert named.decode(tooled.input_ids) == "TOOLSf;" + named.decode(plain.input_ids)
     assert labelled_text(named, plain) == labelled_text(named, tooled) == "yo<|im_end|>\n"
     assert named.decode(prompt_ids(named, "hi", chat_template_for(named, []))[0]).startswith("<|im_start|>user\nhi")
+
+
+def test_hub_datasets_read_the_named_splits(monkeypatch):
+    """`--data ID` reads `--data-split`, `--eval-data ID` reads `--eval-data-split` (default test, as TRL's
+    dataset_test_split): the eval set is never the training split of the same Hub dataset."""
+    import datasets
+
+    from lora_cli.config import TrainConfig
+    from lora_cli.training import encode_datasets
+
+    asked = []
+
+    class Split:
+        def __init__(self, split):
+            self.split = split
+
+        def to_list(self):
+            return [{"text": f"{self.split} record {i}"} for i in range(3)]
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        return Split(split)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = TrainConfig(model="m", data="org/chats", eval_data="org/chats")
+    cfg.validate()
+    train, valid, _, _ = encode_datasets(cfg, tiny_tokenizer())
+    assert asked == [("org/chats", "train"), ("org/chats", "test")]
+    assert (len(train), len(valid)) == (3, 3)
+    asked.clear()
+    cfg = TrainConfig(model="m", data="org/chats", data_split="train[:80%]", eval_data="org/other", eval_data_split="validation")
+    cfg.validate()
+    encode_datasets(cfg, tiny_tokenizer())
+    assert asked == [("org/chats", "train[:80%]"), ("org/other", "validation")]
