@@ -97,27 +97,44 @@ def _root_message(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] | None]:
-    """A directory laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`, `train/*.jsonl`…):
-    datasets finds its splits by their file names, as it does on the Hub."""
+def _dataset_directory_splits(p: Path, spec: str) -> dict:
+    """The splits of a directory laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`,
+    `train/*.jsonl`…): datasets finds them by their file names, as it does on the Hub."""
     import datasets
 
     datasets.disable_progress_bars()
     quiet = logging.root.manager.disable
     logging.disable(logging.WARNING)  # "Repo card metadata block was not found": a local folder needs no card
     try:
-        splits = datasets.load_dataset(str(p))
+        return datasets.load_dataset(str(p))
     except Exception as e:
         msg = _root_message(e)
         raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
                         f"cannot read it as a dataset repository either: {msg}") from None
     finally:
         logging.disable(quiet)
+
+
+def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] | None]:
+    splits = _dataset_directory_splits(p, spec)
     if "train" not in splits:
         raise UserError(f"data directory {spec!r} has no train split (datasets finds {', '.join(splits)}); name "
                         "the training files train.* or train-*")
     valid = next((splits[n] for n in EVAL_SPLIT_NAMES if n in splits), None)
     return splits["train"].to_list(), (valid.to_list() if valid is not None else None)
+
+
+def load_eval_records(spec: str, split: str = "test") -> list[dict]:
+    """Records of `--eval-data`: a file, a Hub dataset's `split`, or a directory's valid.*/test.* split (its
+    train.* when it has no other)."""
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        return load_records(spec, split)[0]
+    file = _split_file(p, EVAL_SPLIT_NAMES) or _split_file(p, ("train",))
+    if file is not None:
+        return read_file(file)
+    splits = _dataset_directory_splits(p, spec)
+    return splits[next((n for n in (*EVAL_SPLIT_NAMES, "train") if n in splits), next(iter(splits)))].to_list()
 
 
 def read_file(path: Path) -> list[dict]:

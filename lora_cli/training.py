@@ -40,6 +40,7 @@ from lora_cli.data import (
     Example,
     collate,
     fingerprint,
+    load_eval_records,
     load_records,
     pack,
     split_eval,
@@ -172,7 +173,7 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Exa
     """Load and tokenize the training (and eval) records; `console` shows a bar for large datasets."""
     train_records, valid_records = load_records(cfg.data, cfg.data_split)
     if cfg.eval_data:
-        valid_records, _ = load_records(cfg.eval_data, cfg.eval_data_split)
+        valid_records = load_eval_records(cfg.eval_data, cfg.eval_data_split)
     elif valid_records is None and cfg.eval_split > 0:
         train_records, valid_records = split_eval(train_records, cfg.eval_split, cfg.seed)
     template = Path(cfg.chat_template).read_text(encoding="utf-8-sig") if cfg.chat_template else None

@@ -173,3 +173,25 @@ def test_eval_loss_equals_a_hand_computation(cli, tiny_llama, tmp_path):
     assert summary["best_eval_step"] == 2
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_ppl"] == pytest.approx(2.718281828 ** (total / count), rel=1e-4)
+
+
+def test_an_eval_directory_gives_its_eval_split(tmp_path):
+    """`--eval-data DIR` evaluates on DIR's valid/test split (its train.* only when it has nothing else);
+    a directory holding only a test split, as a Hub layout, is an eval set, not an error."""
+    from lora_cli.data import load_eval_records
+
+    recs = SHAPES["alpaca"]
+    files = tmp_path / "files"
+    files.mkdir()
+    write(files / "train.jsonl", recs[:5])
+    assert load_eval_records(str(files)) == recs[:5]
+    write(files / "test.jsonl", recs[5:7])
+    assert load_eval_records(str(files)) == recs[5:7]
+    write(files / "valid.jsonl", recs[7:])
+    assert load_eval_records(str(files)) == recs[7:]
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    write(hub / "data" / "test-00000-of-00001.parquet", recs[:2])
+    assert load_eval_records(str(hub)) == recs[:2]
+    write(hub / "data" / "train-00000-of-00001.parquet", recs[2:])
+    assert load_eval_records(str(hub)) == recs[:2]
