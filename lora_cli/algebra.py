@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, check_output
 from lora_cli.lora.layer import lora_scaling
 from lora_cli.lora.peft_format import KEY_PREFIX, AdapterConfig, read_adapter_config
 
@@ -160,8 +160,7 @@ def write_factors(out_dir: Path, config: AdapterConfig, factors: dict[str, Facto
     from lora_cli.errors import atomic_dir
     from lora_cli.lora.adapter import write_adapter
 
-    if out_dir.exists() and not force:
-        raise UserError(f"--output {out_dir} exists; pass --force to overwrite it")
+    check_output(out_dir, force)
     tensors = {}
     for m, f in factors.items():
         tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = f.a.to(dtype).contiguous()

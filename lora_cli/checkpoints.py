@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_cli.errors import UserError, atomic_dir, creating
+from lora_cli.errors import UserError, atomic_dir, check_output, creating
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -237,12 +237,15 @@ class StopFlag:
             signal.signal(s, old)
 
 
-def output_dir_problem(run_dir: Path, force: bool, resume: bool) -> str | None:
-    """Why we may not write into `run_dir`, or None."""
-    if resume or force or not run_dir.exists():
-        return None
+def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
+    """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force)."""
+    if resume:
+        return
     if run_dir.is_file():
-        return f"--output {run_dir} is a file"
-    if any(p.name != ".lock" for p in run_dir.iterdir()):
-        return f"--output {run_dir} exists and is not empty; pass --force to overwrite it, or --resume to continue it"
-    return None
+        raise UserError(f"--output {run_dir} is a file")
+    if run_dir.is_dir() and not any(p.name != ".lock" for p in run_dir.iterdir()):
+        return
+    if run_dir.exists() and not force:
+        raise UserError(f"--output {run_dir} exists and is not empty; pass --force to overwrite it, "
+                        "or --resume to continue it")
+    check_output(run_dir, force)

@@ -79,6 +79,31 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _rmtree(tmp)
 
 
+# Files that mark a folder as one of ours (a run, an adapter, a merged model): --force replaces only those.
+OWN_MARKERS = ("train_config.yaml", "adapter_config.json", "config.json", "metrics.jsonl")
+
+
+def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: bool = False) -> None:
+    """Raise unless we may write `path`: it is absent, or --force was given and it is something we wrote.
+
+    Like `save_pretrained`, --force never deletes what it did not make: not a folder of other files, not the
+    current folder or one that holds it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not force:
+        raise UserError(f"{flag} {path} exists; pass --force to overwrite it")
+    if path.is_dir():
+        if file:
+            raise UserError(f"{flag} {path} is a folder; name the file to write")
+        here = Path.cwd().resolve()
+        if path.resolve() in (here, *here.parents):
+            raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
+        if any(p.name != ".lock" for p in path.iterdir()) and not any((path / m).exists() for m in OWN_MARKERS):
+            raise UserError(f"{flag} {path} is a folder lora did not write; --force replaces only lora's own "
+                            "output (a run, an adapter, a merged model): choose a new or empty folder")
+
+
 @contextlib.contextmanager
 def creating(path: Path) -> Iterator[None]:
     """Name the user's path, not our temporary one, when the file system refuses to create it."""

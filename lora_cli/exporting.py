@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.errors import UserError, atomic_dir
+from lora_cli.errors import UserError, atomic_dir, check_output
 from lora_cli.inspection import adapter_facts
 from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
@@ -29,8 +29,7 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
                    force: bool = False) -> dict:
     """Write adapter_config.json, adapter_model.safetensors (in `dtype`) and README.md to `output`."""
     output = Path(output)
-    if output.exists() and not force:
-        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    check_output(output, force)
     config = read_adapter_config(adapter_dir)
     tensors = {KEY_PREFIX + k: v.to(dtype).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
     facts = adapter_facts(adapter_dir)
@@ -163,8 +162,7 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     from lora_cli.models import resolve_model
 
     output = Path(output)
-    if output.exists() and not force:
-        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    check_output(output, force, file=True)
     config, factors = portable_factors(adapter_dir)
     ref = base or config.base_model_name_or_path
     if not ref:

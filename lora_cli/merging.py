@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_cli.errors import UserError, atomic_dir
+from lora_cli.errors import UserError, atomic_dir, check_output
 from lora_cli.lora.layer import lora_scaling
 from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config
 from lora_cli.models import ModelSource, ensure_gguf_converted, resolve_model
@@ -103,8 +103,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     from lora_cli.lora.adapter import read_adapter_tensors, saved_layers
 
     output = Path(output)
-    if output.exists() and not force:
-        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    check_output(output, force)
     config = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
     ref = base or config.base_model_name_or_path

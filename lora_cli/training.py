@@ -23,10 +23,10 @@ import torch
 
 from lora_cli.checkpoints import (
     StopFlag,
+    check_run_dir,
     list_checkpoints,
     load_checkpoint_state,
     optimizer_state,
-    output_dir_problem,
     prune_checkpoints,
     rng_state,
     run_lock,
@@ -224,9 +224,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     cfg = resolve_run_config(cfg, resume, given).resolved()
     cfg.validate()
     run_dir = Path(cfg.output)
-    problem = output_dir_problem(run_dir, force, resume)
-    if problem:
-        raise UserError(problem)
+    check_run_dir(run_dir, force, resume)
     if resume and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from")
     source = resolve_model(cfg.model, cfg.allow_pickle)

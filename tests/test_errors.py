@@ -200,6 +200,25 @@ def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+def test_force_replaces_only_our_own_output(cli, run_dir, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """--force never deletes what lora did not write: a folder of other files, the current folder, a parent."""
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_text("meow")
+    for args in (train_args(tiny_llama, chat_data, other, "--force"),
+                 ("merge", run_dir, "--output", other, "--force"),
+                 ("export", run_dir, "--output", other, "--force")):
+        assert_user_error(cli(*args), f"--output {other} is a folder lora did not write")
+    assert [p.name for p in other.iterdir()] == ["cat.jpg"]
+    inside = tmp_path / "work" / "here"
+    inside.mkdir(parents=True)
+    (inside / "train_config.yaml").write_text("rank: 8\n")  # looks like a run: still never the current folder
+    monkeypatch.chdir(inside)
+    for out in (".", "..", str(inside)):
+        assert_user_error(cli(*train_args(tiny_llama, chat_data, out, "--force")), "is the current folder or holds it")
+    assert (inside / "train_config.yaml").is_file()
+
+
 def test_generate_with_a_template_that_refuses_the_prompt(cli, tmp_path):
     """Gemma's template raises on a system turn: one error line with what to try, no traceback."""
     from tiny import save_tiny

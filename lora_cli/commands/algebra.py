@@ -13,7 +13,7 @@ def combine_command(
     output: str = typer.Option(..., "--output", "-o", help="Directory for the combined adapter."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Comma list of weights [default: 1 each]."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Compress to this rank by SVD [default: exact, Σ ranks]."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
 ) -> None:
     """The weighted sum of the adapters' updates, exact by stacking ranks (correct with rsLoRA and mixed
     ranks/alphas); --rank compresses it by SVD."""
@@ -37,7 +37,7 @@ def resize_command(
     adapter: str = typer.Argument(..., help="Adapter directory."),
     rank: float = typer.Option(..., "--rank", help="New rank (a whole number >= 1), or a fraction of energy to keep per layer (< 1)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the resized adapter."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
 ) -> None:
     """Change an adapter's rank by a per-layer truncated SVD of its update; prints the energy kept."""
     from lora_cli.algebra import resize, write_factors
@@ -53,16 +53,14 @@ def extract_command(
     rank: int = typer.Option(..., "--rank", help="Rank of the extracted adapter."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the adapter."),
     targets: str = typer.Option("all-linear", "--targets", help="all-linear, a comma list of module names, or re:PATTERN."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
 ) -> None:
     """A LoRA adapter approximating a full fine-tune: per-layer SVD of W_tuned − W_base, streamed."""
     from lora_cli.algebra import extract, write_factors
     from lora_cli.display import stderr_console
+    from lora_cli.errors import check_output
 
-    if Path(output).exists() and not force:
-        from lora_cli.errors import UserError
-
-        raise UserError(f"--output {output} exists; pass --force to overwrite it")
+    check_output(output, force)  # before the slow part
     config, factors, kept = extract(base, tuned, rank, targets, status=stderr_console().print)
     write_factors(Path(output), config, factors, force=force)
     _report(output, config.r, kept)

@@ -15,7 +15,7 @@ def export_command(
     portable: bool = typer.Option(False, "--portable", help="Fold the scaling into B, one rank everywhere, "
                                   "r = lora_alpha: identical results in servers that assume one alpha / r."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model for --format gguf [default: the adapter's]."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
 ) -> None:
     """Write a small adapter that PEFT, vLLM and other servers load as it is, with a README model card."""
     from lora_cli.commands.common import dtype_name

@@ -14,7 +14,7 @@ def merge_command(
                                        "base_model_name_or_path]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the base's]."),
     verify: bool = typer.Option(False, "--verify", help="Compare merged logits with base + adapter."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled base weights."),
 ) -> None:
     """Bake the adapter into the base weights: a plain transformers model, no LoRA code needed to load it."""

@@ -18,7 +18,7 @@ EXTRA_FLAGS = {
                                    "nothing.", rich_help_panel="Run")),
     "resume": (bool, typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint.",
                                   rich_help_panel="Run")),
-    "force": (bool, typer.Option(False, "--force", help="Overwrite an existing --output directory.",
+    "force": (bool, typer.Option(False, "--force", help="Replace an earlier run at --output (never a folder of other files).",
                                  rich_help_panel="Run")),
 }
 
