@@ -117,7 +117,7 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
                               torch.cat([fac.b, torch.zeros(n_out, rank - fac.b.shape[1])], dim=1))
         out[m] = fac
     r_out = rank if rank is not None else total
-    return _folded_config(configs[0], r_out, modules), out, kept
+    return _folded_config(configs[0], dict.fromkeys(modules, r_out)), out, kept
 
 
 def resize(adapter: str, rank: float) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
@@ -135,18 +135,18 @@ def resize(adapter: str, rank: float) -> tuple[AdapterConfig, dict[str, Factors]
             cum = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-30)
             k = min(int((cum < rank - 1e-12).sum()) + 1, len(s))
         out[m], kept[m], ranks[m] = truncate(u, s, v, k), energy(s, k), k
-    r_max = max(ranks.values())
-    cfg = _folded_config(config, r_max, sorted(factors))
-    cfg.rank_pattern = {re.escape(m): k for m, k in ranks.items() if k != r_max}
-    cfg.alpha_pattern = {re.escape(m): float(k) for m, k in ranks.items() if k != r_max}
-    return cfg, out, kept
+    return _folded_config(config, ranks), out, kept
 
 
-def _folded_config(like: AdapterConfig, r: int, modules: list[str]) -> AdapterConfig:
-    """Scaling folded into B: alpha = r, no rsLoRA; targets are the exact module paths (a full-match regex)."""
-    return AdapterConfig(r=r, lora_alpha=float(r), target_modules=exact_targets(modules), lora_dropout=0.0,
+def _folded_config(like: AdapterConfig, ranks: dict[str, int]) -> AdapterConfig:
+    """Scaling folded into B: alpha = r, no rsLoRA; targets are the exact module paths (a full-match regex).
+    Modules of a lower rank than the largest are named in rank_pattern / alpha_pattern."""
+    r = max(ranks.values())
+    return AdapterConfig(r=r, lora_alpha=float(r), target_modules=exact_targets(list(ranks)), lora_dropout=0.0,
                          use_rslora=False, fan_in_fan_out=like.fan_in_fan_out,
-                         base_model_name_or_path=like.base_model_name_or_path)
+                         base_model_name_or_path=like.base_model_name_or_path,
+                         rank_pattern={re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
+                         alpha_pattern={re.escape(m): float(k) for m, k in sorted(ranks.items()) if k != r})
 
 
 def exact_targets(modules: list[str]) -> str:
@@ -186,7 +186,8 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
 
     if rank < 1:
         raise UserError(f"--rank must be >= 1, got {rank}")
-    dirs = [base_directory(resolve_model(x), status) for x in (base, tuned)]
+    sources = [resolve_model(x) for x in (base, tuned)]
+    dirs = [base_directory(src, status) for src in sources]
     where = [{k: d / s for s in weight_shards(d) for k in _keys(d / s)} for d in dirs]
     base_type, model_type = (json.loads((d / "config.json").read_text()).get("model_type")
                              if (d / "config.json").is_file() else None for d in dirs)
@@ -199,7 +200,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     except re.error as e:
         raise UserError(f"--targets: invalid regular expression ({e})") from None
     names = [t.strip() for t in targets.split(",")] if targets != "all-linear" and pattern is None else None
-    factors, kept = {}, {}
+    factors, kept, ranks = {}, {}, {}
     for key, path in sorted(where[1].items()):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module is None or any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR):
@@ -224,12 +225,12 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
             continue
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         k = min(rank, len(s))
-        factors[module], kept[module] = truncate(u, s, vh.T, k), energy(s, k)
+        factors[module], kept[module], ranks[module] = truncate(u, s, vh.T, k), energy(s, k), k
     if not factors:
         raise UserError("no linear weight differs between the base and the tuned model (or none matched --targets)")
     like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=fan_in_fan_out,
-                         base_model_name_or_path=base)
-    return _folded_config(like, rank, sorted(factors)), factors, kept
+                         base_model_name_or_path=sources[0].path)  # a local base named absolutely
+    return _folded_config(like, ranks), factors, kept  # a layer smaller than --rank keeps its own rank
 
 
 def _keys(path: Path) -> list[str]:

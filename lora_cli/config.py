@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 SCHEDULERS = ("cosine", "linear", "constant")
 # Only these may be given again with --resume (they change how long/what is logged, not what is learned).
+# Values that may name a local file or folder (else a Hub id).
+LOCAL_PATH_FIELDS = ("model", "data", "eval_data", "chat_template")
 RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "eval_every", "log_every")
 
 
@@ -85,13 +88,16 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_sources(cls, flags: dict[str, Any], yaml_path: str | None = None) -> TrainConfig:
-        """flag > YAML > default. `flags` holds only the flags the user actually gave."""
+    def from_sources(cls, flags: dict[str, Any], yaml_path: str | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+        """flag > YAML > default. `flags` holds only the flags the user actually gave.
+
+        Returns the config and the values the user set (by flag or YAML), which --resume checks."""
         values: dict[str, Any] = {}
         if yaml_path:
             values.update(read_yaml_config(yaml_path))
         values.update({k: v for k, v in flags.items() if v is not None})
-        return cls.from_dict(values)
+        cfg = cls.from_dict(values, source=f"--config {yaml_path}" if yaml_path else "config")
+        return cfg, {k: getattr(cfg, k) for k in values}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -116,6 +122,10 @@ class TrainConfig:
         """Normalise aliases and fill the defaults that depend on other values (alpha, output)."""
         c = dataclasses.replace(self)
         c.dtype = DTYPE_ALIASES.get(c.dtype, c.dtype)
+        for k in LOCAL_PATH_FIELDS:  # the run directory names local files absolutely: it is read from anywhere
+            v = getattr(c, k)
+            if v and Path(v).expanduser().exists():
+                setattr(c, k, os.path.abspath(Path(v).expanduser()))
         if c.alpha is None:
             c.alpha = 2.0 * c.rank if isinstance(c.rank, int) and c.rank >= 1 else None  # no second error for rank < 1
         if c.output is None and c.model:

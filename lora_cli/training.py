@@ -147,7 +147,8 @@ def make_plan(cfg: TrainConfig, n_train: int, world: int) -> Plan:
 # ---------------------------------------------------------------- setup
 
 def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConfig:
-    """With --resume the run's saved config rules; only RESUMABLE_OVERRIDES may differ."""
+    """With --resume the run's saved config rules; only RESUMABLE_OVERRIDES may differ. `given` holds what the
+    user set, by flag or --config YAML."""
     if not resume:
         return cfg
     if not cfg.output:
@@ -156,8 +157,8 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     if not saved_path.is_file():
         raise UserError(f"--resume: {cfg.output} has no {CONFIG_FILE}; is it a lora run directory?")
     saved = TrainConfig.from_dict(read_yaml_config(str(saved_path)), source=str(saved_path))
-    changed = [k for k, v in given.items() if k not in RESUMABLE_OVERRIDES + ("output",)
-               and v is not None and getattr(saved, k) != v]
+    asked, kept = cfg.resolved(), saved.resolved()  # paths compared absolute, aliases spelled out
+    changed = [k for k in given if k not in RESUMABLE_OVERRIDES + ("output",) and getattr(asked, k) != getattr(kept, k)]
     if changed:
         raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
                         f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may change)")

@@ -152,6 +152,31 @@ def test_extract_recovers_a_low_rank_fine_tune(cli, tmp_path, arch):
         assert sorted(read_factors(tmp_path / "re")[1]) == sorted(m for m in changed if ".layers.0." in m)
 
 
+def test_extract_past_a_layers_rank_keeps_it_whole_and_names_the_base_absolutely(cli, tmp_path, monkeypatch):
+    """--rank above a layer's size keeps the layer at full rank (rank_pattern says so, as PEFT needs to load
+    it) and the update is exact; a relative --base is written as an absolute path."""
+    base = save_tiny(tmp_path / "base", "llama", chat_template=None)
+    tuned_model = AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned_model.named_parameters():
+            if p.dim() == 2 and ("k_proj" in name or "q_proj" in name):
+                p += 0.05 * torch.randn(p.shape, generator=g)  # full rank
+    tuned_model.save_pretrained(tmp_path / "tuned")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("extract", "--base", "base", "--tuned", "tuned", "--rank", "1000", "--output", "x")
+    assert code == 0, err
+    config = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    sizes = {m: min(f.a.shape[1], f.b.shape[0]) for m, f in read_factors(tmp_path / "x")[1].items()}
+    assert config["r"] == max(sizes.values()) and config["rank_pattern"]  # q and k differ in size (GQA)
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "x").eval()
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    with torch.no_grad():
+        want = tuned_model.eval()(input_ids=ids).logits
+        assert (theirs(input_ids=ids).logits - want).abs().max() / want.abs().max() < 1e-4
+
+
 def test_extract_refuses_a_tuned_model_of_another_architecture(cli, tmp_path):
     base, other = save_tiny(tmp_path / "base", "llama"), save_tiny(tmp_path / "other", "qwen2")
     code, _, err = cli("extract", "--base", base, "--tuned", other, "--rank", "2", "--output", tmp_path / "x")

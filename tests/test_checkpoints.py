@@ -165,3 +165,31 @@ def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
         for p in params:
             for k in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(fresh.state[p][k], opt.state[p][k])
+
+
+def test_resume_reads_the_config_file_and_the_run_names_its_files_absolutely(cli, tiny_llama, chat_data, tmp_path,
+                                                                             monkeypatch):
+    """train_config.yaml names local files absolutely (a resume from another folder reads the same data), and
+    a --config YAML counts like flags on --resume: what may change applies, what may not is refused."""
+    import yaml
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(chat_data, work / "chats.jsonl")
+    monkeypatch.chdir(work)
+    assert cli("train", "--model", tiny_llama, "--data", "chats.jsonl", "--output", "run", "--max-steps", "2",
+               "--save-every", "1", "--dropout", "0")[0] == 0
+    run = work / "run"
+    assert yaml.safe_load((run / "train_config.yaml").read_text())["data"] == str(work / "chats.jsonl")
+    (work / "same.yaml").write_text("data: chats.jsonl\nmax_steps: 3\n")  # relative, but the same file
+    code, _, err = cli("train", "--output", "run", "--resume", "--config", "same.yaml")
+    assert code == 0, err
+    monkeypatch.chdir(elsewhere)
+    (elsewhere / "rank.yaml").write_text("rank: 4\n")
+    code, _, err = cli("train", "--output", run, "--resume", "--config", "rank.yaml")
+    assert code == 1 and err.startswith("error: --resume cannot change --rank"), err
+    (elsewhere / "longer.yaml").write_text("max_steps: 4\n")
+    code, _, err = cli("train", "--output", run, "--resume", "--config", "longer.yaml")
+    assert code == 0, err
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

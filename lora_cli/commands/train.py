@@ -48,8 +48,7 @@ def train_command(**kwargs) -> None:
     from lora_cli.display import stderr_console
 
     config_path, dry_run, resume, force = (kwargs.pop(k) for k in EXTRA_FLAGS)
-    given = {k: v for k, v in kwargs.items() if v is not None}
-    cfg = TrainConfig.from_sources(given, config_path)
+    cfg, given = TrainConfig.from_sources({k: v for k, v in kwargs.items() if v is not None}, config_path)
     if dry_run:
         from lora_cli.training import resolve_run_config
 
