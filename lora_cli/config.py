@@ -71,7 +71,8 @@ class TrainConfig:
                          "compiling (long runs); slower on a CPU (docs/benchmarks.md).", "Hardware")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA stays 16/32-bit.", "Hardware")
     eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
-    log_every: int = _opt(1, "Steps between metrics.jsonl rows.", "Logging and checkpoints")
+    log_every: int = _opt(1, "Steps between metrics.jsonl rows; a row averages the steps since the last one.",
+                          "Logging and checkpoints")
     save_every: int = _opt(0, "Steps between checkpoints (0 = every 10% of the run).", "Logging and checkpoints")
     save_total_limit: int = _opt(3, "Checkpoints kept: the newest N plus the best by eval loss.", "Logging and checkpoints")
     trust_remote_code: bool = _opt(False, "Allow the model repository's own Python code to run.", "Safety")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -54,17 +55,23 @@ class RecordProgress:
 
 
 class TrainProgress:
-    """A rich progress bar with loss, lr, tokens/s and ETA; silent when disabled (non-main processes)."""
+    """A rich progress bar with loss, lr, tokens/s and ETA; silent when disabled (non-main processes).
 
-    def __init__(self, console: Console, total: int, start: int = 0, enabled: bool = True) -> None:
-        self.enabled = enabled
+    Without a terminal (a log file, CI, nohup) a live bar would print nothing until the end: instead a plain
+    line every 10% of the run and at least every `every_s` seconds, and one for the last step."""
+
+    def __init__(self, console: Console, total: int, start: int = 0, enabled: bool = True,
+                 every_s: float = 30.0) -> None:
+        self.enabled, self.console, self.total, self.start = enabled, console, total, start
+        self.plain = enabled and not console.is_terminal
+        self.every_s, self.t0 = every_s, time.monotonic()
+        self.last_line, self.last_decile = self.t0, start * 10 // max(total, 1)
         self.progress = Progress(
             TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
             TextColumn("loss [bold]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[extra]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False, disable=not enabled,
-            refresh_per_second=4 if console.is_terminal else 0.2,
+            console=console, transient=False, disable=not enabled or self.plain,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", extra="")
 
@@ -78,6 +85,23 @@ class TrainProgress:
     def update(self, step: int, loss: float, lr: float, tps: float, extra: str = "") -> None:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}",
                              extra=extra)
+        if not self.plain:
+            return
+        now, decile = time.monotonic(), step * 10 // max(self.total, 1)
+        if (step not in (self.start + 1, self.total) and decile == self.last_decile
+                and now - self.last_line < self.every_s):
+            return
+        self.last_line, self.last_decile = now, decile
+        elapsed = now - self.t0
+        eta = elapsed / (step - self.start) * (self.total - step) if step > self.start else 0.0
+        self.console.print(f"step {step}/{self.total} ({100 * step // max(self.total, 1)}%)  loss {loss:.4f}  "
+                           f"lr {lr:.2e}  {tps:,.0f} tok/s  {extra + '  ' if extra else ''}"
+                           f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def plot_loss(metrics: list[dict], path: Path) -> bool:

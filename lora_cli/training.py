@@ -216,6 +216,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 # ---------------------------------------------------------------- the loop
 
+# metrics since the last row: Σ loss × loss tokens, loss tokens, tokens, seconds, steps
+EMPTY_WINDOW = (0.0, 0, 0, 0.0, 0)
+
 def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` and write the run directory. Returns the summary."""
     from accelerate import Accelerator
@@ -292,7 +295,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             check_packing(loss_model, train_ex[0], pad_id, device, dtype, type(model).__name__)
 
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
-                 "best_eval_step": None, "last_loss": None, "data_fingerprint": fingerprint(train_ex)}
+                 "best_eval_step": None, "last_loss": None, "data_fingerprint": fingerprint(train_ex),
+                 "window": EMPTY_WINDOW}
         if ckpt:
             saved = load_checkpoint_state(ckpt, loss_model, optimizer, scheduler, rank, world, engine)
             if saved.get("data_fingerprint", state["data_fingerprint"]) != state["data_fingerprint"]:
@@ -371,9 +375,13 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                     dt = time.perf_counter() - t0
                     state.update(step=done, loss_tokens_seen=state["loss_tokens_seen"] + n_global, last_loss=loss,
                                  wall_time_s=time.perf_counter() - t_start)
-                    row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": round(loss, 6),
-                           "lr": lr, "tokens_per_s": round(tokens_all / dt, 1), "step_s": round(dt, 4),
-                           "loss_tokens": n_global}
+                    # a metrics row sums the steps since the last one (--log-every): the loss is their mean per
+                    # loss token; kept in the checkpoint state, so a resumed run logs the same rows
+                    w = [a + b for a, b in zip(state["window"], (loss * n_global, n_global, tokens_all, dt, 1))]
+                    state["window"] = w
+                    row = {"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": round(w[0] / w[1], 6),
+                           "lr": lr, "tokens_per_s": round(w[2] / w[3], 1), "step_s": round(w[3] / w[4], 4),
+                           "loss_tokens": w[1]}
                     is_last = done == plan.total_steps
                     if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
                         ev = evaluate(loss_model, eval_ex, cfg.batch_size, pad_id, acc)
@@ -382,10 +390,12 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                         if state["best_eval_loss"] is None or ev < state["best_eval_loss"]:
                             state.update(best_eval_loss=ev, best_eval_step=done)
                         loss_model.train()
-                    if main and (done % cfg.log_every == 0 or is_last or "eval_loss" in row):
-                        metrics_fh.write(json.dumps(row) + "\n")
-                        metrics_fh.flush()
-                    bar.update(done, loss, lr, row["tokens_per_s"],
+                    if done % cfg.log_every == 0 or is_last or "eval_loss" in row:
+                        state["window"] = EMPTY_WINDOW
+                        if main:
+                            metrics_fh.write(json.dumps(row) + "\n")
+                            metrics_fh.flush()
+                    bar.update(done, loss, lr, tokens_all / dt,
                                f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
                     if world > 1:  # every process must agree to stop at the same step (collectives follow)
                         flag = acc.reduce(torch.tensor(float(bool(stop.signal)), device=device), "sum")

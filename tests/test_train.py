@@ -253,3 +253,21 @@ def test_modules_whose_weights_the_model_reads_directly_are_named(cli, chat_data
     b = {k: v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k}
     assert all(v.abs().sum() == 0 for k, v in b.items() if "dt_proj" in k)  # as warned: nothing learned
     assert all(v.abs().sum() > 0 for k, v in b.items() if "in_proj" in k)
+
+
+def test_log_every_rows_average_their_steps_and_a_log_gets_progress_lines(cli, tiny_llama, chat_data, tmp_path):
+    """--log-every 2 writes the mean (per loss token) of each two steps, not the second step alone; without a
+    terminal the progress still shows as plain lines while it runs."""
+    args = ["--model", tiny_llama, "--data", chat_data, "--max-steps", "5", "--dropout", "0", "--lr", "5e-3"]
+    code, _, err = cli("train", *args, "--output", tmp_path / "each")
+    assert code == 0, err
+    assert "step 1/5 (20%)" in err and "step 5/5 (100%)" in err and "ETA" in err
+    code, _, err = cli("train", *args, "--output", tmp_path / "pairs", "--log-every", "2")
+    assert code == 0, err
+    rows = lambda r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    each, pairs = rows(tmp_path / "each"), rows(tmp_path / "pairs")
+    assert [r["step"] for r in pairs] == [2, 4, 5]
+    for row, window in zip(pairs, (each[0:2], each[2:4], each[4:5])):
+        n = sum(r["loss_tokens"] for r in window)
+        assert row["loss_tokens"] == n
+        assert row["loss"] == pytest.approx(sum(r["loss"] * r["loss_tokens"] for r in window) / n, rel=1e-5)
