@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with creating(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the mode open() would give
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -60,6 +61,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     with creating(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder gets the mode mkdir() would give
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -113,6 +115,12 @@ def creating(path: Path) -> Iterator[None]:
         blocking = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
         reason = f"{blocking} is a file, not a folder" if blocking else e.strerror or e
         raise UserError(f"cannot write {path}: {reason}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def _rmtree(path: Path) -> None:

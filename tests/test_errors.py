@@ -301,3 +301,22 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(target)])
     assert r.returncode == 9
     assert json.loads(target.read_text()) == {"v": 1}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Atomic writes go through a private temp file/folder; what lands has the mode a plain write would give."""
+    import os
+
+    from lora_cli.errors import atomic_dir
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "inside.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "d" / "inside.txt").stat().st_mode & 0o777 == 0o666 & ~umask
