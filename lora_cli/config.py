@@ -271,6 +271,13 @@ def run_settings(adapter_dir: str | Path) -> dict:
 
 
 def run_chat_template(adapter_dir: str | Path) -> str | None:
-    """The chat template a run trained with, if it set one with --chat-template (read from train_config.yaml)."""
+    """The chat template a run or adapter trained with, when it is not its base tokenizer's own: its
+    chat_template.jinja (of the run, for a checkpoint), else (older runs) the --chat-template file it names."""
+    from lora_cli.data import CHAT_TEMPLATE_FILE
+
+    d = Path(adapter_dir)
+    for kept in (d / CHAT_TEMPLATE_FILE, d.parent.parent / CHAT_TEMPLATE_FILE):
+        if kept.is_file():
+            return kept.read_text(encoding="utf-8-sig")
     path = run_settings(adapter_dir).get("chat_template")
     return Path(path).read_text(encoding="utf-8-sig") if path and Path(path).is_file() else None

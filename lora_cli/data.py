@@ -25,6 +25,8 @@ SHARE_GPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 ACCEPTED_SHAPES = ("text", "prompt+completion", "messages", "instruction+input+output (alpaca)",
                    "conversations (ShareGPT)")
+# A run or adapter keeps the template it trained with here, when it is not the base tokenizer's own.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # For tokenizers without a chat template (GPT-2, NeoX, base models). Prefix-stable by construction.
 BUILTIN_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -61,6 +63,7 @@ class EncodeStats:
     loss_tokens: int = 0
     shape: str = ""
     packed: int = 0  # sequences after --packing (0 = not packed)
+    template: str | None = None  # the chat template rendered with, if not the tokenizer's own (custom, built-in)
 
 
 # ---------------------------------------------------------------- loading
@@ -414,6 +417,8 @@ class Encoder:
         messages, first_loss, plain_pair = to_chat(rec, shape, where)
         if plain_pair and not self.has_template:
             return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
+        if self.template != getattr(self.tok, "chat_template", None):
+            stats.template = self.template
         return [self._chat(messages, where, stats, tools_of(rec, where), first_loss)]
 
     def _text(self, text: str, stats: EncodeStats) -> list[Example]:

@@ -37,8 +37,20 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
     with atomic_dir(output) as tmp:
         write_adapter(tmp, config, tensors, meta)
         (tmp / "README.md").write_text(model_card(facts, adapter_dir, dtype), encoding="utf-8")
+        keep_chat_template(adapter_dir, tmp)
     size = (output / "adapter_model.safetensors").stat().st_size
     return {"output": str(output), "size_bytes": size, "base_size_bytes": base_size_bytes(config.base_model_name_or_path)}
+
+
+def keep_chat_template(adapter_dir: str | Path, out: Path) -> None:
+    """An adapter trained with its own chat template (--chat-template, or ours for a base without one) carries
+    it as chat_template.jinja: `lora generate` and `lora merge` of the export prompt the way it trained."""
+    from lora_cli.config import run_chat_template
+    from lora_cli.data import CHAT_TEMPLATE_FILE
+
+    template = run_chat_template(adapter_dir)
+    if template:
+        (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
 
 
 def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
@@ -131,6 +143,7 @@ def export_portable(adapter_dir: str | Path, output: str | Path, dtype: torch.dt
     write_factors(output, config, factors, dtype=dtype, force=force)
     (output / "README.md").write_text(model_card(adapter_facts(output) | {"train_summary": facts.get("train_summary")},
                                                  adapter_dir, dtype), encoding="utf-8")
+    keep_chat_template(adapter_dir, output)
     return {"output": str(output), "size_bytes": (output / "adapter_model.safetensors").stat().st_size,
             "base_size_bytes": base_size_bytes(config.base_model_name_or_path)}
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from lora_cli.data import BUILTIN_CHAT_TEMPLATE
 from lora_cli.errors import UserError
-
-CHAT_SHAPES = ("messages", "prompt_completion", "alpaca", "sharegpt")
 
 
 def chat_template_for(tokenizer, adapter_dirs: list[str]) -> str | None:
-    """The template to prompt with: a run's --chat-template, the tokenizer's, or our built-in one when a
-    run trained on chat records with a tokenizer that has none. None means raw text."""
+    """The template to prompt with: the one a run trained with (its chat_template.jinja: --chat-template, or
+    our built-in one for a tokenizer without any), else the tokenizer's. None means raw text."""
     from lora_cli.config import run_chat_template
 
     for a in adapter_dirs:
@@ -24,10 +18,6 @@ def chat_template_for(tokenizer, adapter_dirs: list[str]) -> str | None:
             return t
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.get_chat_template()  # the "default" one of a tokenizer with named templates
-    for a in adapter_dirs:
-        summary = Path(a) / "train_summary.json"
-        if summary.is_file() and json.loads(summary.read_text()).get("data_shape") in CHAT_SHAPES:
-            return BUILTIN_CHAT_TEMPLATE
     return None
 
 

@@ -34,6 +34,7 @@ from lora_cli.checkpoints import (
 )
 from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
 from lora_cli.data import (
+    CHAT_TEMPLATE_FILE,
     IGNORE,
     Encoder,
     EncodeStats,
@@ -314,6 +315,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             if not resume:
                 clear_run_files(run_dir)
             atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+            if tstats.template:  # generate, merge and export prompt the way the run trained
+                atomic_write_text(run_dir / CHAT_TEMPLATE_FILE, tstats.template)
             say(_before_table(cfg, source, model, report, paths, tstats, estats, plan, engine, world, device, dtype))
 
         def write_adapter(d: Path, tensors: dict) -> None:

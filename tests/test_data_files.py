@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_cli.data import IGNORE, Encoder
@@ -145,9 +146,36 @@ def test_custom_chat_template_file(cli, tiny_gpt2, tmp_path):
     code, _, err = cli("train", "--model", tiny_gpt2, "--data", data, "--output", tmp_path / "run", *RUN,
                        "--chat-template", tpl)
     assert code == 0, err
+    tpl.unlink()  # the run keeps the template it trained with: it needs no file outside it
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == body
     code, _, err = cli("merge", tmp_path / "run", "--output", tmp_path / "m")
     assert code == 0, err
     assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == body
+    code, _, err = cli("export", tmp_path / "run", "--output", tmp_path / "x")
+    assert code == 0, err
+    code, _, err = cli("merge", tmp_path / "x", "--output", tmp_path / "mx")  # the export carries it too
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(tmp_path / "mx").chat_template == body
+
+
+def test_a_run_on_a_base_without_a_template_prompts_the_way_it_trained(cli, tmp_path):
+    """Chats on a tokenizer without a chat template train with our built-in one: the run, its export and its
+    merge keep it, so generation prompts the same way; plain prompt/completion pairs need none."""
+    from lora_cli.data import BUILTIN_CHAT_TEMPLATE
+    from lora_cli.generation import chat_template_for
+
+    base = save_tiny(tmp_path / "base", "gpt2", chat_template=None)
+    chats, pairs = write(tmp_path / "c.jsonl", SHAPES["messages"]), write(tmp_path / "p.jsonl", SHAPES["prompt_completion"])
+    assert cli("train", "--model", base, "--data", chats, "--output", tmp_path / "run", *RUN)[0] == 0
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == BUILTIN_CHAT_TEMPLATE
+    assert cli("export", tmp_path / "run", "--output", tmp_path / "x")[0] == 0
+    tok = AutoTokenizer.from_pretrained(base)
+    assert chat_template_for(tok, [str(tmp_path / "x")]) == BUILTIN_CHAT_TEMPLATE
+    assert cli("merge", tmp_path / "run", "--output", tmp_path / "m")[0] == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template == BUILTIN_CHAT_TEMPLATE
+    assert cli("train", "--model", base, "--data", pairs, "--output", tmp_path / "plain", *RUN)[0] == 0
+    assert not (tmp_path / "plain" / "chat_template.jinja").exists()
+    assert chat_template_for(tok, [str(tmp_path / "plain")]) is None
 
 
 def test_eval_loss_equals_a_hand_computation(cli, tiny_llama, tmp_path):
