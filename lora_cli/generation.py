@@ -45,6 +45,21 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def fit_new_tokens(model, ids: torch.Tensor, max_new_tokens: int, say) -> int:
+    """--max-new-tokens, lowered (with a note) so prompt + answer stay within the model's context: past it a
+    model with learned positions (GPT-2, OPT) has no position to give the next token."""
+    from lora_cli.models import context_length
+
+    ctx = context_length(model.config)
+    if ctx is None or ids.shape[1] + max_new_tokens <= ctx:
+        return max_new_tokens
+    if ids.shape[1] >= ctx:
+        raise UserError(f"the prompt is {ids.shape[1]} tokens and fills the model's context of {ctx}; shorten it")
+    say(f"note: --max-new-tokens {max_new_tokens} → {ctx - ids.shape[1]}: the prompt's {ids.shape[1]} tokens "
+        f"and the answer fill the model's context of {ctx}")
+    return ctx - ids.shape[1]
+
+
 def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, streamer=None, seed: int = 0) -> str:
     """Greedy unless temperature > 0 (then sampled from `seed`, so every model and prompt draws from the

@@ -161,6 +161,16 @@ _TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"
                     "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken"}
 
 
+# Config attributes that hold a model's context length, by architecture family (MPT: max_seq_len).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for, if its config says."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((v for k in CONTEXT_KEYS if isinstance(v := getattr(c, k, None), int) and v > 0), None)
+
+
 def has_vocabulary(tok) -> bool:
     """False for the empty tokenizer transformers 5 builds from a directory without tokenizer files."""
     return bool(tok("Hello world", add_special_tokens=False)["input_ids"])

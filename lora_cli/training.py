@@ -63,6 +63,7 @@ from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
 from lora_cli.loss import CausalLMLoss
 from lora_cli.models import (
+    context_length,
     load_model,
     load_tokenizer,
     local_path,
@@ -435,10 +436,6 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     return summary
 
 
-# Config attributes that hold a model's context length, by architecture family (MPT: max_seq_len).
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
-
-
 def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
     """--max-length, capped to the model's context: an explicit value beyond it is an error, the
     default is lowered with a note."""
@@ -448,7 +445,7 @@ def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
         mc = AutoConfig.from_pretrained(local_path(source), trust_remote_code=cfg.trust_remote_code)
     except Exception:
         return cfg.max_length  # the model load that follows reports the problem
-    ctx = next((v for k in CONTEXT_KEYS if isinstance(v := getattr(mc, k, None), int) and v > 0), None)
+    ctx = context_length(mc)
     if ctx is None or cfg.max_length <= ctx:
         return cfg.max_length
     if explicit:

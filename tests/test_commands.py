@@ -210,6 +210,18 @@ def test_generate_with_and_without_adapter(cli, trained_run, tiny_llama):
     assert code == 1 and "does not exist" in err
 
 
+def test_generate_stays_within_a_learned_position_context(cli, tiny_gpt2):
+    """GPT-2 has 256 learned positions: a longer answer is cut to fit with a note, a prompt that fills the
+    context is refused (generating past it was an IndexError)."""
+    code, out, err = cli("generate", "--model", tiny_gpt2, "--prompt", "hello", "--max-new-tokens", "1000", "--no-chat")
+    assert code == 0, err
+    err = " ".join(err.split())  # rich wraps the note at the console width
+    assert "note: --max-new-tokens 1000 → 253" in err and "the model's context of 256" in err
+    code, _, err = cli("generate", "--model", tiny_gpt2, "--prompt", "hello " * 300, "--no-chat")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: the prompt is") and "context of 256" in last
+
+
 def test_sampling_is_reproducible_from_its_seed(cli, tiny_llama):
     def sample(seed):
         code, out, err = cli("generate", "--model", tiny_llama, "--prompt", "hello", "--max-new-tokens", "12",

@@ -63,7 +63,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     from transformers import TextStreamer
 
     from lora_cli.display import stderr_console
-    from lora_cli.generation import chat_template_for, generate, prompt_ids
+    from lora_cli.generation import chat_template_for, fit_new_tokens, generate, prompt_ids
     from lora_cli.lora.adapter import load_adapter
     from lora_cli.lora.inject import unload_lora
     from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
@@ -90,7 +90,8 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             ids = prompt_ids(tok, p, template, system).to(device)
-            answers[label].append(generate(model, tok, ids, max_new_tokens, temperature, top_p, streamer, seed))
+            n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
+            answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed))
             sys.stdout.flush()
     if len(variants) > 1:
         table = Table(title="answers", show_lines=True)
