@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             raise
-        _fail(str(e))
+        _fail(str(e), code=e.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -10,7 +10,11 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake the user can fix. The CLI prints it as one `error: …` line and exits 1."""
+    """A mistake the user can fix. The CLI prints it as one `error: …` line and exits 1 (or `exit_code`)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def check(problems: list[str], what: str) -> None:

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,8 +421,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                 metrics_fh.close()
         acc.wait_for_everyone()
         if stopped:
+            number = getattr(signal.Signals, stopped, None)  # exit 128 + N, as a shell reports a signal's end
             raise UserError(f"stopped by {stopped} after step {state['step']}; checkpoint saved. Resume with: "
-                            f"lora train --output {run_dir} --resume")
+                            f"lora train --output {run_dir} --resume", exit_code=128 + number if number else 1)
         summary = _summary(cfg, state, plan, engine, world, tstats, estats, report, device)
         tensors = gathered_lora_tensors(acc, loss_model)
         if main:
