@@ -23,6 +23,8 @@ def chat_template_for(tokenizer, adapter_dirs: list[str]) -> str | None:
 
 def prompt_ids(tokenizer, prompt: str, template: str | None, system: str | None = None) -> torch.Tensor:
     if template is None:
+        if system is not None:
+            raise UserError("--system needs a chat template, and this model has none (prompts go as raw text)")
         return tokenizer(prompt, return_tensors="pt")["input_ids"]
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:

@@ -107,6 +107,10 @@ CASES = {
     "generate missing adapter": (lambda d, m, c: ("generate", "--model", m, "--adapter", d / "nope", "--prompt", "x"),
                                  ["does not exist"]),
     "generate without prompt": (lambda d, m, c: ("generate", "--model", m), ["--prompt"]),
+    "top-p while greedy": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--top-p", "0.9"),
+                           ["--top-p samples", "--temperature > 0"]),
+    "system turn as raw text": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--system", "s",
+                                                 "--no-chat"), ["--system", "--no-chat"]),
     "export missing adapter": (lambda d, m, c: ("export", d / "nope", "--output", d / "o"), ["does not exist"]),
     "export bad dtype": (lambda d, m, c: ("export", d, "--output", d / "o", "--dtype", "int8"), ["--dtype"]),
 }
@@ -217,6 +221,11 @@ def test_force_replaces_only_our_own_output(cli, run_dir, tiny_llama, chat_data,
     for out in (".", "..", str(inside)):
         assert_user_error(cli(*train_args(tiny_llama, chat_data, out, "--force")), "is the current folder or holds it")
     assert (inside / "train_config.yaml").is_file()
+
+
+def test_a_system_message_for_a_model_without_a_chat_template(cli, tiny_gpt2):
+    assert_user_error(cli("generate", "--model", tiny_gpt2, "--system", "be brief", "--prompt", "hi"),
+                      "--system needs a chat template, and this model has none")
 
 
 def test_generate_with_a_template_that_refuses_the_prompt(cli, tmp_path):

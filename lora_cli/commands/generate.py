@@ -42,6 +42,10 @@ def generate_command(
         raise UserError("--max-new-tokens must be >= 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if top_p < 1 and temperature == 0:
+        raise UserError("--top-p samples, and --temperature 0 decodes greedily: give --temperature > 0 too")
+    if system is not None and no_chat:
+        raise UserError("--system is a chat turn and --no-chat sends raw text: drop one of them")
     from lora_cli.lora.peft_format import adapter_files
 
     for a in adapters:
