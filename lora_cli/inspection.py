@@ -32,9 +32,9 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
             n *= d
         params += n
         dtypes[info["dtype"]] += 1
-        if key.endswith(".lora_A.weight"):
-            module = key[len(KEY_PREFIX):].rsplit(".lora_A", 1)[0]
-            modules[module.split(".")[-1]] += 1
+        a = next((s for s in (".lora_A.weight", ".lora_embedding_A") if key.endswith(s)), None)
+        if a:  # a linear layer's A (r, in), or an embedding's (r, vocab)
+            modules[key[len(KEY_PREFIX):-len(a)].split(".")[-1]] += 1
             ranks[info["shape"][0]] += 1
     scaling = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
     facts: dict[str, Any] = {

@@ -54,6 +54,19 @@ def test_inspect_table_and_json(cli, trained_run):
     assert code == 0 and "q_proj ×2" in out and "trainable params" in out
 
 
+def test_inspect_counts_embedding_adapters_and_names_dora_and_alpha_patterns(cli, tiny_llama, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], use_dora=True,
+                             alpha_pattern={"q_proj": 16})
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "a")
+    code, out, err = cli("inspect", tmp_path / "a", "--json")
+    assert code == 0, err
+    assert json.loads(out)["modules"] == {"embed_tokens": 1, "q_proj": 2}
+    code, out, err = cli("inspect", tmp_path / "a")
+    assert code == 0, err
+    out = " ".join(out.split())
+    assert "embed_tokens ×1" in out and "(3 modules)" in out and "DoRA" in out and "1 module pattern(s) with their own alpha" in out
+
+
 def test_inspect_never_imports_torch(trained_run):
     code = "import sys; from lora_cli.cli import main\ntry: main(['inspect', sys.argv[1], '--json'])\n" \
            "except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'"

@@ -28,7 +28,10 @@ def inspect_command(
                        + (" (dequantized GGUF: not the Hub's original weights)" if facts["base_is_gguf"] else "")),
         ("rank", f"{facts['r']} ({ranks})" if len(facts["ranks"]) > 1 else str(facts["r"])),
         ("alpha / scaling", f"{facts['lora_alpha']:g} / {facts['scaling']:.4g}"
-                            + (" (rsLoRA: alpha/√r)" if facts["use_rslora"] else "")),
+                            + (" (rsLoRA: alpha/√r)" if facts["use_rslora"] else "")
+                            + (f"; {len(facts['alpha_pattern'])} module pattern(s) with their own alpha"
+                               if facts["alpha_pattern"] else "")),
+        *([("method", "DoRA: LoRA plus a learned magnitude per output row")] if facts["use_dora"] else []),
         ("targets", ", ".join(f"{k} ×{v}" for k, v in facts["modules"].items())
                     + f"  ({facts['num_modules']} modules)"),
         *([("saved whole", ", ".join(facts["modules_to_save"]) + " (modules_to_save: trained in full)")]
