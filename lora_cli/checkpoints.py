@@ -170,8 +170,12 @@ def load_checkpoint_state(ckpt: Path, model, optimizer, scheduler, rank: int = 0
 
 
 def _unreadable(ckpt: Path, e: Exception) -> UserError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return UserError(f"checkpoint {ckpt} is unreadable ({first}); delete it to resume from an earlier one")
+    text = str(e)
+    # torch's own advice (load with weights_only=False) is wrong for a damaged file: keep what it found
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = found.group(1) if found else (text.strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+    return UserError(f"checkpoint {ckpt} is unreadable ({reason.rstrip('.')}): the file is damaged; delete the "
+                     "checkpoint to resume from an earlier one")
 
 
 def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:

@@ -193,3 +193,16 @@ def test_resume_reads_the_config_file_and_the_run_names_its_files_absolutely(cli
     assert code == 0, err
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_named_without_torchs_unsafe_advice(cli, tiny_llama, chat_data, tmp_path, damage):
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "2",
+               "--save-every", "1")[0] == 0
+    opt = list_checkpoints(run)[-1][1] / "optimizer.pt"
+    data = opt.read_bytes()
+    opt.write_bytes(b"garbage" * 10 if damage == "garbage" else data[: len(data) // 2])
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
+    assert code == 1 and err.startswith(f"error: checkpoint {opt.parent} is unreadable ("), err
+    assert "the file is damaged" in err and "weights_only" not in err and len(err.splitlines()) == 1
