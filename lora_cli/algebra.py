@@ -32,11 +32,12 @@ def read_factors(path: str | Path) -> tuple[AdapterConfig, dict[str, Factors]]:
     config = read_adapter_config(path)
     if config.use_dora:
         raise UserError(f"{path} is a DoRA adapter: its update is not a low-rank product (a per-row magnitude "
-                        "rescales W), so it cannot be combined, resized or exported portably; merge it instead")
+                        "rescales W), so it cannot be combined, resized, or exported with --portable or --format "
+                        "gguf (vLLM and llama.cpp have no DoRA); merge it instead")
     if config.modules_to_save:
         raise UserError(f"{path} also carries whole layers ({', '.join(config.modules_to_save)}: modules_to_save), "
-                        "which are no low-rank update, so it cannot be combined, resized or exported portably; "
-                        "merge it instead")
+                        "which are no low-rank update, so it cannot be combined, resized, or exported with "
+                        "--portable or --format gguf; merge it instead")
     tensors = read_adapter_tensors(path)
     out = {}
     for key in tensors:

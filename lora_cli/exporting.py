@@ -55,9 +55,11 @@ def keep_chat_template(adapter_dir: str | Path, out: Path) -> None:
 
 def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
     """A Hugging Face style README for the adapter."""
+    from lora_cli.config import run_settings
+
     base = facts["base_model_name_or_path"]
     s = facts.get("train_summary") or {}
-    cfg = _train_config(Path(adapter_dir))
+    cfg = run_settings(adapter_dir)  # of the run, for a checkpoint
     gguf_note = ("\n> The base was a GGUF file, dequantized on load: these weights were trained against the "
                  "dequantized model, not the Hub's original weights.\n" if facts["base_is_gguf"] else "")
     hub_base = base if base and not Path(str(base)).exists() else "BASE_MODEL"
@@ -103,16 +105,6 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub_bas
 vllm serve {hub_base} --enable-lora --lora-modules my-adapter=path/to/this/folder --max-lora-rank {max(int(k) for k in facts['ranks']) if facts['ranks'] else facts['r']}
 ```
 """
-
-
-def _train_config(run_dir: Path) -> dict:
-    import yaml
-
-    p = run_dir / "train_config.yaml"
-    try:
-        return yaml.safe_load(p.read_text()) or {} if p.is_file() else {}
-    except yaml.YAMLError:
-        return {}
 
 
 # ---------------------------------------------------------------- portable and llama.cpp exports

@@ -59,12 +59,17 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save")
            if (v := getattr(config, k))},
     }
-    summary = path / "train_summary.json"
-    if summary.is_file():
-        try:
+    summary, state = path / "train_summary.json", path / "trainer_state.json"  # a run; a checkpoint of one
+    try:
+        if summary.is_file():
             facts["train_summary"] = json.loads(summary.read_text())
-        except json.JSONDecodeError:
-            facts["train_summary"] = None
+        elif state.is_file():
+            st = json.loads(state.read_text())
+            evals = st.get("eval_history") or [{}]
+            facts["train_summary"] = {"steps": st.get("step"), "final_loss": st.get("last_loss"),
+                                      "eval_loss": evals[-1].get("eval_loss"), "wall_time_s": st.get("wall_time_s")}
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        facts["train_summary"] = None
     return facts
 
 

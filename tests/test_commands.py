@@ -67,6 +67,22 @@ def test_inspect_counts_embedding_adapters_and_names_dora_and_alpha_patterns(cli
     assert "embed_tokens ×1" in out and "(3 modules)" in out and "DoRA" in out and "1 module pattern(s) with their own alpha" in out
 
 
+def test_a_checkpoint_exports_and_inspects_with_its_training_figures(cli, trained_run, chat_data, tmp_path):
+    from lora_cli.checkpoints import list_checkpoints
+
+    step, ckpt = list_checkpoints(trained_run)[0]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    code, out, err = cli("inspect", ckpt, "--json")
+    assert code == 0, err
+    assert json.loads(out)["train_summary"]["steps"] == step
+    assert json.loads(out)["train_summary"]["final_loss"] == state["last_loss"]
+    code, _, err = cli("export", ckpt, "--output", tmp_path / "x")
+    assert code == 0, err
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert f"| steps | {step} |" in card and f"| final train loss | {state['last_loss']:.4f} |" in card
+    assert f"| training data | `{chat_data}` |" in card  # from the run's train_config.yaml
+
+
 def test_inspect_never_imports_torch(trained_run):
     code = "import sys; from lora_cli.cli import main\ntry: main(['inspect', sys.argv[1], '--json'])\n" \
            "except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported'"
