@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_cli.errors import UserError, atomic_dir, check_output, creating
+from lora_cli.errors import UserError, atomic_dir, creating
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -242,14 +242,14 @@ class StopFlag:
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
-    """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force)."""
-    if resume:
+    """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force:
+    an earlier run's files are removed, nothing else)."""
+    if resume or not run_dir.exists():
         return
     if run_dir.is_file():
         raise UserError(f"--output {run_dir} is a file")
     if run_dir.is_dir() and not any(p.name != ".lock" for p in run_dir.iterdir()):
         return
-    if run_dir.exists() and not force:
+    if not force:
         raise UserError(f"--output {run_dir} exists and is not empty; pass --force to overwrite it, "
                         "or --resume to continue it")
-    check_output(run_dir, force)

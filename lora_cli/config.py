@@ -22,9 +22,9 @@ from lora_cli.errors import UserError, check
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 SCHEDULERS = ("cosine", "linear", "constant")
-# Only these may be given again with --resume (they change how long/what is logged, not what is learned).
 # Values that may name a local file or folder (else a Hub id).
 LOCAL_PATH_FIELDS = ("model", "data", "eval_data", "chat_template")
+# Only these may be given again with --resume (they change how long/what is logged, not what is learned).
 RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "eval_every", "log_every")
 
 
@@ -257,11 +257,16 @@ def _did_you_mean(key: str, known: set[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def run_files(adapter_dir: str | Path, name: str) -> list[Path]:
+    """Where an adapter's run keeps file `name`: beside it, and for a checkpoint (RUN/checkpoints/step-N) in RUN."""
+    d = Path(adapter_dir)
+    return [d / name] + ([d.parent.parent / name] if d.parent.name == "checkpoints" else [])
+
+
 def run_settings(adapter_dir: str | Path) -> dict:
     """The train_config.yaml of a run directory, or of the run holding a checkpoint (run/checkpoints/step-N);
     {} if there is none."""
-    d = Path(adapter_dir)
-    for cfg_file in (d / "train_config.yaml", d.parent.parent / "train_config.yaml"):
+    for cfg_file in run_files(adapter_dir, "train_config.yaml"):
         if cfg_file.is_file():
             try:
                 return yaml.safe_load(cfg_file.read_text()) or {}
@@ -275,8 +280,7 @@ def run_chat_template(adapter_dir: str | Path) -> str | None:
     chat_template.jinja (of the run, for a checkpoint), else (older runs) the --chat-template file it names."""
     from lora_cli.data import CHAT_TEMPLATE_FILE
 
-    d = Path(adapter_dir)
-    for kept in (d / CHAT_TEMPLATE_FILE, d.parent.parent / CHAT_TEMPLATE_FILE):
+    for kept in run_files(adapter_dir, CHAT_TEMPLATE_FILE):
         if kept.is_file():
             return kept.read_text(encoding="utf-8-sig")
     path = run_settings(adapter_dir).get("chat_template")

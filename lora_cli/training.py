@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.checkpoints import (
+    CHECKPOINTS,
     StopFlag,
     check_run_dir,
     list_checkpoints,
@@ -61,7 +62,7 @@ from lora_cli.lora import (
 from lora_cli.lora.adapter import read_adapter_tensors
 from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
-from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX
+from lora_cli.lora.peft_format import CONFIG_NAME, GGUF_BASE_KEY, KEY_PREFIX, WEIGHTS_NAME
 from lora_cli.loss import CausalLMLoss
 from lora_cli.models import (
     context_length,
@@ -78,6 +79,10 @@ from lora_cli.models import (
 CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
+LOSS_PLOT = "loss.png"
+# what a run writes: --force removes these, and only these
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHAT_TEMPLATE_FILE, CONFIG_NAME, WEIGHTS_NAME,
+             CHECKPOINTS)
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -430,7 +435,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             write_adapter(run_dir, tensors)
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
             metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
-            drew = plot_loss(metrics, run_dir / "loss.png")
+            drew = plot_loss(metrics, run_dir / LOSS_PLOT)
             say(_after_table(summary, run_dir, drew, cfg.model))
         if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
             acc.wait_for_everyone()
@@ -565,14 +570,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def clear_run_files(run_dir: Path) -> None:
-    """A fresh run (--force) starts from an empty run directory: no stale metrics or checkpoints."""
+    """A fresh run (--force) starts without an earlier run's files (no stale metrics or checkpoints); whatever
+    else the folder holds stays, as with transformers' overwrite_output_dir."""
     import shutil
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    for p in run_dir.iterdir():
-        if p.name == ".lock":
-            continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in RUN_FILES:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def probe_forward(loss_model, example: Example, pad_id: int, device, layers: dict | None = None) -> list[str]:
@@ -692,7 +697,7 @@ def _after_table(summary: dict, run_dir: Path, drew: bool, model: str):
                                      f"{summary['best_eval_step']})"))
     rows.append(("adapter", f"{run_dir}/adapter_model.safetensors"))
     if drew:
-        rows.append(("loss curve", f"{run_dir}/loss.png"))
+        rows.append(("loss curve", f"{run_dir}/{LOSS_PLOT}"))
     rows.append(("next", f"lora generate --model {model} --adapter {run_dir} --prompt '…'\n"
                          f"lora merge {run_dir} --output {run_dir}-merged\nlora export {run_dir} --output "
                          f"{run_dir}-adapter"))

@@ -204,23 +204,25 @@ def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
-def test_force_replaces_only_our_own_output(cli, run_dir, tiny_llama, chat_data, tmp_path, monkeypatch):
-    """--force never deletes what lora did not write: a folder of other files, the current folder, a parent."""
+def test_force_never_deletes_what_lora_did_not_write(cli, run_dir, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """train --force removes an earlier run's files and nothing else; merge and export replace a whole folder,
+    so they refuse one of other files, the current folder and any folder holding it."""
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_text("meow")
-    for args in (train_args(tiny_llama, chat_data, other, "--force"),
-                 ("merge", run_dir, "--output", other, "--force"),
-                 ("export", run_dir, "--output", other, "--force")):
+    for args in (("merge", run_dir, "--output", other, "--force"), ("export", run_dir, "--output", other, "--force")):
         assert_user_error(cli(*args), f"--output {other} is a folder lora did not write")
     assert [p.name for p in other.iterdir()] == ["cat.jpg"]
-    inside = tmp_path / "work" / "here"
-    inside.mkdir(parents=True)
-    (inside / "train_config.yaml").write_text("rank: 8\n")  # looks like a run: still never the current folder
-    monkeypatch.chdir(inside)
-    for out in (".", "..", str(inside)):
-        assert_user_error(cli(*train_args(tiny_llama, chat_data, out, "--force")), "is the current folder or holds it")
-    assert (inside / "train_config.yaml").is_file()
+    for _ in range(2):  # into the folder, then over the run it holds
+        code, _, err = cli(*train_args(tiny_llama, chat_data, other, "--force"))
+        assert code == 0, err
+    assert (other / "cat.jpg").read_text() == "meow" and (other / "adapter_model.safetensors").is_file()
+    merged = tmp_path / "work" / "merged"
+    assert cli("merge", run_dir, "--output", merged)[0] == 0
+    monkeypatch.chdir(merged)
+    for out in (".", "..", str(merged)):
+        assert_user_error(cli("merge", run_dir, "--output", out, "--force"), "is the current folder or holds it")
+    assert (merged / "config.json").is_file()
 
 
 def test_a_system_message_for_a_model_without_a_chat_template(cli, tiny_gpt2):
