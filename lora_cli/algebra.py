@@ -156,12 +156,12 @@ def exact_targets(modules: list[str]) -> str:
 
 
 def write_factors(out_dir: Path, config: AdapterConfig, factors: dict[str, Factors], dtype=torch.float32,
-                  force: bool = False) -> None:
-    """Write an adapter directory (PEFT format) from folded factors, atomically."""
+                  force: bool = False, reads: tuple = ()) -> None:
+    """Write an adapter directory (PEFT format) from folded factors, atomically; `reads`: what it came from."""
     from lora_cli.errors import atomic_dir
     from lora_cli.lora.adapter import write_adapter
 
-    check_output(out_dir, force)
+    check_output(out_dir, force, reads=reads)
     tensors = {}
     for m, f in factors.items():
         tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = f.a.to(dtype).contiguous()

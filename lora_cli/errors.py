@@ -33,11 +33,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with creating(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the mode open() would give
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp (and safetensors, which recreates the file) make it private: give the mode open() would
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -68,8 +69,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder gets the mode mkdir() would give
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                f.chmod(mode)  # safetensors writes its files private
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         if path.exists():
@@ -85,29 +88,43 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _rmtree(tmp)
 
 
-# Files that mark a folder as one of ours (a run, an adapter, a merged model): --force replaces only those.
-OWN_MARKERS = ("train_config.yaml", "adapter_config.json", "config.json", "metrics.jsonl")
+# What lora's outputs hold (a run, an adapter, a merged model): --force replaces a folder of only these.
+OWN_NAMES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*.jinja", "train_config.yaml",
+             "metrics.jsonl", "train_summary.json", "loss.png", "checkpoints", "config.json",
+             "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
+             "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", ".lock", ".*.tmp", ".*.old")
 
 
-def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: bool = False) -> None:
+def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: bool = False,
+                 reads: tuple = ()) -> None:
     """Raise unless we may write `path`: it is absent, or --force was given and it is something we wrote.
 
-    Like `save_pretrained`, --force never deletes what it did not make: not a folder of other files, not the
-    current folder or one that holds it."""
+    --force never deletes what lora did not make: not a folder holding other files, not a plain file where a
+    folder goes, not the current folder or one that holds it, not what this command reads (`reads`: the
+    adapter, the base)."""
+    import fnmatch
+
     path = Path(path)
     if not path.exists():
         return
     if not force:
         raise UserError(f"{flag} {path} exists; pass --force to overwrite it")
-    if path.is_dir():
-        if file:
-            raise UserError(f"{flag} {path} is a folder; name the file to write")
-        here = Path.cwd().resolve()
-        if path.resolve() in (here, *here.parents):
-            raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
-        if any(p.name != ".lock" for p in path.iterdir()) and not any((path / m).exists() for m in OWN_MARKERS):
-            raise UserError(f"{flag} {path} is a folder lora did not write; --force replaces only lora's own "
-                            "output (a run, an adapter, a merged model): choose a new or empty folder")
+    if path.is_dir() and file:
+        raise UserError(f"{flag} {path} is a folder; name the file to write")
+    if not path.is_dir():
+        if not file:
+            raise UserError(f"{flag} {path} is a file, and a folder goes there; --force will not replace it")
+        return
+    here, out = Path.cwd().resolve(), path.resolve()
+    if out in (here, *here.parents):
+        raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
+    for r in reads:
+        if r and Path(r).expanduser().exists() and out in (q := Path(r).expanduser().resolve(), *q.parents):
+            raise UserError(f"{flag} {path} is {r} or holds it, which this command reads; choose another {flag}")
+    foreign = [p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in OWN_NAMES)]
+    if foreign:
+        raise UserError(f"{flag} {path} is a folder lora did not write (it holds {foreign[0]}); --force replaces "
+                        "only lora's own output (a run, an adapter, a merged model): choose a new or empty folder")
 
 
 @contextlib.contextmanager

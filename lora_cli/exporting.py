@@ -29,7 +29,7 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
                    force: bool = False) -> dict:
     """Write adapter_config.json, adapter_model.safetensors (in `dtype`) and README.md to `output`."""
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, reads=(adapter_dir,))
     config = read_adapter_config(adapter_dir)
     tensors = {KEY_PREFIX + k: v.to(dtype).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
     facts = adapter_facts(adapter_dir)
@@ -132,7 +132,7 @@ def export_portable(adapter_dir: str | Path, output: str | Path, dtype: torch.dt
     output = Path(output)
     config, factors = portable_factors(adapter_dir)
     facts = adapter_facts(adapter_dir)
-    write_factors(output, config, factors, dtype=dtype, force=force)
+    write_factors(output, config, factors, dtype=dtype, force=force, reads=(adapter_dir,))
     (output / "README.md").write_text(model_card(adapter_facts(output) | {"train_summary": facts.get("train_summary")},
                                                  adapter_dir, dtype), encoding="utf-8")
     keep_chat_template(adapter_dir, output)

@@ -103,13 +103,13 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     from lora_cli.lora.adapter import read_adapter_tensors, saved_layers
 
     output = Path(output)
-    check_output(output, force)
     config = read_adapter_config(adapter_dir)
-    tensors = read_adapter_tensors(adapter_dir)
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
     source = resolve_model(ref, allow_pickle)
+    check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
+    tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status)
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}

@@ -217,8 +217,21 @@ def test_force_never_deletes_what_lora_did_not_write(cli, run_dir, tiny_llama, c
         code, _, err = cli(*train_args(tiny_llama, chat_data, other, "--force"))
         assert code == 0, err
     assert (other / "cat.jpg").read_text() == "meow" and (other / "adapter_model.safetensors").is_file()
+    (tmp_path / "notes.txt").write_text("mine")  # a file where a folder goes
+    assert_user_error(cli("merge", run_dir, "--output", tmp_path / "notes.txt", "--force"), "is a file")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for args in (("export", copy, "--output", copy, "--force"), ("merge", copy, "--output", copy, "--force"),
+                 ("resize", copy, "--rank", "2", "--output", copy, "--force"),
+                 ("merge", copy, "--output", tiny_llama, "--force")):  # the adapter read, or its base
+        assert_user_error(cli(*args), "which this command reads")
+    assert (copy / "checkpoints").is_dir() and (tiny_llama / "model.safetensors").is_file()
     merged = tmp_path / "work" / "merged"
     assert cli("merge", run_dir, "--output", merged)[0] == 0
+    (merged / "NOTES.md").write_text("my notes")  # a model folder with the user's own files
+    assert_user_error(cli("merge", run_dir, "--output", merged, "--force"), "lora did not write (it holds NOTES.md)")
+    (merged / "NOTES.md").unlink()
     monkeypatch.chdir(merged)
     for out in (".", "..", str(merged)):
         assert_user_error(cli("merge", run_dir, "--output", out, "--force"), "is the current folder or holds it")
@@ -319,15 +332,20 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     """Atomic writes go through a private temp file/folder; what lands has the mode a plain write would give."""
     import os
 
-    from lora_cli.errors import atomic_dir
+    from safetensors.torch import save_file
+
+    from lora_cli.errors import atomic_dir, atomic_path
 
     old = os.umask(umask)
     try:
         atomic_write_text(tmp_path / "f.json", "{}")
+        with atomic_path(tmp_path / "w.safetensors") as tmp:  # safetensors creates its files 0600
+            save_file({"w": torch.zeros(2)}, str(tmp))
         with atomic_dir(tmp_path / "d") as tmp:
             (tmp / "inside.txt").write_text("x")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
     finally:
         os.umask(old)
-    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    for f in ("f.json", "w.safetensors", "d/inside.txt", "d/model.safetensors"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
-    assert (tmp_path / "d" / "inside.txt").stat().st_mode & 0o777 == 0o666 & ~umask

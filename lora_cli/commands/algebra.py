@@ -29,7 +29,7 @@ def combine_command(
     from lora_cli.display import stderr_console
 
     config, factors, kept = combine(adapters, w, rank, warn=stderr_console().print)
-    write_factors(Path(output), config, factors, force=force)
+    write_factors(Path(output), config, factors, force=force, reads=tuple(adapters))
     _report(output, config.r, kept)
 
 
@@ -43,7 +43,7 @@ def resize_command(
     from lora_cli.algebra import resize, write_factors
 
     config, factors, kept = resize(adapter, rank)
-    write_factors(Path(output), config, factors, force=force)
+    write_factors(Path(output), config, factors, force=force, reads=(adapter,))
     _report(output, config.r, kept, {m: f.a.shape[0] for m, f in factors.items()})
 
 
@@ -60,9 +60,9 @@ def extract_command(
     from lora_cli.display import stderr_console
     from lora_cli.errors import check_output
 
-    check_output(output, force)  # before the slow part
+    check_output(output, force, reads=(base, tuned))  # before the slow part
     config, factors, kept = extract(base, tuned, rank, targets, status=stderr_console().print)
-    write_factors(Path(output), config, factors, force=force)
+    write_factors(Path(output), config, factors, force=force, reads=(base, tuned))
     _report(output, config.r, kept)
 
 
