@@ -132,6 +132,8 @@ class TrainConfig:
         if c.output is None and c.model:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             c.output = f"runs/{model_short_name(c.model)}-{stamp}"
+        if c.output:  # absolute too: a rerun of train_config.yaml from elsewhere writes where this run did
+            c.output = os.path.abspath(Path(c.output).expanduser())
         return c
 
     def validate(self) -> None:

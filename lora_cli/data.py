@@ -162,9 +162,12 @@ def read_file(path: Path) -> list[dict]:
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[suffix]
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:
-        msg = _root_message(e)
-        raise UserError(f"cannot read {path}: {msg}") from None
-    records = ds.to_list()
+        if suffix not in (".jsonl", ".json"):
+            raise UserError(f"cannot read {path}: {_root_message(e)}") from None
+        # Arrow wants one type per column; JSON need not keep one (a turn's content a string here, a list of
+        # parts there): the file was checked above, so read it as plain JSON
+        ds = None
+    records = ds.to_list() if ds is not None else _plain_json_records(path)
     if suffix == ".txt":
         records = [{"text": r["text"].strip()} for r in records if r["text"].strip()]
     if not records:
@@ -217,6 +220,14 @@ def _check_json(path: Path) -> list[dict] | None:
         if not isinstance(obj, dict):
             raise UserError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
     return None
+
+
+def _plain_json_records(path: Path) -> list[dict]:
+    """A JSON list of records, or one record per line, read without Arrow (checked by _check_json)."""
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _read_hub(name: str, split: str) -> list[dict]:

@@ -180,7 +180,8 @@ def test_resume_reads_the_config_file_and_the_run_names_its_files_absolutely(cli
     assert cli("train", "--model", tiny_llama, "--data", "chats.jsonl", "--output", "run", "--max-steps", "2",
                "--save-every", "1", "--dropout", "0")[0] == 0
     run = work / "run"
-    assert yaml.safe_load((run / "train_config.yaml").read_text())["data"] == str(work / "chats.jsonl")
+    saved = yaml.safe_load((run / "train_config.yaml").read_text())
+    assert saved["data"] == str(work / "chats.jsonl") and saved["output"] == str(run)
     (work / "same.yaml").write_text("data: chats.jsonl\nmax_steps: 3\n")  # relative, but the same file
     code, _, err = cli("train", "--output", "run", "--resume", "--config", "same.yaml")
     assert code == 0, err

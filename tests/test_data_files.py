@@ -10,7 +10,7 @@ import torch
 from tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_cli.data import IGNORE, Encoder
+from lora_cli.data import IGNORE, Encoder, read_file
 from lora_cli.lora.adapter import load_adapter
 
 SHAPES = {
@@ -223,3 +223,25 @@ def test_an_eval_directory_gives_its_eval_split(tmp_path):
     assert load_eval_records(str(hub)) == recs[:2]
     write(hub / "data" / "train-00000-of-00001.parquet", recs[2:])
     assert load_eval_records(str(hub)) == recs[:2]
+
+
+def test_turns_mixing_strings_and_content_parts_are_read(cli, tiny_llama, tmp_path):
+    """One turn's content a string, another's a list of parts: Arrow cannot hold that column, the reader
+    still must (and an image part is refused by name, not by an Arrow type error)."""
+    parts = lambda t: [{"type": "text", "text": t}]  # noqa: E731
+    mixed = [{"messages": [{"role": "user", "content": parts(f"colour {i}?")}, {"role": "assistant", "content": "purple"}]}
+             for i in range(7)]
+    mixed.append({"messages": [{"role": "user", "content": "colour 7?"}, {"role": "assistant", "content": parts("purple")}]})
+    plain = [{"messages": [{"role": "user", "content": f"colour {i}?"}, {"role": "assistant", "content": "purple"}]}
+             for i in range(8)]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ours, _ = Encoder(tok, 256).encode_all(read_file(write(tmp_path / "mixed.jsonl", mixed)))
+    want, _ = Encoder(tok, 256).encode_all(plain)
+    assert [(e.input_ids, e.labels) for e in ours] == [(e.input_ids, e.labels) for e in want]
+    code, _, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "mixed.jsonl", "--output", tmp_path / "r", *RUN)
+    assert code == 0, err
+    image = [{"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                           {"role": "assistant", "content": "a cat"}]}] + plain
+    code, _, err = cli("train", "--model", tiny_llama, "--data", write(tmp_path / "img.jsonl", image),
+                       "--output", tmp_path / "i", *RUN)
+    assert code == 1 and "has a 'image' part; only text parts" in err, err
