@@ -30,7 +30,8 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         n = 1
         for d in info["shape"]:
             n *= d
-        params += n
+        if ".base_layer." not in key:  # PEFT saves a targeted embedding's frozen weight too: not trained
+            params += n
         dtypes[info["dtype"]] += 1
         a = next((s for s in (".lora_A.weight", ".lora_embedding_A") if key.endswith(s)), None)
         if a:  # a linear layer's A (r, in), or an embedding's (r, vocab)
@@ -67,7 +68,8 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
             st = json.loads(state.read_text())
             evals = st.get("eval_history") or [{}]
             facts["train_summary"] = {"steps": st.get("step"), "final_loss": st.get("last_loss"),
-                                      "eval_loss": evals[-1].get("eval_loss"), "wall_time_s": st.get("wall_time_s")}
+                                      "eval_loss": evals[-1].get("eval_loss"),
+                                      "wall_time_s": round(st.get("wall_time_s") or 0.0, 2)}
     except (json.JSONDecodeError, AttributeError, TypeError):
         facts["train_summary"] = None
     return facts

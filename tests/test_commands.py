@@ -60,7 +60,11 @@ def test_inspect_counts_embedding_adapters_and_names_dora_and_alpha_patterns(cli
     peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "a")
     code, out, err = cli("inspect", tmp_path / "a", "--json")
     assert code == 0, err
-    assert json.loads(out)["modules"] == {"embed_tokens": 1, "q_proj": 2}
+    facts = json.loads(out)
+    assert facts["modules"] == {"embed_tokens": 1, "q_proj": 2}
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))  # PEFT adds the frozen embedding
+    assert facts["trainable_params"] == sum(v.numel() for k, v in saved.items() if "base_layer" not in k) \
+        < sum(v.numel() for v in saved.values())
     code, out, err = cli("inspect", tmp_path / "a")
     assert code == 0, err
     out = " ".join(out.split())

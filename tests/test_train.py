@@ -108,10 +108,11 @@ def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("rank: 8\nlr: 0.001\nbatch_size: 2\ntargets: [q_proj, v_proj]\n")
     out = tmp_path / "never"
-    code, stdout, _ = cli("train", "--model", "m", "--data", "d.jsonl", "--config", cfg, "--rank", "4",
-                          "--output", out, "--dry-run")
+    code, stdout, _ = cli("train", "-m", "m", "--data", "d.jsonl", "--config", cfg, "--rank", "4",
+                          "-o", out, "--dry-run")  # -m / -o as in the other commands
     assert code == 0
     resolved = yaml.safe_load(stdout)
+    assert resolved["model"] == "m" and resolved["output"] == str(out)
     assert resolved["rank"] == 4  # flag beats YAML
     assert resolved["lr"] == 0.001 and resolved["batch_size"] == 2  # YAML beats default
     assert resolved["dropout"] == 0.05 and resolved["alpha"] == 8.0  # defaults (alpha = 2 × rank)

@@ -25,6 +25,7 @@ def generate_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ) -> None:
     """Generate an answer (streamed), with the chat template when the model has one."""
+    import math
     from pathlib import Path
 
     from lora_cli.commands.common import dtype_name
@@ -35,12 +36,15 @@ def generate_command(
     if prompt_file:
         if not Path(prompt_file).is_file():
             raise UserError(f"--prompt-file {prompt_file!r} does not exist")
-        prompts += [line for line in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        from_file = [line for line in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        if not from_file:
+            raise UserError(f"--prompt-file {prompt_file!r} holds no prompts (one per line)")
+        prompts += from_file
     if not prompts:
         raise UserError("give --prompt TEXT or --prompt-file FILE")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
     if top_p < 1 and temperature == 0:
         raise UserError("--top-p samples, and --temperature 0 decodes greedily: give --temperature > 0 too")

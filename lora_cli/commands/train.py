@@ -23,6 +23,10 @@ EXTRA_FLAGS = {
 }
 
 
+# short forms, as the other commands spell them
+SHORT = {"model": ["-m"], "output": ["-o"]}
+
+
 def _config_params() -> list[inspect.Parameter]:
     hints = typing.get_type_hints(TrainConfig)
     params = []
@@ -31,6 +35,7 @@ def _config_params() -> list[inspect.Parameter]:
         base = next((a for a in getattr(hint, "__args__", ()) if a is not type(None)), hint)
         flag = "--" + f.name.replace("_", "-")
         decl = [flag] if base is not bool else [f"{flag}/--no-{flag[2:]}"]
+        decl += SHORT.get(f.name, [])
         default = "" if f.default is None else f" [default: {f.default}]"
         option = typer.Option(None, *decl, help=f.metadata["help"] + default, show_default=False,
                               rich_help_panel=f.metadata["group"])
