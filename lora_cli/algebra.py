@@ -188,7 +188,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     if rank < 1:
         raise UserError(f"--rank must be >= 1, got {rank}")
     sources = [resolve_model(x) for x in (base, tuned)]
-    dirs = [base_directory(src, status) for src in sources]
+    dirs = [base_directory(src, status, flag) for src, flag in zip(sources, ("--base", "--tuned"))]
     where = [{k: d / s for s in weight_shards(d) for k in _keys(d / s)} for d in dirs]
     base_type, model_type = (json.loads((d / "config.json").read_text()).get("model_type")
                              if (d / "config.json").is_file() else None for d in dirs)

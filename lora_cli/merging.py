@@ -33,8 +33,9 @@ class MergeResult:
     dtype: str | None
 
 
-def base_directory(source: ModelSource, status=None) -> Path:
-    """A local transformers directory holding the base's safetensors (downloading a Hub id's files)."""
+def base_directory(source: ModelSource, status=None, flag: str = "--base") -> Path:
+    """A local transformers directory holding the model's safetensors (downloading a Hub id's files);
+    `flag` names the option that gave it."""
     if source.kind == "dir":
         return Path(source.path)
     if source.is_gguf:
@@ -45,7 +46,8 @@ def base_directory(source: ModelSource, status=None) -> Path:
         return Path(snapshot_download(source.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
                                                                   "*.jinja", "*.tiktoken"]))
     except Exception as e:
-        raise UserError(f"cannot get base model {source.ref!r} from the Hub ({type(e).__name__}); pass --base "
+        what = "base model" if flag == "--base" else "model"
+        raise UserError(f"cannot get {what} {source.ref!r} from the Hub ({type(e).__name__}); pass {flag} "
                         "with a local directory or .gguf file") from None
 
 
