@@ -8,10 +8,12 @@ characters between them are the assistant's: the tokens that start there carry t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,16 +108,25 @@ def _dataset_directory_splits(p: Path, spec: str) -> dict:
     import datasets
 
     datasets.disable_progress_bars()
-    quiet = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # "Repo card metadata block was not found": a local folder needs no card
     try:
-        return datasets.load_dataset(str(p))
+        with quiet_logs():
+            return datasets.load_dataset(str(p))
     except Exception as e:
         msg = _root_message(e)
         raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
                         f"cannot read it as a dataset repository either: {msg}") from None
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """datasets logs what it then raises ("Failed to read schema …") and notes a local folder needs none of
+    ("Repo card metadata block was not found"): the user gets our one error line instead."""
+    before = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
     finally:
-        logging.disable(quiet)
+        logging.disable(before)
 
 
 def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] | None]:
@@ -160,7 +171,8 @@ def read_file(path: Path) -> list[dict]:
             ds = datasets.Dataset.from_list(rows)
         else:
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[suffix]
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            with quiet_logs():
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:
         if suffix not in (".jsonl", ".json"):
             raise UserError(f"cannot read {path}: {_root_message(e)}") from None

@@ -356,3 +356,10 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     for f in ("f.json", "w.safetensors", "d/inside.txt", "d/model.safetensors"):
         assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_broken_parquet_file_gets_our_line_only(cli, tiny_llama, tmp_path):
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    code, _, err = cli(*train_args(tiny_llama, tmp_path / "bad.parquet", tmp_path / "o"))
+    assert code == 1 and "Failed to read schema" not in err, err  # datasets logs what it then raises
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot read {tmp_path / 'bad.parquet'}: Parquet magic")
