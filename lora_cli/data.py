@@ -245,6 +245,10 @@ def _plain_json_records(path: Path) -> list[dict]:
 def _read_hub(name: str, split: str) -> list[dict]:
     import datasets
 
+    from lora_cli.models import cache_only_if_offline
+
+    if cache_only_if_offline():
+        datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy of the setting
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(name, split=split)

@@ -60,7 +60,36 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
         return ModelSource(ref, str(p.resolve()), "dir")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise UserError(f"model {ref!r} does not exist (not a local path, and not a Hub id)")
+    cache_only_if_offline()
     return ModelSource(ref, ref, "hub")
+
+
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def cache_only_if_offline() -> bool:
+    """When the Hub's host does not even resolve (no network), read Hub ids from the local cache at once, as
+    HF_HUB_OFFLINE=1 does, with a note: huggingface_hub would retry each file for ~45 s, logging every try,
+    and then fall back to the cache all the same. Behind a proxy the name need not resolve here: no check.
+    Returns whether the Hub is off."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARS):
+        return constants.HF_HUB_OFFLINE
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        constants.HF_HUB_OFFLINE = True  # read at each request (huggingface_hub.is_offline_mode)
+        from lora_cli.display import stderr_console
+
+        stderr_console().print(f"note: {host} cannot be reached (offline?): Hub ids are read from the local "
+                               "cache only", highlight=False)
+        return True
+    return False
 
 
 def check_no_pickle(directory: Path, allow_pickle: bool) -> None:

@@ -363,3 +363,28 @@ def test_a_broken_parquet_file_gets_our_line_only(cli, tiny_llama, tmp_path):
     code, _, err = cli(*train_args(tiny_llama, tmp_path / "bad.parquet", tmp_path / "o"))
     assert code == 1 and "Failed to read schema" not in err, err  # datasets logs what it then raises
     assert err.strip().splitlines()[-1].startswith(f"error: cannot read {tmp_path / 'bad.parquet'}: Parquet magic")
+
+
+def test_without_a_network_hub_ids_are_read_from_the_cache_at_once(cli, tiny_llama, tmp_path, monkeypatch):
+    """No DNS for the Hub: a note, then the cache only (huggingface_hub would retry every file for ~45 s,
+    logging each try, before falling back to the cache all the same)."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for args in (("generate", "--model", "nobody-xyz/none", "--prompt", "hi"),
+                 train_args(tiny_llama, "nobody-xyz/no-data", tmp_path / "o")):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        code, _, err = cli(*args)
+        assert code == 1 and "cannot be reached (offline?)" in " ".join(err.split()), err
+        assert "Retrying" not in err and err.strip().splitlines()[-1].startswith("error: cannot load")
+    assert datasets.config.HF_HUB_OFFLINE
