@@ -227,6 +227,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 # metrics since the last row: Σ loss × loss tokens, loss tokens, tokens, seconds, steps
 EMPTY_WINDOW = (0.0, 0, 0, 0.0, 0)
 
+
 def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: bool = False) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` and write the run directory. Returns the summary."""
     from accelerate import Accelerator
