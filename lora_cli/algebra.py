@@ -121,9 +121,10 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
     return _folded_config(configs[0], dict.fromkeys(modules, r_out)), out, kept
 
 
-def resize(adapter: str, rank: float) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
+def resize(adapter: str, rank: float, warn=None) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
     """Per-module truncated SVD: `rank` ≥ 1 keeps that many singular values, 0 < rank < 1 keeps the
-    smallest number that retains that fraction of each module's energy (Σ s²)."""
+    smallest number that retains that fraction of each module's energy (Σ s²). `warn(text)` hears that
+    a rank above the adapter's keeps its own (an update of rank r has r singular values)."""
     if not rank > 0 or (rank >= 1 and rank != int(rank)):
         raise UserError(f"--rank must be a whole rank >= 1 or a fraction of energy below 1, got {rank}")
     config, factors = read_factors(adapter)
@@ -136,6 +137,9 @@ def resize(adapter: str, rank: float) -> tuple[AdapterConfig, dict[str, Factors]
             cum = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-30)
             k = min(int((cum < rank - 1e-12).sum()) + 1, len(s))
         out[m], kept[m], ranks[m] = truncate(u, s, v, k), energy(s, k), k
+    if warn and rank >= 1 and int(rank) > max(ranks.values()):
+        warn(f"note: --rank {int(rank)} is above the adapter's rank ({max(ranks.values())}); "
+             "its update has no more directions to keep, so the rank stays")
     return _folded_config(config, ranks), out, kept
 
 

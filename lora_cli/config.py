@@ -179,6 +179,9 @@ class TrainConfig:
             p.append("--targets is empty; use attention, all-linear, a comma list of module names or re:PATTERN")
         if not 0 <= self.eval_split < 1:
             p.append(f"--eval-split must be a fraction in [0, 1) (got {self.eval_split})")
+        elif self.eval_split and self.eval_data:
+            p.append(f"--eval-split {self.eval_split} holds out part of --data, but --eval-data is the eval data; "
+                     "give one of them")
         if self.targets.startswith("re:"):
             try:
                 re.compile(self.targets[3:])

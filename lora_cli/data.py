@@ -273,9 +273,13 @@ def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[di
 # ---------------------------------------------------------------- record shapes
 
 def record_shape(rec: Any) -> str | None:
-    """'text' | 'prompt_completion' | 'messages' | 'alpaca' | 'sharegpt', or None if unknown."""
+    """'text' | 'prompt_completion' | 'messages' | 'alpaca' | 'sharegpt', or None if unknown.
+
+    A null value counts as absent: Arrow fills a key that any record has into every record, as None.
+    """
     if not isinstance(rec, dict):
         return None
+    rec = {k: v for k, v in rec.items() if v is not None}
     if "messages" in rec:
         return "messages"
     if "conversations" in rec:
@@ -324,7 +328,8 @@ def _turns(turns: Any, where: str, key: str) -> list[dict]:
     if isinstance(turns, str) and turns.lstrip().startswith("["):  # a CSV cell holds the list as JSON
         turns = _from_json(turns, where, f"'{key}' is a string but")
     if not isinstance(turns, list) or not turns:
-        raise UserError(f"{where}: '{key}' must be a non-empty list")
+        got = "an empty list" if isinstance(turns, list) else f"{type(turns).__name__} {str(turns)[:40]!r}"
+        raise UserError(f"{where}: '{key}' must be a non-empty list of turns (JSON text in a CSV cell), got {got}")
     messages = []
     for j, t in enumerate(turns, start=1):  # 1-based, as records are
         if not isinstance(t, dict):
@@ -571,7 +576,9 @@ def fingerprint(examples: list[Example]) -> str:
 
 
 def _keys(rec: Any) -> str:
-    return ", ".join(sorted(map(str, rec))) if isinstance(rec, dict) else type(rec).__name__
+    if not isinstance(rec, dict):
+        return type(rec).__name__
+    return ", ".join(sorted(str(k) for k, v in rec.items() if v is not None)) or "none"
 
 
 # ---------------------------------------------------------------- packing and batching

@@ -22,6 +22,14 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def size_text(n: float) -> str:
+    """Bytes for people: '512 bytes', '37.5 KB', '3.55 MB', '1.20 GB' (binary units, as file managers count)."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit != "KB" else f"{n / scale:.1f} KB"
+    return f"{n:.0f} bytes"
+
+
 def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
     table.add_column(style="bold cyan", no_wrap=True)

@@ -185,6 +185,9 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Exa
         valid_records = load_eval_records(cfg.eval_data, cfg.eval_data_split)
     elif valid_records is None and cfg.eval_split > 0:
         train_records, valid_records = split_eval(train_records, cfg.eval_split, cfg.seed)
+    elif cfg.eval_split > 0 and console is not None:
+        console.print(f"note: --eval-split {cfg.eval_split} is not used: {cfg.data} has its own validation split "
+                      f"({len(valid_records)} records), which is the eval data")
     template = Path(cfg.chat_template).read_text(encoding="utf-8-sig") if cfg.chat_template else None
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
     with RecordProgress(console, "tokenizing", len(train_records)) as advance:

@@ -94,6 +94,11 @@ def test_resize_to_rank_and_to_energy(cli, two, base, tmp_path):
     assert_peft_matches_ours(base, tmp_path / "e")
     code, _, err = cli("resize", a, "--rank", "1.5", "--output", tmp_path / "half")
     assert code == 1 and "--rank must be a whole rank >= 1 or a fraction of energy below 1, got 1.5" in err
+    code, _, err = cli("resize", a, "--rank", "16", "--output", tmp_path / "up")  # above r=4: said, kept exact
+    assert code == 0 and "note: --rank 16 is above the adapter's rank (4)" in err, err
+    assert json.loads((tmp_path / "up/adapter_config.json").read_text())["r"] == 4
+    for m, d in deltas(tmp_path / "up").items():
+        assert (d - deltas(a)[m]).abs().max() < 1e-6
 
 
 def test_combine_warns_when_the_adapters_name_different_bases(cli, two, base, tmp_path):

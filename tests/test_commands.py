@@ -107,7 +107,9 @@ def test_help_does_not_import_torch():
 def test_export_loads_in_peft(cli, trained_run, tiny_llama, tmp_path):
     out = tmp_path / "exp"
     code, _, err = cli("export", trained_run, "--output", out)
-    assert code == 0 and "MB" in err and "% of the base" in err
+    assert code == 0 and "% of the base" in err
+    size = (out / "adapter_model.safetensors").stat().st_size
+    assert f"adapter {size / 1024:.1f} KB (float16)" in " ".join(err.split())  # tiny: not "0.00 MB"
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float16 for t in tensors.values())
     card = (out / "README.md").read_text()
@@ -264,3 +266,10 @@ def test_sampling_is_reproducible_from_its_seed(cli, tiny_llama):
 
     first = sample(1)
     assert first == sample(1) and first != sample(2)
+
+
+def test_sizes_read_in_the_unit_that_fits():
+    from lora_cli.display import size_text
+
+    assert [size_text(n) for n in (0, 1023, 1024, 38_400, 3_722_445, 5 * 2**30 // 4)] == \
+        ["0 bytes", "1023 bytes", "1.0 KB", "37.5 KB", "3.55 MB", "1.25 GB"]

@@ -57,6 +57,17 @@ def test_each_file_type_trains(cli, tiny_llama, tmp_path, suffix, shape):
     assert "8 records" in err
 
 
+@pytest.mark.parametrize("first,second", [("messages", "prompt_completion"), ("text", "prompt_completion"),
+                                           ("prompt_completion", "text"), ("alpaca", "messages")])
+def test_a_file_mixing_record_shapes_names_the_record_that_differs(cli, tiny_llama, tmp_path, first, second):
+    # the Arrow reader gives every record every key (None where absent): a null key is not a shape
+    data = write(tmp_path / "d.jsonl", SHAPES[first][:3] + SHAPES[second][:1])
+    code, _, err = cli("train", "--model", tiny_llama, "--data", data, "--output", tmp_path / "run", *RUN)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: training data record 4: shape {second} (keys: ")
+    assert f"differs from the first record's ({first})" in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
 def test_a_leading_byte_order_mark_is_not_data(tmp_path, suffix):
     """Windows editors start UTF-8 files with a BOM: it must neither fail the JSON check nor enter the text."""
@@ -103,14 +114,17 @@ def test_a_csv_cell_may_hold_the_messages_as_json(cli, tiny_llama, tmp_path):
     code, _, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "bad.csv", "--output", tmp_path / "run")
     assert code == 1 and "record 1: 'messages' is a string but not valid JSON" in err
 
+
 def test_directory_with_valid_split_and_packing(cli, tiny_llama, tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     write(d / "train.jsonl", SHAPES["messages"])
     write(d / "valid.jsonl", SHAPES["messages"][:3])
-    code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--output", tmp_path / "run", *RUN, "--packing")
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--output", tmp_path / "run", *RUN, "--packing",
+                       "--eval-split", "0.25")
     assert code == 0, err
-    assert "packed into" in err
+    assert "packed into" in err and "8 records" in err  # the split file is the eval data: nothing held out
+    assert "note: --eval-split 0.25 is not used:" in err and "own validation split (3 records)" in " ".join(err.split())
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert "eval_loss" in rows[-1] and "eval_ppl" in rows[-1]
 

@@ -42,6 +42,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "utf16.jsonl").write_bytes('{"text": "hello"}\n'.encode("utf-16"))
     (d / "broken.csv").write_text('text\n"unterminated\n')
     (d / "one-empty-record.jsonl").write_text('{"messages": []}\n')
+    (d / "plain-messages.csv").write_text('messages\nhello there\n')
     (d / "an-adapter").mkdir()
     (d / "an-adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
     untokenized = d / "untokenized"  # weights and config, no tokenizer files
@@ -84,6 +85,8 @@ CASES = {
     "negative seed": (lambda d, m, c: train_args(m, c, d / "o", "--seed", "-1"), ["--seed must be in [0, 2**32)"]),
     "empty targets": (lambda d, m, c: train_args(m, c, d / "o", "--targets", " "), ["--targets is empty"]),
     "NaN warmup": (lambda d, m, c: train_args(m, c, d / "o", "--warmup", "nan"), ["--warmup must be >= 0"]),
+    "two eval sources": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-split", "0.1"),
+                         ["--eval-split 0.1 holds out part of --data, but --eval-data is the eval data"]),
     "split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--data-split", "test"),
                               ["--data-split 'test' picks a split of a Hub dataset", "is local"]),
     "eval split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-data-split", "dev"),
@@ -93,7 +96,9 @@ CASES = {
     "malformed CSV": (lambda d, m, c: train_args(m, d / "broken.csv", d / "o"),
                       ["cannot read", "EOF inside string"]),  # the parser's words, not datasets' wrapper
     "one record, empty messages": (lambda d, m, c: train_args(m, d / "one-empty-record.jsonl", d / "o"),
-                                   ["record 1: 'messages' must be a non-empty list"]),
+                                   ["record 1: 'messages' must be a non-empty list", "got an empty list"]),
+    "CSV messages cell not JSON": (lambda d, m, c: train_args(m, d / "plain-messages.csv", d / "o"),
+                                   ["record 1: 'messages' must be a non-empty list", "got str 'hello there'"]),
     "adapter given as the model": (lambda d, m, c: ("generate", "--model", d / "an-adapter", "--prompt", "x"),
                                    ["is a LoRA adapter, not a model; its base is 'org/base'", "--adapter"]),
     "model without a tokenizer": (lambda d, m, c: train_args(d / "untokenized", c, d / "o"),

@@ -41,8 +41,9 @@ def resize_command(
 ) -> None:
     """Change an adapter's rank by a per-layer truncated SVD of its update; prints the energy kept."""
     from lora_cli.algebra import resize, write_factors
+    from lora_cli.display import stderr_console
 
-    config, factors, kept = resize(adapter, rank)
+    config, factors, kept = resize(adapter, rank, warn=stderr_console().print)
     write_factors(Path(output), config, factors, force=force, reads=(adapter,))
     _report(output, config.r, kept, {m: f.a.shape[0] for m, f in factors.items()})
 

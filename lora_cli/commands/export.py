@@ -19,7 +19,7 @@ def export_command(
 ) -> None:
     """Write a small adapter that PEFT, vLLM and other servers load as it is, with a README model card."""
     from lora_cli.commands.common import dtype_name
-    from lora_cli.display import stderr_console
+    from lora_cli.display import size_text, stderr_console
     from lora_cli.errors import UserError
 
     name = dtype_name(dtype)
@@ -35,10 +35,10 @@ def export_command(
         info = export_portable(adapter, output, getattr(torch, name), force)
     else:
         info = export_adapter(adapter, output, getattr(torch, name), force)
-    line = f"wrote {info['output']}: adapter {info['size_bytes'] / 2**20:.2f} MB ({name})"
+    line = f"wrote {info['output']}: adapter {size_text(info['size_bytes'])} ({name})"
     if info["base_size_bytes"]:
         line += (f", {100 * info['size_bytes'] / info['base_size_bytes']:.2f}% of the base model files' "
-                 f"{info['base_size_bytes'] / 2**20:.0f} MB")
+                 f"{size_text(info['base_size_bytes'])}")
     stderr_console().print(line)
 
 

@@ -20,7 +20,7 @@ def inspect_command(
         return
     from rich.console import Console
 
-    from lora_cli.display import kv_table
+    from lora_cli.display import kv_table, size_text
 
     ranks = ", ".join(f"r={k} ×{v}" for k, v in facts["ranks"].items())
     rows = [
@@ -37,7 +37,7 @@ def inspect_command(
         *([("saved whole", ", ".join(facts["modules_to_save"]) + " (modules_to_save: trained in full)")]
           if facts.get("modules_to_save") else []),
         ("trainable params", f"{facts['trainable_params']:,}"),
-        ("size", f"{facts['size_bytes'] / 2**20:.2f} MB ({facts['dtype']})"),
+        ("size", f"{size_text(facts['size_bytes'])} ({facts['dtype']})"),
     ]
     s = facts.get("train_summary")
     if s:

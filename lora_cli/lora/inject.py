@@ -112,9 +112,11 @@ class ParamReport:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
+        from lora_cli.display import size_text
+
         return (
             f"{self.trainable:,} trainable of {self.total:,} parameters ({self.percent:.3f}%), "
-            f"{self.trainable_bytes / 2**20:.2f} MB"
+            f"{size_text(self.trainable_bytes)}"
         )
 
 
