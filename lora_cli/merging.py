@@ -119,7 +119,8 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     whole = saved_layers(tensors)  # modules_to_save: layers the adapter replaces outright
     tensors = {k: v for k, v in tensors.items() if k not in whole}
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})  # …lora_A / lora_B / lora_magnitude_vector
-    weight_of = match_weights(paths, all_keys)
+    aliases = _shared_weight_aliases(config, tensors, paths, base_dir, all_keys)
+    weight_of = match_weights([p for p in paths if p not in aliases], all_keys)
     _check_shapes(config, tensors, weight_of, all_keys)
     replace = _saved_layer_keys(whole, all_keys, base_dir)  # adapter key → checkpoint key
     untie = [k for k in replace.values() if k not in all_keys]  # a tied head the adapter trained on its own
@@ -178,6 +179,49 @@ def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[i
     if problems:
         raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
     return keys
+
+
+def shared_weight_groups(base_dir: Path) -> list[list[str]]:
+    """Module paths whose weight is one tensor (a shared block reused by several layers, a head tied to
+    the embeddings), from the model built on the meta device: no memory, no weights read. A checkpoint
+    holds such a tensor once. Empty when the model cannot be built without its own code."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_read_config(base_dir))
+    except Exception:  # remote code, or not a causal LM: the merge itself reports what does not fit
+        return []
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.endswith(".weight"):
+            owners.setdefault(id(p), []).append(name.removesuffix(".weight"))
+    return [paths for paths in owners.values() if len(paths) > 1]
+
+
+def _shared_weight_aliases(config: AdapterConfig, tensors: dict, paths: list[str], base_dir: Path,
+                           all_keys: dict) -> set[str]:
+    """Merging into a weight that several modules use changes all of them: only right when every one of
+    them has the same update. Then that update is merged once, where the checkpoint holds the weight:
+    the other paths are returned, to be skipped. Otherwise refused."""
+    adapted, aliases = set(paths), set()
+    for group in shared_weight_groups(base_dir):
+        if adapted.isdisjoint(group):
+            continue
+        updates = [delta(config, p, tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"])
+                   if p in adapted and f"{p}.lora_A.weight" in tensors else None for p in group]
+        if all(u is not None and torch.equal(u, updates[0]) for u in updates):
+            stored = [p for p in group if len(_checkpoint_keys_for(p + ".weight", all_keys)) == 1]
+            aliases.update(p for p in group if p != (stored or group)[0])
+            continue
+        mine = next(p for p in group if p in adapted)
+        others = [p for p in group if p != mine]
+        raise UserError(f"cannot merge: {mine} shares its weight with {', '.join(others[:3])}"
+                        f"{' …' if len(others) > 3 else ''} (one tensor used in {len(group)} places), and the "
+                        f"adapter {'updates them differently' if all(u is not None for u in updates) else 'does not update them all'}; "
+                        "a merged checkpoint holds that tensor once. Use the base with the adapter instead "
+                        "(lora generate --adapter, PEFT, vLLM)")
+    return aliases
 
 
 def _untie(out: Path, keys: list[str], shard: str) -> None:

@@ -184,6 +184,35 @@ def test_an_adapter_with_modules_to_save_through_every_command(cli, tmp_path):
     assert code == 1 and "(the vocabulary was resized)" in err and not (tmp_path / "m2").exists()
 
 
+def test_merge_refuses_a_weight_that_several_modules_share(cli, tmp_path):
+    """Zamba2's layers reuse one attention block: PEFT (and lora train) give each use its own adapter, which
+    no merged checkpoint can hold (it stores the tensor once). Merged anyway, every use would get every
+    update; refused, unless all uses carry the same update."""
+    from safetensors.torch import save_file
+
+    base_dir = save_tiny(tmp_path / "base", "zamba2", chat_template=None)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base_dir, "--output", tmp_path / "m")
+    assert code == 1 and not (tmp_path / "m").exists()
+    assert "cannot merge: model.layers.0.shared_transformer.self_attn.q_proj shares its weight with " \
+           "model.layers.1.shared_transformer.self_attn.q_proj" in " ".join(err.split())
+    assert "updates them differently" in err
+    t = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    one = {k: v for k, v in t.items() if ".layers.0." in k}
+    save_file(one, str(tmp_path / "adapter" / "adapter_model.safetensors"))  # only the first use adapted
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base_dir, "--output", tmp_path / "m")
+    assert code == 1 and "does not update them all" in err
+    both = {**one, **{k.replace(".layers.0.", ".layers.1."): v.clone() for k, v in one.items()}}
+    save_file(both, str(tmp_path / "adapter" / "adapter_model.safetensors"))  # the same update twice: exact
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", base_dir, "--output", tmp_path / "m")
+    assert code == 0, err
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), logits(theirs.eval())) < 1e-5
+
+
 def test_merge_sharded_in_sharded_out(cli, tmp_path):
     model = tiny_model("llama", vocab=320)
     base = tmp_path / "base"

@@ -71,6 +71,9 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
         return tf.DeepseekV3Config(**c, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
                                    qk_nope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=16, first_k_dense_replace=1, n_group=1, topk_group=1)
+    if arch == "zamba2":  # two hybrid layers reusing one attention block: one weight, used twice
+        return tf.Zamba2Config(**{**c, "hidden_size": 64}, num_key_value_heads=2, mamba_d_state=8, mamba_headdim=16,
+                               n_mamba_heads=8, layers_block_type=["hybrid", "hybrid"], num_mem_blocks=1)
     if arch == "mamba":  # no attention; its slow path reads dt_proj.weight directly
         return tf.MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8)
     raise ValueError(arch)
