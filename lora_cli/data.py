@@ -9,6 +9,7 @@ characters between them are the assistant's: the tokens that start there carry t
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import random
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, read_text
 
 IGNORE = -100
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
@@ -160,41 +161,54 @@ def read_file(path: Path) -> list[dict]:
         raise UserError(f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
-    with open(path, "rb") as f:
-        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
-            raise UserError(f"{path} is UTF-16 text; save it as UTF-8")
-    kwargs = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if suffix == ".txt" else {}
-    rows = _check_json(path) if suffix in (".jsonl", ".json") else None
+    text = read_text(path) if suffix != ".parquet" else None  # UTF-8, or one clear error
+    rows = _check_json(path, text) if suffix in (".jsonl", ".json") else None
+    if suffix == ".txt":
+        rows = [{"text": t} for t in paragraphs(text)]
     datasets.disable_progress_bars()
     try:
+        if suffix == ".csv":
+            # every cell is text as written: by default 'None', 'NA' or an empty cell would be null, '007' 7
+            import pandas as pd
+
+            rows = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
         if rows is not None:
             ds = datasets.Dataset.from_list(rows)
         else:
-            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}[suffix]
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
             with quiet_logs():
-                ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
         if suffix not in (".jsonl", ".json"):
             raise UserError(f"cannot read {path}: {_root_message(e)}") from None
         # Arrow wants one type per column; JSON need not keep one (a turn's content a string here, a list of
         # parts there): the file was checked above, so read it as plain JSON
         ds = None
-    records = ds.to_list() if ds is not None else _plain_json_records(path)
-    if suffix == ".txt":
-        records = [{"text": r["text"].strip()} for r in records if r["text"].strip()]
+    records = ds.to_list() if ds is not None else _plain_json_records(text)
     if not records:
         raise UserError(f"{path} holds no records")
     return records
 
 
-def _check_json(path: Path) -> list[dict] | None:
+def paragraphs(text: str) -> list[str]:
+    """The texts of a .txt file: runs of lines separated by blank lines (spaces and tabs count as blank)."""
+    out, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.strip():
+            current.append(line)
+        elif current:
+            out.append("\n".join(current).strip())
+            current = []
+    return out
+
+
+def _check_json(path: Path, text: str) -> list[dict] | None:
     """Check a JSON file, pointing at the first malformed line (datasets' own error does not say where).
 
     A file that is one JSON object (on one line or pretty-printed) is read here and its records returned:
     the object itself when it is a record, its rows when it holds equal-length columns ({"text": [...]}),
     or the one list of records it holds ({"version": …, "data": [...]}). None: a JSON list of records or one
     record per line, left to datasets."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a leading BOM (Windows editors) is dropped
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path} is empty")
@@ -234,9 +248,8 @@ def _check_json(path: Path) -> list[dict] | None:
     return None
 
 
-def _plain_json_records(path: Path) -> list[dict]:
+def _plain_json_records(text: str) -> list[dict]:
     """A JSON list of records, or one record per line, read without Arrow (checked by _check_json)."""
-    text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -578,7 +591,9 @@ def fingerprint(examples: list[Example]) -> str:
 def _keys(rec: Any) -> str:
     if not isinstance(rec, dict):
         return type(rec).__name__
-    return ", ".join(sorted(str(k) for k, v in rec.items() if v is not None)) or "none"
+    keys = ", ".join(sorted(str(k) for k, v in rec.items() if v is not None)) or "none"
+    nulls = sorted(str(k) for k, v in rec.items() if v is None)
+    return keys + (f"; null: {', '.join(nulls)}" if nulls and record_shape(rec) is None else "")
 
 
 # ---------------------------------------------------------------- packing and batching

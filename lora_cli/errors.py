@@ -17,6 +17,26 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def read_text(path: str | os.PathLike, what: str | None = None) -> str:
+    """A text file the user gave, as UTF-8 (a leading BOM dropped); anything else is one clear error.
+    `what` names it in messages (default: the path)."""
+    p = Path(path)
+    what = what or str(p)
+    if p.is_dir():
+        raise UserError(f"{what} is a folder, not a file")
+    if not p.is_file():
+        raise UserError(f"{what} does not exist")
+    data = p.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UserError(f"{what} is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}, perhaps Latin-1 or "
+                        "Windows-1252); save it as UTF-8") from None
+
+
 def check(problems: list[str], what: str) -> None:
     """Raise one UserError listing every problem, or return if there are none."""
     if problems:

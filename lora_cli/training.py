@@ -49,7 +49,7 @@ from lora_cli.data import (
     split_eval,
 )
 from lora_cli.display import RecordProgress, TrainProgress, kv_table, plot_loss
-from lora_cli.errors import UserError, atomic_write_text
+from lora_cli.errors import UserError, atomic_write_text, read_text
 from lora_cli.lora import (
     AdapterConfig,
     inject_lora,
@@ -188,7 +188,9 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Exa
     elif cfg.eval_split > 0 and console is not None:
         console.print(f"note: --eval-split {cfg.eval_split} is not used: {cfg.data} has its own validation split "
                       f"({len(valid_records)} records), which is the eval data")
-    template = Path(cfg.chat_template).read_text(encoding="utf-8-sig") if cfg.chat_template else None
+    template = read_text(cfg.chat_template, f"--chat-template {cfg.chat_template!r}") if cfg.chat_template else None
+    if template is not None and not template.strip():
+        raise UserError(f"--chat-template {cfg.chat_template!r} is empty")
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
     with RecordProgress(console, "tokenizing", len(train_records)) as advance:
         train, train_stats = enc.encode_all(train_records, "training data", advance)

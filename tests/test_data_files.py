@@ -68,6 +68,24 @@ def test_a_file_mixing_record_shapes_names_the_record_that_differs(cli, tiny_lla
     assert f"differs from the first record's ({first})" in err and not (tmp_path / "run").exists()
 
 
+def test_csv_cells_are_text_as_written(tmp_path):
+    """pandas' defaults would read 'None', 'NA' and empty cells as null and '007' as the number 7."""
+    from lora_cli.data import load_records
+
+    (tmp_path / "d.csv").write_text("prompt,completion\nIs there a bug?,None\nwhat is 6*7,42\nbond,007\n"
+                                    "a,NA\nb,\n")
+    records, _ = load_records(str(tmp_path / "d.csv"))
+    assert [r["completion"] for r in records] == ["None", "42", "007", "NA", ""]
+
+
+def test_txt_paragraphs_split_at_lines_of_only_spaces(tmp_path):
+    from lora_cli.data import load_records
+
+    (tmp_path / "d.txt").write_text("first line\nstill first\n \t\nsecond\n\n\n   \nthird\n")
+    records, _ = load_records(str(tmp_path / "d.txt"))
+    assert records == [{"text": "first line\nstill first"}, {"text": "second"}, {"text": "third"}]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
 def test_a_leading_byte_order_mark_is_not_data(tmp_path, suffix):
     """Windows editors start UTF-8 files with a BOM: it must neither fail the JSON check nor enter the text."""

@@ -43,6 +43,11 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "broken.csv").write_text('text\n"unterminated\n')
     (d / "one-empty-record.jsonl").write_text('{"messages": []}\n')
     (d / "plain-messages.csv").write_text('messages\nhello there\n')
+    (d / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    (d / "latin1-wrapped.json").write_bytes('{"version": 1, "data": [{"text": "café"}]}'.encode("latin-1"))
+    (d / "latin1-prompts.txt").write_bytes("café\n".encode("latin-1"))
+    (d / "null-completion.jsonl").write_text('{"prompt": "hello", "completion": null}\n')
+    (d / "empty.jinja").write_text("  \n")
     (d / "an-adapter").mkdir()
     (d / "an-adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": "org/base"}')
     untokenized = d / "untokenized"  # weights and config, no tokenizer files
@@ -87,6 +92,18 @@ CASES = {
     "NaN warmup": (lambda d, m, c: train_args(m, c, d / "o", "--warmup", "nan"), ["--warmup must be >= 0"]),
     "two eval sources": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-split", "0.1"),
                          ["--eval-split 0.1 holds out part of --data, but --eval-data is the eval data"]),
+    "Latin-1 JSON lines": (lambda d, m, c: train_args(m, d / "latin1.jsonl", d / "o"),
+                           ["latin1.jsonl is not UTF-8 text (byte 0xe9 on line 1", "save it as UTF-8"]),
+    "Latin-1 JSON object": (lambda d, m, c: train_args(m, d / "latin1-wrapped.json", d / "o"),
+                            ["latin1-wrapped.json is not UTF-8 text (byte 0xe9"]),  # was read with U+FFFD
+    "a null completion": (lambda d, m, c: train_args(m, d / "null-completion.jsonl", d / "o"),
+                          ["record 1: unknown shape (keys: prompt; null: completion)"]),
+    "empty chat template": (lambda d, m, c: train_args(m, c, d / "o", "--chat-template", d / "empty.jinja"),
+                            ["--chat-template", "empty.jinja' is empty"]),
+    "Latin-1 prompt file": (lambda d, m, c: ("generate", "--model", m, "--prompt-file", d / "latin1-prompts.txt"),
+                            ["--prompt-file", "is not UTF-8 text (byte 0xe9 on line 1"]),
+    "folder as prompt file": (lambda d, m, c: ("generate", "--model", m, "--prompt-file", d),
+                              ["--prompt-file", "is a folder, not a file"]),
     "split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--data-split", "test"),
                               ["--data-split 'test' picks a split of a Hub dataset", "is local"]),
     "eval split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-data-split", "dev"),

@@ -26,17 +26,15 @@ def generate_command(
 ) -> None:
     """Generate an answer (streamed), with the chat template when the model has one."""
     import math
-    from pathlib import Path
 
     from lora_cli.commands.common import dtype_name
-    from lora_cli.errors import UserError
+    from lora_cli.errors import UserError, read_text
 
     adapters = adapter or []
     prompts = [prompt] if prompt else []
     if prompt_file:
-        if not Path(prompt_file).is_file():
-            raise UserError(f"--prompt-file {prompt_file!r} does not exist")
-        from_file = [line for line in Path(prompt_file).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        from_file = [line for line in read_text(prompt_file, f"--prompt-file {prompt_file!r}").splitlines()
+                     if line.strip()]
         if not from_file:
             raise UserError(f"--prompt-file {prompt_file!r} holds no prompts (one per line)")
         prompts += from_file
