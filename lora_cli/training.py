@@ -322,6 +322,11 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
                                 "--max-steps or --epochs to train further")
             _truncate_metrics(run_dir / METRICS_FILE, state["step"])
+            # the schedule is the resumed run's (--max-steps or --epochs may have grown): the optimizer's saved
+            # lr is the old schedule's next one (0 after a finished cosine), so set the new one's
+            factor = lr_factor(state["step"], plan.total_steps, plan.warmup, cfg.scheduler)
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * factor
             say(f"[bold]resuming[/] {run_dir} from step {state['step']}")
 
         if main:
@@ -384,7 +389,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    lr = scheduler.get_last_lr()[0]
+                    lr = optimizer.param_groups[0]["lr"]  # the one this step used
                     scheduler.step()
                     done = step + 1
                     tokens_all = int(acc.reduce(torch.tensor(tokens, device=device), "sum"))

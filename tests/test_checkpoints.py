@@ -47,6 +47,23 @@ def test_resume_is_exact(cli, tiny_llama, chat_data, tmp_path, scheduler, steps,
     assert [r["loss"] for r in rows(cut)] == pytest.approx([r["loss"] for r in rows(full)], rel=1e-6)
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_resume_with_more_steps_follows_the_new_schedule(cli, tiny_llama, chat_data, tmp_path, scheduler):
+    """A finished 3-step run resumed to 5 steps: steps 4 and 5 take the 5-step schedule's lr (step 4 took
+    the optimizer's saved lr, the old schedule's end: 0 for cosine)."""
+    from lora_cli.training import lr_factor
+
+    args = ["--model", tiny_llama, "--data", chat_data, "--scheduler", scheduler, "--lr", "1e-2", "--warmup", "1",
+            "--dropout", "0", "--save-every", "1"]
+    assert cli("train", *args, "--max-steps", "3", "--output", tmp_path / "run")[0] == 0
+    code, _, err = cli("train", "--output", tmp_path / "run", "--max-steps", "5", "--resume")
+    assert code == 0, err
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert lrs[3:] == pytest.approx([1e-2 * lr_factor(s, 5, 1, scheduler) for s in (3, 4)], rel=1e-9)
+    assert lrs[:3] == pytest.approx([1e-2 * lr_factor(s, 3, 1, scheduler) for s in (0, 1, 2)], rel=1e-9)
+    assert min(lrs[3:]) > 0
+
+
 def test_resume_keeps_base_frozen_and_does_not_wrap_twice(cli, tiny_llama, chat_data, tmp_path):
     run = tmp_path / "run"
     assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "2",
