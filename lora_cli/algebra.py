@@ -199,7 +199,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     if base_type and model_type and base_type != model_type:
         raise UserError(f"--tuned is a {model_type} model and --base a {base_type} one; a fine-tune keeps its "
                         "base's architecture")
-    fan_in_fan_out = model_type == "gpt2"  # GPT-2's Conv1D stores (in, out)
+    is_conv1d = _conv1d_test(dirs[0], model_type)
     try:
         pattern = re.compile(targets[len(REGEX_PREFIX):]) if targets.startswith(REGEX_PREFIX) else None
     except re.error as e:
@@ -225,7 +225,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         if w_t.shape != w_b.shape:
             raise UserError(f"{key}: shape {tuple(w_t.shape)} in the tuned model, {tuple(w_b.shape)} in the base")
         d = (w_t.double() - w_b.double())
-        d = d.T if fan_in_fan_out else d  # (out, in)
+        d = d.T if is_conv1d(module) else d  # (out, in)
         if not d.abs().max() > 0:
             continue
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
@@ -233,9 +233,26 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         factors[module], kept[module], ranks[module] = truncate(u, s, vh.T, k), energy(s, k), k
     if not factors:
         raise UserError("no linear weight differs between the base and the tuned model (or none matched --targets)")
+    layouts = {is_conv1d(m) for m in factors}
+    if len(layouts) > 1:  # one adapter holds one layout (PEFT's fan_in_fan_out)
+        raise UserError("the changed layers mix Conv1D and Linear ones; extract each kind with --targets")
+    fan_in_fan_out = layouts.pop()
     like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=fan_in_fan_out,
                          base_model_name_or_path=sources[0].path)  # a local base named absolutely
     return _folded_config(like, ranks), factors, kept  # a layer smaller than --rank keeps its own rank
+
+
+def _conv1d_test(base_dir: Path, model_type: str | None):
+    """module (a checkpoint's name for it) → whether it is a Conv1D, whose weight is stored (in, out): GPT-2,
+    GPT-1, … From the model's modules on the meta device; without them (remote code), GPT-2's are."""
+    from lora_cli.lora.layer import is_conv1d
+    from lora_cli.merging import meta_model
+
+    model = meta_model(base_dir)
+    if model is None:
+        return lambda module: model_type == "gpt2"
+    conv = [n for n, m in model.named_modules() if is_conv1d(m)]
+    return lambda module: any(n == module or n.endswith("." + module) for n in conv)
 
 
 def _keys(path: Path) -> list[str]:

@@ -181,16 +181,23 @@ def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[i
     return keys
 
 
-def shared_weight_groups(base_dir: Path) -> list[list[str]]:
-    """Module paths whose weight is one tensor (a shared block reused by several layers, a head tied to
-    the embeddings), from the model built on the meta device: no memory, no weights read. A checkpoint
-    holds such a tensor once. Empty when the model cannot be built without its own code."""
+def meta_model(base_dir: Path):
+    """The model of `base_dir` built on the meta device (its modules and ties; no memory, no weights read),
+    or None when it cannot be built without its own code."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(_read_config(base_dir))
-    except Exception:  # remote code, or not a causal LM: the merge itself reports what does not fit
+            return AutoModelForCausalLM.from_config(_read_config(base_dir))
+    except Exception:  # remote code, or not a causal LM: what does not fit is reported where it matters
+        return None
+
+
+def shared_weight_groups(base_dir: Path) -> list[list[str]]:
+    """Module paths whose weight is one tensor (a shared block reused by several layers, a head tied to
+    the embeddings). A checkpoint holds such a tensor once."""
+    model = meta_model(base_dir)
+    if model is None:
         return []
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

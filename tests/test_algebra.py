@@ -127,7 +127,7 @@ def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
     assert code == 1 and "--weights has 1 values for 2" in err
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "openai-gpt"])
 def test_extract_recovers_a_low_rank_fine_tune(cli, tmp_path, arch):
     base = save_tiny(tmp_path / "base", arch, chat_template=None)
     tuned_model = AutoModelForCausalLM.from_pretrained(base)

@@ -43,6 +43,8 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
         return tf.Phi3Config(**c, num_key_value_heads=4, pad_token_id=0)
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    if arch == "openai-gpt":  # GPT-1: Conv1D layers, but not model_type gpt2
+        return tf.OpenAIGPTConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(**c)
     if arch == "opt":
