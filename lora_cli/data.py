@@ -306,6 +306,7 @@ def record_shape(rec: Any) -> str | None:
     return None
 
 
+NO_LOSS = "_lora_no_loss"  # marks a turn of weight 0 until it is rendered (templates never see it)
 TURN_EXTRAS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking")  # what templates read
 MUST_BE_READ = ("tool_calls", "reasoning_content", "thinking")  # names and call ids may be left out
 GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")  # a template that marks the assistant's tokens
@@ -358,7 +359,14 @@ def _turns(turns: Any, where: str, key: str) -> list[dict]:
         extras = {} if sharegpt else {k: t[k] for k in TURN_EXTRAS if t.get(k) is not None}
         if content is None and extras.get("tool_calls"):
             content = ""
-        messages.append({"role": role, "content": _content(content, where, f"{key} turn {j} content"), **extras})
+        message = {"role": role, "content": _content(content, where, f"{key} turn {j} content"), **extras}
+        weight = t.get("weight")  # OpenAI's fine-tuning format: 0 on an assistant turn = learn nothing from it
+        if weight is not None:
+            if weight not in (0, 1):  # True and 1.0 are 1
+                raise UserError(f"{where}: {key} turn {j} has weight {weight!r}; a turn's weight is 0 (no loss) or 1")
+            if weight == 0:
+                message[NO_LOSS] = True
+        messages.append(message)
     return messages
 
 
@@ -495,7 +503,10 @@ class Encoder:
 
     def _chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None = None,
               first_loss: int = 0) -> Example:
-        """Render a conversation; the loss goes on its assistant turns from turn `first_loss` on."""
+        """Render a conversation; the loss goes on its assistant turns from turn `first_loss` on, except
+        those of weight 0."""
+        silent = {i for i, m in enumerate(messages) if m.get(NO_LOSS)}
+        messages = [{k: v for k, v in m.items() if k != NO_LOSS} for m in messages]
         template = self.template_for(tools)
         unread = sorted({k for m in messages for k in m if k in MUST_BE_READ and k not in template}
                         | ({"tools"} if tools and "tools" not in template else set()))
@@ -503,11 +514,14 @@ class Encoder:
             raise UserError(f"{where}: the record has {', '.join(unread)} but the chat template never reads "
                             f"{'them' if len(unread) > 1 else 'it'}; pass --chat-template FILE with a template that does")
         if GENERATION_TAG.search(template):
+            if silent and not self.train_on_prompt:
+                raise UserError(f"{where}: turns of weight 0 need their own loss mask, and a {{% generation %}} "
+                                "template marks every assistant turn; use --chat-template FILE without it")
             return self._tagged_chat(messages, where, stats, tools, first_loss)
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
         previous = ""
         for i, m in enumerate(messages):
-            if m["role"] != "assistant" or i < first_loss:
+            if m["role"] != "assistant" or i < first_loss or i in silent:
                 continue
             if i == 0:  # templates cannot render the empty prefix, so its header cannot be told apart
                 raise UserError(f"{where}: the conversation starts with an assistant turn; add the user (or "

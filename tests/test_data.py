@@ -42,6 +42,33 @@ def test_chatml_assistant_turns_and_end_of_turn_are_labelled(tok):
     assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
 
 
+def test_a_turn_of_weight_0_carries_no_loss(tok, tmp_path):
+    """OpenAI's fine-tuning format: `"weight": 0` on an assistant turn keeps it as context only, in either
+    turn style, read from a file (where the loader gives unweighted turns weight None)."""
+    import json
+
+    from lora_cli.data import load_records
+
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris is red", "weight": 0},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Berlin is blue", "weight": 1}]
+    sharegpt = [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "Paris is red", "weight": 0},
+                {"from": "human", "value": "and?"}, {"from": "gpt", "value": "Berlin is blue"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Rome is green"}]}) + "\n")
+    records, _ = load_records(str(tmp_path / "d.jsonl"))
+    (ex, plain), _ = Encoder(tok, 512).encode_all(records)
+    assert labelled_text(tok, ex) == "Berlin is blue<|im_end|>\n"
+    assert "Paris is red" in masked_text(tok, ex) and "weight" not in tok.decode(ex.input_ids)
+    assert labelled_text(tok, plain) == "Rome is green<|im_end|>\n"
+    (ex,), _ = Encoder(tok, 512).encode_all([{"conversations": sharegpt}])
+    assert labelled_text(tok, ex) == "Berlin is blue<|im_end|>\n"
+    none = [dict(m, weight=0) if m["role"] == "assistant" else m for m in msgs]  # nothing left to learn
+    with pytest.raises(UserError, match="no record has a token to learn from"):
+        Encoder(tok, 512).encode_all([{"messages": none}])
+    with pytest.raises(UserError, match="record 1: messages turn 2 has weight 0.5; a turn's weight is 0"):
+        Encoder(tok, 512).encode_all([{"messages": [msgs[0], dict(msgs[1], weight=0.5)]}])
+
+
 def test_prompt_completion_uses_the_template(tok):
     (ex,), _ = Encoder(tok, 512).encode_all([{"prompt": "hello", "completion": "world", "id": 7}])
     assert labelled_text(tok, ex) == "world<|im_end|>\n"
