@@ -305,6 +305,22 @@ def test_regex_and_all_linear_targets():
         resolve_targets(model, "attention,nope")
 
 
+def test_linear_subclasses_that_are_not_linear_maps_are_not_targets():
+    """Phi-MoE's router subclasses nn.Linear but returns (scores, logits): wrapped by all-linear, the first
+    forward failed. Falcon's FalconLinear overrides forward too, and is a linear map."""
+    model = tiny_model("phimoe")
+    routers = [n for n, m in model.named_modules() if type(m).__name__ == "PhimoeTopKRouter"]
+    assert routers and isinstance(model.get_submodule(routers[0]), torch.nn.Linear)
+    paths = resolve_targets(model, "all-linear")
+    assert paths and not set(paths) & set(routers)
+    inject_lora(model, paths, r=2, lora_alpha=4)
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(UserError, match="matched no linear module"):
+        resolve_targets(tiny_model("phimoe"), "gate")
+    falcon = tiny_model("falcon")
+    assert any(type(falcon.get_submodule(p)).__name__ == "FalconLinear" for p in resolve_targets(falcon, "all-linear"))
+
+
 def test_wrapping_twice_is_refused():
     model, paths = wrapped("llama")
     with pytest.raises(UserError, match="twice"):

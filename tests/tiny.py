@@ -69,6 +69,8 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
     if arch == "qwen2_moe":  # MoE: fused experts, a linear shared expert
         return tf.Qwen2MoeConfig(**c, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    if arch == "phimoe":  # its router is an nn.Linear whose forward returns (scores, logits)
+        return tf.PhimoeConfig(**c, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     if arch == "deepseek_v3":  # MoE with latent attention; layer 0 a dense MLP
         return tf.DeepseekV3Config(**c, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
                                    qk_nope_head_dim=4, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2,

@@ -24,7 +24,27 @@ REGEX_PREFIX = "re:"
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every wrappable linear module of the model, by dotted path."""
-    return {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
+    return {name: m for name, m in model.named_modules() if name and is_linear_like(m) and _maps_linearly(m)}
+
+
+def _maps_linearly(module: nn.Module) -> bool:
+    """False for a model's nn.Linear subclass whose own forward is not a linear map: MoE routers that return
+    (scores, logits) (Phi-MoE, Llama 4), grouped projections. One call on a zero row tells; quantized
+    linears (bitsandbytes) and plain ones are not asked."""
+    forward = getattr(type(module), "forward", None)
+    if not isinstance(module, nn.Linear) or forward is nn.Linear.forward:
+        return True
+    if not type(module).__module__.startswith("transformers.models.") or module.weight.device.type == "meta" \
+            or module.weight.numel() == 0:  # partitioned (ZeRO-3): nothing to ask
+        return True
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, module.in_features, dtype=module.weight.dtype, device=module.weight.device))
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, module.out_features)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
