@@ -25,7 +25,9 @@ IGNORE = -100
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 EVAL_SPLIT_NAMES = ("valid", "validation", "val", "test")
 SHARE_GPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                   # LLaMA-Factory's tool turns: the call (as its text) is the assistant's, the result the tool's
+                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 ACCEPTED_SHAPES = ("text", "prompt+completion", "messages", "instruction+input+output (alpaca)",
                    "conversations (ShareGPT)")
 # A run or adapter keeps the template it trained with here, when it is not the base tokenizer's own.
@@ -317,7 +319,21 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
 
     Raises UserError on malformed content. prompt/completion may also be lists of messages (TRL's
     conversational prompt-completion): the loss then goes on the completion's assistant turns only.
+    A record's `system` field (LLaMA-Factory's alpaca and ShareGPT) becomes its first turn.
     """
+    messages, first_loss, plain = _shape_to_chat(rec, shape, where)
+    system = rec.get("system")
+    if system is None or system == "":
+        return messages, first_loss, plain
+    system = _str(system, where, "system")
+    if messages[0]["role"] == "system":
+        if messages[0]["content"] != system:
+            raise UserError(f"{where}: the record has a system field and another system turn; keep one")
+        return messages, first_loss, plain
+    return [{"role": "system", "content": system}, *messages], first_loss + 1 if first_loss else 0, False
+
+
+def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
     if shape == "prompt_completion":
         prompt, completion = rec["prompt"], rec["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):
@@ -354,7 +370,9 @@ def _turns(turns: Any, where: str, key: str) -> list[dict]:
         else:
             role, content, name = t.get("role"), t.get("content"), t.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            raise UserError(f"{where}: {key} turn {j} has an unknown role {name!r}")
+            known = ", ".join(SHARE_GPT_ROLES) if sharegpt else "system, user, assistant, tool"
+            raise UserError(f"{where}: {key} turn {j} has an unknown {'from' if sharegpt else 'role'} {name!r} "
+                            f"(known: {known})")
         # function calling and reasoning: the template renders these (the loader fills absent keys with None)
         extras = {} if sharegpt else {k: t[k] for k in TURN_EXTRAS if t.get(k) is not None}
         if content is None and extras.get("tool_calls"):

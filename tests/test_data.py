@@ -149,6 +149,29 @@ def test_template_that_raises_names_the_record(tok):
         Encoder(tok, 512, chat_template=no_system).encode_all(recs, "training data")
 
 
+def test_a_records_system_field_is_its_first_turn(tok):
+    """LLaMA-Factory's alpaca and ShareGPT records carry the system prompt as a field."""
+    enc = Encoder(tok, 512)
+    rec = {"instruction": "Name a color", "input": "", "output": "red", "system": "Be brief."}
+    (a,), _ = enc.encode_all([rec])
+    assert labelled_text(tok, a) == "red<|im_end|>\n"
+    assert tok.decode(a.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a color")
+    conv = {"system": "Be brief.", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    (b,), _ = enc.encode_all([conv])
+    assert labelled_text(tok, b) == "hello<|im_end|>\n" and "Be brief." in masked_text(tok, b)
+    # conversational prompt/completion: the completion alone still carries the loss
+    pc = {"system": "Be brief.", "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                           {"role": "user", "content": "and?"}],
+          "completion": [{"role": "assistant", "content": "hello"}]}
+    (c,), _ = enc.encode_all([pc])
+    assert labelled_text(tok, c) == "hello<|im_end|>\n"
+    with pytest.raises(UserError, match="record 1: the record has a system field and another system turn"):
+        enc.encode_all([{"system": "A", "messages": [{"role": "system", "content": "B"}, {"role": "user", "content": "x"},
+                                                     {"role": "assistant", "content": "y"}]}])
+    with pytest.raises(UserError, match="unknown from 'robot' \\(known: human, user, gpt"):
+        enc.encode_all([{"conversations": [{"from": "robot", "value": "x"}]}])
+
+
 def test_mixed_and_unknown_shapes_name_the_record(tok):
     with pytest.raises(UserError, match=r"record 2: shape prompt_completion .* differs"):
         Encoder(tok, 64).encode_all([{"text": "a"}, {"prompt": "b", "completion": "c"}])
