@@ -38,9 +38,9 @@ class TrainConfig:
 
     model: str | None = _opt(None, "Hub id, local transformers directory, or .gguf file.", "Model and data")
     data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
-    data_split: str = _opt("train", "Split to read from a Hub dataset.", "Model and data")
+    data_split: str = _opt("train", "Split to read from a Hub dataset (or a folder laid out as one).", "Model and data")
     eval_data: str | None = _opt(None, "Evaluation data (same formats as --data).", "Model and data")
-    eval_data_split: str = _opt("test", "Split to read from a Hub --eval-data.", "Model and data")
+    eval_data_split: str = _opt("test", "Split to read from a Hub --eval-data (or a folder laid out as one).", "Model and data")
     eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when there is no eval data.", "Model and data")
     output: str | None = _opt(None, "Run directory [default: runs/<model>-<yyyymmdd-hhmmss>].", "Model and data")
     chat_template: str | None = _opt(None, "Jinja chat template file to use instead of the tokenizer's.", "Model and data")
@@ -169,12 +169,13 @@ class TrainConfig:
             p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit})")
         if not 0 <= self.seed < 2**32:
             p.append(f"--seed must be in [0, 2**32) (got {self.seed})")
-        if self.data and self.data_split != "train" and Path(self.data).expanduser().exists():
-            p.append(f"--data-split {self.data_split!r} picks a split of a Hub dataset, but {self.data!r} is local; "
-                     "a directory's splits are its train.* and valid.* files")
-        if self.eval_data_split != "test" and not (self.eval_data and not Path(self.eval_data).expanduser().exists()):
-            p.append(f"--eval-data-split {self.eval_data_split!r} picks a split of a Hub --eval-data, but "
-                     + (f"{self.eval_data!r} is local" if self.eval_data else "no --eval-data is given"))
+        # a split is picked from a Hub dataset or a folder laid out as one, never from a file
+        if self.data and self.data_split != "train" and Path(self.data).expanduser().is_file():
+            p.append(f"--data-split {self.data_split!r} picks a split of a Hub dataset (or a folder laid out as "
+                     f"one), but {self.data!r} is a file")
+        if self.eval_data_split != "test" and not (self.eval_data and not Path(self.eval_data).expanduser().is_file()):
+            p.append(f"--eval-data-split {self.eval_data_split!r} picks a split of a Hub --eval-data (or a folder), "
+                     "but " + (f"{self.eval_data!r} is a file" if self.eval_data else "no --eval-data is given"))
         if not self.targets.strip():
             p.append("--targets is empty; use attention, all-linear, a comma list of module names or re:PATTERN")
         if not 0 <= self.eval_split < 1:

@@ -79,7 +79,10 @@ def load_records(spec: str, split: str = "train") -> tuple[list[dict], list[dict
     if p.is_dir():
         train = _split_file(p, ("train",))
         if train is None:
-            return _read_dataset_directory(p, spec)
+            return _read_dataset_directory(p, spec, split)
+        if split != "train":
+            raise UserError(f"--data-split {split!r} picks a split of a folder laid out as a Hub dataset "
+                            f"(data/{split}-*.parquet…), but {spec!r} holds {train.name}")
         valid = _split_file(p, EVAL_SPLIT_NAMES)
         return read_file(train), (read_file(valid) if valid else None)
     if p.exists():
@@ -132,13 +135,16 @@ def quiet_logs() -> Iterator[None]:
         logging.disable(before)
 
 
-def _read_dataset_directory(p: Path, spec: str) -> tuple[list[dict], list[dict] | None]:
+def _read_dataset_directory(p: Path, spec: str, split: str = "train") -> tuple[list[dict], list[dict] | None]:
+    """The `split` of a folder laid out as a Hub dataset, and its eval split: valid/validation/val/test, with
+    the train split's suffix if it has one (train_sft → test_sft, as in HuggingFaceH4/ultrachat_200k)."""
     splits = _dataset_directory_splits(p, spec)
-    if "train" not in splits:
-        raise UserError(f"data directory {spec!r} has no train split (datasets finds {', '.join(splits)}); name "
-                        "the training files train.* or train-*")
-    valid = next((splits[n] for n in EVAL_SPLIT_NAMES if n in splits), None)
-    return splits["train"].to_list(), (valid.to_list() if valid is not None else None)
+    if split not in splits:
+        raise UserError(f"data directory {spec!r} has no {split} split (datasets finds {', '.join(splits)}); "
+                        + ("pick one with --data-split" if split == "train" else "--data-split names one of them"))
+    suffix = split[len("train"):] if split.startswith("train") else None
+    valid = next((splits[n + suffix] for n in EVAL_SPLIT_NAMES if suffix is not None and n + suffix in splits), None)
+    return splits[split].to_list(), (valid.to_list() if valid is not None else None)
 
 
 def load_eval_records(spec: str, split: str = "test") -> list[dict]:
@@ -149,9 +155,15 @@ def load_eval_records(spec: str, split: str = "test") -> list[dict]:
         return load_records(spec, split)[0]
     file = _split_file(p, EVAL_SPLIT_NAMES) or _split_file(p, ("train",))
     if file is not None:
+        if split != "test":
+            raise UserError(f"--eval-data-split {split!r} picks a split of a folder laid out as a Hub dataset, "
+                            f"but {spec!r} holds {file.name}")
         return read_file(file)
     splits = _dataset_directory_splits(p, spec)
-    return splits[next((n for n in (*EVAL_SPLIT_NAMES, "train") if n in splits), next(iter(splits)))].to_list()
+    if split != "test" and split not in splits:  # named: it must be there
+        raise UserError(f"--eval-data {spec!r} has no {split} split (datasets finds {', '.join(splits)})")
+    named = (split,) if split != "test" else ()
+    return splits[next((n for n in (*named, *EVAL_SPLIT_NAMES, "train") if n in splits), next(iter(splits)))].to_list()
 
 
 def read_file(path: Path) -> list[dict]:

@@ -166,7 +166,31 @@ def test_a_directory_laid_out_as_a_hub_dataset_repository(cli, tiny_llama, tmp_p
     (d / "data" / "train-00000-of-00002.parquet").unlink()
     (d / "data" / "train-00001-of-00002.parquet").unlink()
     code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--output", tmp_path / "run2", *RUN)
-    assert code == 1 and "has no train split (datasets finds test)" in err
+    assert code == 1 and "has no train split (datasets finds test)" in err and "--data-split" in err
+
+
+def test_a_hub_layout_folder_with_named_splits(cli, tiny_llama, tmp_path):
+    """HuggingFaceH4/ultrachat_200k's layout: train_sft / test_sft (and *_gen) splits. --data-split picks one;
+    its eval split is the test split of the same suffix; --eval-data-split picks any."""
+    from lora_cli.data import load_eval_records, load_records
+
+    d = tmp_path / "ultrachat" / "data"
+    d.mkdir(parents=True)
+    recs = SHAPES["messages"]
+    for split, part in (("train_sft", recs[:6]), ("test_sft", recs[6:]), ("train_gen", recs[:1]), ("test_gen", recs[:3])):
+        write(d / f"{split}-00000-of-00001.parquet", part)
+    train, valid = load_records(str(d.parent), "train_sft")
+    assert (len(train), len(valid)) == (6, 2)
+    assert len(load_eval_records(str(d.parent), "test_gen")) == 3
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--data-split", "train_sft",
+                       "--output", tmp_path / "run", *RUN)
+    assert code == 0, err
+    assert "6 records (messages)" in err and "eval        2 sequences" in err
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--output", tmp_path / "run2", *RUN)
+    assert code == 1 and "has no train split (datasets finds" in err and "pick one with --data-split" in err
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--data-split", "train_sft", "--eval-data",
+                       d.parent, "--eval-data-split", "dev", "--output", tmp_path / "run3", *RUN)
+    assert code == 1 and "has no dev split" in err
 
 
 def test_custom_chat_template_file(cli, tiny_gpt2, tmp_path):
