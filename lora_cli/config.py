@@ -160,6 +160,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.max_length == 1:
+            p.append("--max-length must be >= 2 (a token is learned from the ones before it)")
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"--max-steps must be >= 1 (got {self.max_steps})")
         for name in ("eval_every", "save_every", "weight_decay", "max_grad_norm"):

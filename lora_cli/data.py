@@ -94,9 +94,12 @@ def load_records(spec: str, split: str = "train") -> tuple[list[dict], list[dict
 
 def _split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
     for name in names:
-        for suffix in DATA_SUFFIXES:
-            if (directory / f"{name}{suffix}").is_file():
-                return directory / f"{name}{suffix}"
+        found = [directory / f"{name}{suffix}" for suffix in DATA_SUFFIXES if (directory / f"{name}{suffix}").is_file()]
+        if len(found) > 1:
+            raise UserError(f"data directory {str(directory)!r} holds {' and '.join(f.name for f in found)}: one "
+                            f"{name} split, one file")
+        if found:
+            return found[0]
     return None
 
 
@@ -119,6 +122,8 @@ def _dataset_directory_splits(p: Path, spec: str) -> dict:
             return datasets.load_dataset(str(p))
     except Exception as e:
         msg = _root_message(e)
+        if "Couldn't resolve pattern" in msg or msg == "Couldn't cast":  # datasets' words for "no data files"
+            msg = "no file in it reads as records"
         raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
                         f"cannot read it as a dataset repository either: {msg}") from None
 
@@ -274,13 +279,16 @@ def _read_hub(name: str, split: str) -> list[dict]:
 
     from lora_cli.models import cache_only_if_offline
 
-    if cache_only_if_offline():
+    offline = cache_only_if_offline()
+    if offline:
         datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy of the setting
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:
         msg = _root_message(e)
+        if offline and "is not cached" in msg:  # datasets says "… is not cached in None"
+            msg = "there is no network, and it is not in the local Hugging Face cache"
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "
                         f"did not provide it: {msg}") from None
     return ds.to_list()
@@ -490,7 +498,7 @@ class Encoder:
         stats.tokens = sum(len(e.input_ids) for e in examples)
         stats.loss_tokens = sum(e.n_loss for e in examples)
         if not examples:
-            raise UserError(f"{name}: no record has a token to learn from ({stats.dropped_no_loss} dropped: empty, "
+            raise UserError(f"{name}: no record has a token to learn from ({stats.dropped_no_loss} sequences dropped: empty, "
                             f"or every answer token cut by --max-length {self.max_length})")
         return examples, stats
 
