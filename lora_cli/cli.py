@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"{e.strerror}: {e.filename}" if e.filename else e.strerror)  # a full disk, permissions
         if "out of memory" in str(e).lower():
             _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")
+        if "no space left on device" in str(e).lower() or "unexpected pos" in str(e):  # safetensors' and torch.save's
+            _fail("no space left on device: a file could not be written whole (nothing half-written was kept)")
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
 
 

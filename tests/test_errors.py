@@ -418,3 +418,21 @@ def test_without_a_network_hub_ids_are_read_from_the_cache_at_once(cli, tiny_lla
         assert code == 1 and "cannot be reached (offline?)" in " ".join(err.split()), err
         assert "Retrying" not in err and err.strip().splitlines()[-1].startswith("error: cannot load")
     assert datasets.config.HF_HUB_OFFLINE
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16192 vs 16080"),
+                                    RuntimeError("Error while serializing: IoError(No space left on device (os error 28))"),
+                                    OSError(28, "No space left on device", "/run/x.safetensors")])
+def test_a_full_disk_is_said_plainly(monkeypatch, capsys, raised):
+    """torch.save and safetensors report a full disk in their own words (not OSError): one plain line."""
+    import lora_cli.cli
+
+    def app(**_):
+        raise raised
+
+    monkeypatch.setattr(lora_cli.cli, "app", app)
+    with pytest.raises(SystemExit) as e:
+        lora_cli.cli.main(["train"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.lower().startswith("error: no space left on device")
+    assert "internal error" not in err and len(err.strip().splitlines()) == 1
