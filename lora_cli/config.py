@@ -204,13 +204,27 @@ def model_short_name(model: str) -> str:
     return re.sub(r"\.gguf$", "", name) or "model"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_config(path: str) -> dict[str, Any]:
     """A `--config` YAML file as a dict, or a clear error."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config {path!r}: no such file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--config {path!r}: not valid YAML ({first})") from None

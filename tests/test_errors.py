@@ -35,6 +35,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "shape.jsonl").write_text('{"question": "a", "answer": "b"}\n')
     (d / "broken.yaml").write_text("rank: [1, 2\n")
     (d / "unknown.yaml").write_text("rnak: 8\n")
+    (d / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
     pickled = d / "pickled"
     pickled.mkdir()
     shutil.copy(tiny_llama / "config.json", pickled / "config.json")
@@ -86,6 +87,8 @@ CASES = {
     "batch-size 0": (lambda d, m, c: train_args(m, c, d / "o", "--batch-size", "0"), ["--batch-size must be >= 1"]),
     "missing yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "nope.yaml"), ["no such file"]),
     "broken yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "broken.yaml"), ["not valid YAML"]),
+    "yaml key given twice": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "twice.yaml"),
+                             ["not valid YAML ('rank' is given twice (line 3))"]),
     "unknown yaml key": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "unknown.yaml"),
                          ["unknown key 'rnak'"]),
     "unknown dtype": (lambda d, m, c: train_args(m, c, d / "o", "--dtype", "float8"), ["--dtype must be one of"]),
