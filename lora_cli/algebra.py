@@ -186,27 +186,31 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     from safetensors import safe_open
 
     from lora_cli.lora.targets import REGEX_PREFIX, suffix_matches
-    from lora_cli.merging import base_directory, weight_shards
+    from lora_cli.merging import base_directory, meta_model, model_key_names, weight_shards
     from lora_cli.models import resolve_model
 
     if rank < 1:
         raise UserError(f"--rank must be >= 1, got {rank}")
     sources = [resolve_model(x) for x in (base, tuned)]
     dirs = [base_directory(src, status, flag) for src, flag in zip(sources, ("--base", "--tuned"))]
-    where = [{k: d / s for s in weight_shards(d) for k in _keys(d / s)} for d in dirs]
+    skeleton = meta_model(dirs[0])
+    shard_of = [{k: d / s for s in weight_shards(d) for k in _keys(d / s)} for d in dirs]  # checkpoint key → file
+    # the model's name of each weight → its checkpoint key: adapters name modules as the model does (a
+    # multimodal Gemma 3 saves its language model's weights as `language_model.model.…`)
+    saved = [model_key_names(skeleton, keys) for keys in shard_of]
     base_type, model_type = (json.loads((d / "config.json").read_text()).get("model_type")
                              if (d / "config.json").is_file() else None for d in dirs)
     if base_type and model_type and base_type != model_type:
         raise UserError(f"--tuned is a {model_type} model and --base a {base_type} one; a fine-tune keeps its "
                         "base's architecture")
-    is_conv1d = _conv1d_test(dirs[0], model_type)
+    is_conv1d = _conv1d_test(skeleton, model_type)
     try:
         pattern = re.compile(targets[len(REGEX_PREFIX):]) if targets.startswith(REGEX_PREFIX) else None
     except re.error as e:
         raise UserError(f"--targets: invalid regular expression ({e})") from None
     names = [t.strip() for t in targets.split(",")] if targets != "all-linear" and pattern is None else None
     factors, kept, ranks = {}, {}, {}
-    for key, path in sorted(where[1].items()):
+    for key in sorted(saved[1]):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if module is None or any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR):
             continue
@@ -214,12 +218,12 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
             continue
         if pattern is not None and not pattern.fullmatch(module):
             continue
-        if key not in where[0]:
+        if key not in saved[0]:
             raise UserError(f"{key} is in the tuned model but not in the base; are they the same architecture?")
-        with safe_open(str(path), "pt") as f:
-            w_t = f.get_tensor(key)
-        with safe_open(str(where[0][key]), "pt") as f:
-            w_b = f.get_tensor(key)
+        with safe_open(str(shard_of[1][saved[1][key]]), "pt") as f:
+            w_t = f.get_tensor(saved[1][key])
+        with safe_open(str(shard_of[0][saved[0][key]]), "pt") as f:
+            w_b = f.get_tensor(saved[0][key])
         if w_t.dim() != 2:
             continue
         if w_t.shape != w_b.shape:
@@ -242,13 +246,11 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     return _folded_config(like, ranks), factors, kept  # a layer smaller than --rank keeps its own rank
 
 
-def _conv1d_test(base_dir: Path, model_type: str | None):
-    """module (a checkpoint's name for it) → whether it is a Conv1D, whose weight is stored (in, out): GPT-2,
-    GPT-1, … From the model's modules on the meta device; without them (remote code), GPT-2's are."""
+def _conv1d_test(model, model_type: str | None):
+    """module → whether it is a Conv1D, whose weight is stored (in, out): GPT-2, GPT-1, … From the model's
+    modules on the meta device; without them (remote code), GPT-2's are."""
     from lora_cli.lora.layer import is_conv1d
-    from lora_cli.merging import meta_model
 
-    model = meta_model(base_dir)
     if model is None:
         return lambda module: model_type == "gpt2"
     conv = [n for n, m in model.named_modules() if is_conv1d(m)]

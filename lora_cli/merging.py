@@ -119,10 +119,13 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     whole = saved_layers(tensors)  # modules_to_save: layers the adapter replaces outright
     tensors = {k: v for k, v in tensors.items() if k not in whole}
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})  # …lora_A / lora_B / lora_magnitude_vector
-    aliases = _shared_weight_aliases(config, tensors, paths, base_dir, all_keys)
-    weight_of = match_weights([p for p in paths if p not in aliases], all_keys)
+    skeleton = meta_model(base_dir)
+    named = model_key_names(skeleton, all_keys)  # the model's name of each checkpoint key → the key
+    shapes = {k: all_keys[c] for k, c in named.items()}
+    aliases = _shared_weight_aliases(config, tensors, paths, skeleton, shapes)
+    weight_of = {p: named[k] for p, k in match_weights([p for p in paths if p not in aliases], shapes).items()}
     _check_shapes(config, tensors, weight_of, all_keys)
-    replace = _saved_layer_keys(whole, all_keys, base_dir)  # adapter key → checkpoint key
+    replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
     untie = [k for k in replace.values() if k not in all_keys]  # a tied head the adapter trained on its own
 
     merged = 0
@@ -193,10 +196,32 @@ def meta_model(base_dir: Path):
         return None
 
 
-def shared_weight_groups(base_dir: Path) -> list[list[str]]:
-    """Module paths whose weight is one tensor (a shared block reused by several layers, a head tied to
-    the embeddings). A checkpoint holds such a tensor once."""
-    model = meta_model(base_dir)
+def model_key_names(model, checkpoint_keys) -> dict[str, str]:
+    """{the model's name for a checkpoint key: the key}. transformers renames keys as it loads them (a
+    multimodal Gemma 3 checkpoint's `language_model.model.layers…` are `model.language_model.layers…` in
+    the model, whose names adapters use); renamings only (fused MoE experts are not LoRA layers here)."""
+    same = {k: k for k in checkpoint_keys}
+    if model is None:
+        return same
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        if not renamings:
+            return same
+        meta = model.state_dict()
+        named = {}
+        for key in checkpoint_keys:
+            named.setdefault(rename_source_key(key, renamings, [], model.base_model_prefix, meta)[0], key)
+        return named
+    except Exception:  # transformers 4 (no renaming on load), or its internals moved: the names as saved
+        return same
+
+
+def shared_weight_groups(model) -> list[list[str]]:
+    """Module paths of `model` (on the meta device) whose weight is one tensor (a shared block reused by
+    several layers, a head tied to the embeddings). A checkpoint holds such a tensor once."""
     if model is None:
         return []
     owners: dict[int, list[str]] = {}
@@ -206,13 +231,13 @@ def shared_weight_groups(base_dir: Path) -> list[list[str]]:
     return [paths for paths in owners.values() if len(paths) > 1]
 
 
-def _shared_weight_aliases(config: AdapterConfig, tensors: dict, paths: list[str], base_dir: Path,
+def _shared_weight_aliases(config: AdapterConfig, tensors: dict, paths: list[str], skeleton,
                            all_keys: dict) -> set[str]:
     """Merging into a weight that several modules use changes all of them: only right when every one of
     them has the same update. Then that update is merged once, where the checkpoint holds the weight:
     the other paths are returned, to be skipped. Otherwise refused."""
     adapted, aliases = set(paths), set()
-    for group in shared_weight_groups(base_dir):
+    for group in shared_weight_groups(skeleton):
         if adapted.isdisjoint(group):
             continue
         updates = [delta(config, p, tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"])

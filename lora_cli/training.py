@@ -350,7 +350,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             idle = probe_forward(loss_model, train_ex[0], pad_id, device, lora_layers(model))
             if idle:
                 say(f"warning: LoRA on {len(idle)} module(s) never runs (e.g. {idle[0]}): the model reads their "
-                    "weights directly, so their adapters cannot learn; leave them out of --targets")
+                    "weights directly, or they serve another input (images, audio), so their adapters cannot learn "
+                    "from this data; leave them out of --targets")
         loss_model.train()
         stopped = None
         try:

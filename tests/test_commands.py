@@ -213,6 +213,27 @@ def test_merge_refuses_a_weight_that_several_modules_share(cli, tmp_path):
     assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), logits(theirs.eval())) < 1e-5
 
 
+def test_a_multimodal_checkpoint_trains_merges_and_extracts(cli, chat_data, tmp_path):
+    """Gemma 3 (multimodal): `attention` is the language model's (the vision tower never runs on text), and
+    the checkpoint names its weights `language_model.model.…` where the model (and the adapter) say
+    `model.language_model.…`: merge and extract follow transformers' renaming."""
+    base = save_tiny(tmp_path / "base", "gemma3-mm", chat_template=None)
+    code, _, err = cli("train", "--model", base, "--data", chat_data, "--output", tmp_path / "run", *FAST)
+    assert code == 0, err
+    assert "8 modules" in err and "never runs" not in err
+    assert all(".language_model." in k for k in load_file(str(tmp_path / "run/adapter_model.safetensors")))
+    code, _, err = cli("merge", tmp_path / "run", "--output", tmp_path / "m")
+    assert code == 0, err
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "run").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert rel_diff(logits(merged), logits(theirs)) < 1e-5 and rel_diff(logits(theirs), logits(
+        AutoModelForCausalLM.from_pretrained(base).eval())) > 1e-3
+    code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "m", "--rank", "16", "--output", tmp_path / "x")
+    assert code == 0, err
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "x").eval()
+    assert rel_diff(logits(again), logits(merged)) < 1e-4
+
+
 def test_merge_sharded_in_sharded_out(cli, tmp_path):
     model = tiny_model("llama", vocab=320)
     base = tmp_path / "base"

@@ -78,6 +78,12 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
     if arch == "zamba2":  # two hybrid layers reusing one attention block: one weight, used twice
         return tf.Zamba2Config(**{**c, "hidden_size": 64}, num_key_value_heads=2, mamba_d_state=8, mamba_headdim=16,
                                n_mamba_heads=8, layers_block_type=["hybrid", "hybrid"], num_mem_blocks=1)
+    if arch == "gemma3-mm":  # multimodal: a vision tower beside the language model, saved under other names
+        text = tf.Gemma3TextConfig(**{**c, "hidden_size": 64}, num_key_value_heads=2, head_dim=16, sliding_window=8)
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                               image_token_index=3, boi_token_index=1, eoi_token_index=2)
     if arch == "mamba":  # no attention; its slow path reads dt_proj.weight directly
         return tf.MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8)
     raise ValueError(arch)

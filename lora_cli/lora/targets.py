@@ -63,11 +63,24 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def attention_projections(model: nn.Module) -> list[str]:
-    """Linear layers inside the model's innermost attention modules, detected by class name."""
+    """Linear layers inside the model's innermost attention modules, detected by class name; of its text
+    decoder only, when it has one inside (a multimodal model's vision tower never runs on text)."""
     attn = {name: m for name, m in model.named_modules() if name and _is_attention(m)}
     innermost = [n for n in attn if not any(o != n and o.startswith(n + ".") for o in attn)]
     linears = linear_modules(model)
-    return sorted(name for name in linears if any(name.startswith(a + ".") for a in innermost))
+    found = sorted(name for name in linears if any(name.startswith(a + ".") for a in innermost))
+    decoder = _decoder_path(model)
+    in_decoder = [n for n in found if decoder is None or n.startswith(decoder + ".")]
+    return in_decoder or found
+
+
+def _decoder_path(model: nn.Module) -> str | None:
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except Exception:
+        return None
+    return next((n for n, m in model.named_modules() if n and m is decoder), None)
 
 
 def describe_linears(model: nn.Module, limit: int = 12) -> str:
