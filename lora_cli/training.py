@@ -478,7 +478,7 @@ def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]
     paths = resolve_targets(model, cfg.targets)
     refused = sorted({p.rsplit(".", 1)[-1] for p in peft_refused_targets(model, paths)})
     if refused:
-        others = sorted({p.rsplit(".", 1)[-1] for p in paths} - set(refused))
+        others = sorted({p.rsplit(".", 1)[-1] for p in paths} - set(refused) - {"dt_proj"})  # read directly too
         raise UserError(f"PEFT refuses LoRA on {', '.join(refused)} of {model.config.model_type} models (their fused "
                         "kernel reads the weight directly), so it could not load this adapter; "
                         + (f"use --targets {','.join(others)}" if others else "name other modules with --targets"))
