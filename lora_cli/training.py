@@ -283,6 +283,12 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             say(f"warning: PEFT will not load this adapter as trained: on {model.config.model_type} models it reads "
                 f"{', '.join(misread)} as the fused MoE experts. lora generate and lora merge load it exactly; "
                 "train attention projections only (--targets attention) to share it through PEFT.")
+        shared = shared_base_weights(model, paths)
+        if shared:
+            more = f" (and {len(shared) - 1} more pairs)" if len(shared) > 1 else ""
+            say(f"note: {shared[0][0]} and {shared[0][1]}{more} use one weight (a block reused by several layers); "
+                "each use trains its own adapter, as in PEFT, so lora merge cannot bake them into one weight: use "
+                "the adapter on the base")
         report = param_report(model)
         meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
         ckpt = list_checkpoints(run_dir)[-1][1] if resume else None
@@ -471,6 +477,19 @@ def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
         raise UserError(f"--max-length {cfg.max_length} exceeds the model's context of {ctx} tokens")
     say(f"note: max length {cfg.max_length} → {ctx}, the model's context")
     return ctx
+
+
+def shared_base_weights(model, paths: list[str]) -> list[tuple[str, str]]:
+    """Pairs of wrapped modules whose base weight is one tensor (Zamba2's shared attention block)."""
+    first: dict[int, str] = {}
+    pairs = []
+    for p in paths:
+        w = model.get_submodule(p).base_layer.weight
+        if id(w) in first:
+            pairs.append((first[id(w)], p))
+        else:
+            first[id(w)] = p
+    return pairs
 
 
 def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]:

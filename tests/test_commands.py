@@ -184,13 +184,17 @@ def test_an_adapter_with_modules_to_save_through_every_command(cli, tmp_path):
     assert code == 1 and "(the vocabulary was resized)" in err and not (tmp_path / "m2").exists()
 
 
-def test_merge_refuses_a_weight_that_several_modules_share(cli, tmp_path):
+def test_merge_refuses_a_weight_that_several_modules_share(cli, chat_data, tmp_path):
     """Zamba2's layers reuse one attention block: PEFT (and lora train) give each use its own adapter, which
     no merged checkpoint can hold (it stores the tensor once). Merged anyway, every use would get every
     update; refused, unless all uses carry the same update."""
     from safetensors.torch import save_file
 
     base_dir = save_tiny(tmp_path / "base", "zamba2", chat_template=None)
+    code, _, err = cli("train", "--model", base_dir, "--data", chat_data, "--output", tmp_path / "run", *FAST,
+                       "--targets", "q_proj")  # said up front
+    assert code == 0 and "note: model.layers.0.shared_transformer.self_attn.q_proj and model.layers.1.shared_" \
+                         "transformer.self_attn.q_proj use one weight" in " ".join(err.split()), err
     torch.manual_seed(0)
     theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)).eval()
