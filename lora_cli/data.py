@@ -116,13 +116,15 @@ def _dataset_directory_splits(p: Path, spec: str) -> dict:
     `train/*.jsonl`…): datasets finds them by their file names, as it does on the Hub."""
     import datasets
 
+    if not any(set(f.suffixes) & set(DATA_SUFFIXES) for f in p.rglob("*") if f.is_file()):
+        raise UserError(f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})")
     datasets.disable_progress_bars()
     try:
         with quiet_logs():
             return datasets.load_dataset(str(p))
     except Exception as e:
         msg = _root_message(e)
-        if "Couldn't resolve pattern" in msg or msg == "Couldn't cast":  # datasets' words for "no data files"
+        if msg == "Couldn't cast":  # datasets' words for JSON files that are not records (a model folder)
             msg = "no file in it reads as records"
         raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
                         f"cannot read it as a dataset repository either: {msg}") from None

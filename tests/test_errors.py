@@ -49,6 +49,8 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "latin1-prompts.txt").write_bytes("café\n".encode("latin-1"))
     (d / "null-completion.jsonl").write_text('{"prompt": "hello", "completion": null}\n')
     (d / "empty.jinja").write_text("  \n")
+    (d / "no-data").mkdir()
+    (d / "no-data" / "notes.md").write_text("nothing to train on\n")
     (d / "two-train").mkdir()
     (d / "two-train" / "train.jsonl").write_text('{"text": "a"}\n')
     (d / "two-train" / "train.csv").write_text('text\nb\n')
@@ -99,8 +101,8 @@ CASES = {
     "max length 1": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "1"), ["--max-length must be >= 2"]),
     "two train files": (lambda d, m, c: train_args(m, d / "two-train", d / "o"),
                         ["holds train.jsonl and train.csv: one train split, one file"]),
-    "folder without data": (lambda d, m, c: train_args(m, d / "an-adapter", d / "o"),
-                            ["has no train.* file", "no file in it reads as records"]),
+    "folder without data": (lambda d, m, c: train_args(m, d / "no-data", d / "o"),
+                            ["data directory", "no-data' holds no data file (.jsonl, .json"]),
     "two eval sources": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-split", "0.1"),
                          ["--eval-split 0.1 holds out part of --data, but --eval-data is the eval data"]),
     "Latin-1 JSON lines": (lambda d, m, c: train_args(m, d / "latin1.jsonl", d / "o"),
