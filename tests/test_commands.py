@@ -267,6 +267,15 @@ def test_merge_onto_the_wrong_base_names_the_problem(cli, trained_run, tmp_path)
     assert not (tmp_path / "m").exists()
 
 
+def test_merge_onto_another_architecture_of_the_same_shapes_warns(cli, trained_run, tmp_path):
+    other = save_tiny(tmp_path / "mistral", "mistral")  # llama's module names and shapes
+    code, _, err = cli("merge", trained_run, "--base", other, "--output", tmp_path / "m")
+    assert code == 0, err
+    assert "warning: the adapter was trained on a llama model" in " ".join(err.split()) and "mistral model" in err
+    code, _, err = cli("merge", trained_run, "--output", tmp_path / "same")
+    assert code == 0 and "warning" not in err
+
+
 def test_merge_of_a_4bit_run_says_it_merges_into_the_16bit_base(cli, trained_run, tmp_path):
     """A --load-in-4bit run (its train_config.yaml says so; the real 4-bit run is in test_cuda.py) merges
     into the base's own weights, and `lora merge` says so, for the run and for its checkpoints."""
