@@ -183,20 +183,18 @@ def read_file(path: Path) -> list[dict]:
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
     text = read_text(path) if suffix != ".parquet" else None  # UTF-8, or one clear error
+    if suffix in (".txt", ".csv"):
+        records = paragraphs_as_records(text) if suffix == ".txt" else _csv_records(path, text)
+        if not records:
+            raise UserError(f"{path} holds no records")
+        return records
     rows = _check_json(path, text) if suffix in (".jsonl", ".json") else None
-    if suffix == ".txt":
-        rows = [{"text": t} for t in paragraphs(text)]
     datasets.disable_progress_bars()
     try:
-        if suffix == ".csv":
-            # every cell is text as written: by default 'None', 'NA' or an empty cell would be null, '007' 7
-            import pandas as pd
-
-            rows = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
         if rows is not None:
             ds = datasets.Dataset.from_list(rows)
         else:
-            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
+            builder = "parquet" if suffix == ".parquet" else "json"
             with quiet_logs():
                 ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
@@ -211,16 +209,26 @@ def read_file(path: Path) -> list[dict]:
     return records
 
 
-def paragraphs(text: str) -> list[str]:
-    """The texts of a .txt file: runs of lines separated by blank lines (spaces and tabs count as blank)."""
+def paragraphs_as_records(text: str) -> list[dict]:
+    """The records of a .txt file: runs of lines separated by blank lines (spaces and tabs count as blank)."""
     out, current = [], []
     for line in text.splitlines() + [""]:
         if line.strip():
             current.append(line)
         elif current:
-            out.append("\n".join(current).strip())
+            out.append({"text": "\n".join(current).strip()})
             current = []
     return out
+
+
+def _csv_records(path: Path, text: str) -> list[dict]:
+    """Every cell as text as written: by default pandas reads 'None', 'NA' or an empty cell as null, '007' as 7."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
+    except Exception as e:
+        raise UserError(f"cannot read {path}: {_root_message(e)}") from None
 
 
 def _check_json(path: Path, text: str) -> list[dict] | None:

@@ -238,8 +238,8 @@ def model_key_names(model, checkpoint_keys) -> dict[str, str]:
 
 
 def shared_weight_groups(model) -> list[list[str]]:
-    """Module paths of `model` (on the meta device) whose weight is one tensor (a shared block reused by
-    several layers, a head tied to the embeddings). A checkpoint holds such a tensor once."""
+    """Module paths of `model` (loaded, or on the meta device) whose weight is one tensor (a shared block
+    reused by several layers, a head tied to the embeddings). A checkpoint holds such a tensor once."""
     if model is None:
         return []
     owners: dict[int, list[str]] = {}

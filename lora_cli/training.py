@@ -64,6 +64,7 @@ from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import CONFIG_NAME, GGUF_BASE_KEY, KEY_PREFIX, WEIGHTS_NAME
 from lora_cli.loss import CausalLMLoss
+from lora_cli.merging import shared_weight_groups
 from lora_cli.models import (
     context_length,
     load_model,
@@ -283,9 +284,11 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             say(f"warning: PEFT will not load this adapter as trained: on {model.config.model_type} models it reads "
                 f"{', '.join(misread)} as the fused MoE experts. lora generate and lora merge load it exactly; "
                 "train attention projections only (--targets attention) to share it through PEFT.")
-        shared = shared_base_weights(model, paths)
+        wrapped = set(paths)
+        shared = [g for g in ([p for p in (n.removesuffix(".base_layer") for n in group) if p in wrapped]
+                              for group in shared_weight_groups(model)) if len(g) > 1]
         if shared:
-            more = f" (and {len(shared) - 1} more pairs)" if len(shared) > 1 else ""
+            more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
             say(f"note: {shared[0][0]} and {shared[0][1]}{more} use one weight (a block reused by several layers); "
                 "each use trains its own adapter, as in PEFT, so lora merge cannot bake them into one weight: use "
                 "the adapter on the base")
@@ -477,19 +480,6 @@ def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
         raise UserError(f"--max-length {cfg.max_length} exceeds the model's context of {ctx} tokens")
     say(f"note: max length {cfg.max_length} → {ctx}, the model's context")
     return ctx
-
-
-def shared_base_weights(model, paths: list[str]) -> list[tuple[str, str]]:
-    """Pairs of wrapped modules whose base weight is one tensor (Zamba2's shared attention block)."""
-    first: dict[int, str] = {}
-    pairs = []
-    for p in paths:
-        w = model.get_submodule(p).base_layer.weight
-        if id(w) in first:
-            pairs.append((first[id(w)], p))
-        else:
-            first[id(w)] = p
-    return pairs
 
 
 def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]:

@@ -62,12 +62,12 @@ def _is_attention(module: nn.Module) -> bool:
     return "attention" in type(module).__name__.lower()
 
 
-def attention_projections(model: nn.Module) -> list[str]:
+def attention_projections(model: nn.Module, linears: dict[str, nn.Module] | None = None) -> list[str]:
     """Linear layers inside the model's innermost attention modules, detected by class name; of its text
     decoder only, when it has one inside (a multimodal model's vision tower never runs on text)."""
     attn = {name: m for name, m in model.named_modules() if name and _is_attention(m)}
     innermost = [n for n in attn if not any(o != n and o.startswith(n + ".") for o in attn)]
-    linears = linear_modules(model)
+    linears = linear_modules(model) if linears is None else linears
     found = sorted(name for name in linears if any(name.startswith(a + ".") for a in innermost))
     decoder = _decoder_path(model)
     in_decoder = [n for n in found if decoder is None or n.startswith(decoder + ".")]
@@ -108,7 +108,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         # a keyword with names: `attention,down_proj` is the attention projections plus the down projections
         return sorted(set().union(*(resolve_targets(model, k) for k in keys)))
     if spec == ATTENTION:
-        found = attention_projections(model)
+        found = attention_projections(model, linears)
         if not found:
             raise UserError(
                 f"cannot find the attention projections of {type(model).__name__}; name them with --targets "
