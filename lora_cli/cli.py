@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             raise
+        if e.shared and os.environ.get("RANK", "0") != "0":
+            raise SystemExit(e.exit_code) from None
         _fail(str(e), code=e.exit_code)
     except KeyboardInterrupt:
         if debug:
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"{e.strerror}: {e.filename}" if e.filename else e.strerror)  # a full disk, permissions
         if "out of memory" in str(e).lower():
             _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")
-        if "no space left on device" in str(e).lower() or "unexpected pos" in str(e):  # safetensors' and torch.save's
+        if any(m in str(e) for m in ("o space left on device", "unexpected pos", "basic_ios::clear")):
+            # the OS's, safetensors' and torch.save's words for a write that failed (a full disk)
             _fail("no space left on device: a file could not be written whole (nothing half-written was kept)")
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
 

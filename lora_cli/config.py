@@ -145,8 +145,8 @@ class TrainConfig:
             p.append("--data is required")
         if self.rank < 1:
             p.append(f"--rank must be >= 1 (got {self.rank})")
-        if self.alpha is not None and not self.alpha > 0:
-            p.append(f"--alpha must be > 0 (got {self.alpha})")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            p.append(f"--alpha must be a finite number > 0 (got {self.alpha})")
         if not 0 <= self.dropout < 1:
             p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -165,8 +165,8 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             p.append(f"--max-steps must be >= 1 (got {self.max_steps})")
         for name in ("eval_every", "save_every", "weight_decay", "max_grad_norm"):
-            if not getattr(self, name) >= 0:  # NaN too
-                p.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # NaN too
+                p.append(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})")
         if self.save_total_limit < 1:
             p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit})")
         if not 0 <= self.seed < 2**32:
@@ -218,22 +218,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml_config(path: str) -> dict[str, Any]:
-    """A `--config` YAML file as a dict, or a clear error."""
+def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
+    """A `--config` YAML file (or, named by `what`, another config file) as a dict, or a clear error."""
     p = Path(path)
+    what = what or f"--config {path!r}"
     if not p.is_file():
-        raise UserError(f"--config {path!r}: no such file")
+        raise UserError(f"{what}: no such file")
     try:
         data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--config {path!r}: not valid YAML ({first})") from None
+        raise UserError(f"{what}: not valid YAML ({first})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"--config {path!r}: expected a mapping of option: value, got {type(data).__name__}")
+        raise UserError(f"{what}: expected a mapping of option: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    TrainConfig.from_dict(data, source=f"--config {path}")  # report unknown keys / types now
+    TrainConfig.from_dict(data, source=what)  # report unknown keys / types now
     return data
 
 

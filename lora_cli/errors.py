@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +14,10 @@ from pathlib import Path
 class UserError(Exception):
     """A mistake the user can fix. The CLI prints it as one `error: …` line and exits 1 (or `exit_code`)."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, shared: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.shared = shared  # every process of a distributed run raises it at once: only the main one says it
 
 
 def read_text(path: str | os.PathLike, what: str | None = None) -> str:
@@ -52,7 +55,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with creating(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        sweep_stale_temps(path.parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -85,7 +89,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with creating(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        sweep_stale_temps(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder gets the mode mkdir() would give
     try:
         yield tmp
@@ -106,6 +111,40 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         _rmtree(tmp)
+
+
+def _owner() -> str:
+    """This process, as temp names carry it: host and pid."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_owner()}."
+
+
+def sweep_stale_temps(folder: Path, name: str = "*") -> None:
+    """Remove the temp files and folders that a killed process of this host left in `folder` while writing
+    `name` (all names by default): a kill -9 or a power cut skips every cleanup, and a merge's are GBs."""
+    host = _owner().rsplit("-", 1)[0]
+    for p in folder.glob(f".{glob.escape(name) if name != '*' else '*'}.*.tmp"):
+        rest = p.name[1:-len(".tmp")]  # NAME.HOST-PID.RANDOM; NAME may hold dots, HOST has none
+        owner = rest.rsplit(".", 2)[-2] if rest.count(".") >= 2 else ""
+        h, _, pid = owner.rpartition("-")
+        if h == host and pid.isdigit() and not _alive(int(pid)):
+            if p.is_dir():
+                _rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # What lora's outputs hold (a run, an adapter, a merged model): --force replaces a folder of only these.

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import resource
+import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from lora_cli.data import (
     split_eval,
 )
 from lora_cli.display import RecordProgress, TrainProgress, kv_table, plot_loss
-from lora_cli.errors import UserError, atomic_write_text, read_text
+from lora_cli.errors import UserError, atomic_write_text, read_text, sweep_stale_temps
 from lora_cli.lora import (
     AdapterConfig,
     inject_lora,
@@ -165,7 +166,8 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     saved_path = Path(cfg.output) / CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"--resume: {cfg.output} has no {CONFIG_FILE}; is it a lora run directory?")
-    saved = TrainConfig.from_dict(read_yaml_config(str(saved_path)), source=str(saved_path))
+    what = f"--resume: the run's {saved_path}"
+    saved = TrainConfig.from_dict(read_yaml_config(str(saved_path), what), source=what)
     asked, kept = cfg.resolved(), saved.resolved()  # paths compared absolute, aliases spelled out
     changed = [k for k in given if k not in RESUMABLE_OVERRIDES + ("output",) and getattr(asked, k) != getattr(kept, k)]
     if changed:
@@ -277,6 +279,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             model = None if engine == "DeepSpeed" else load()
         if model is None:  # under ZeRO-3 loading partitions the weights: a collective of all processes
             model = load()
+        _check_vocabulary(model, tokenizer, train_ex + (eval_ex or []))
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         misread = peft_misread_targets(model, adapter_cfg.target_modules)
@@ -327,7 +330,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                                 f"when {ckpt.name} was written); --resume continues the same run exactly: restore "
                                 "the data, or start a new run")
             state.update(saved)
-            if state["step"] >= plan.total_steps:
+            if state["step"] >= plan.total_steps and (run_dir / SUMMARY_FILE).is_file():
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
                                 "--max-steps or --epochs to train further")
             _truncate_metrics(run_dir / METRICS_FILE, state["step"])
@@ -341,6 +344,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         if main:
             if not resume:
                 clear_run_files(run_dir)
+            for d in (run_dir, run_dir / CHECKPOINTS):  # what a killed run was writing (the lock is ours)
+                sweep_stale_temps(d)
             atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
             if tstats.template:  # generate, merge and export prompt the way the run trained
                 atomic_write_text(run_dir / CHAT_TEMPLATE_FILE, tstats.template)
@@ -393,8 +398,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                             loss_sum += s.detach()
                     loss = float(acc.reduce(loss_sum, "sum")) / n_global
                     if not math.isfinite(loss):
-                        raise UserError(f"the loss became {loss} at step {step + 1}; lower --lr or check the data "
-                                        f"(the last good checkpoint is kept in {run_dir / 'checkpoints'})")
+                        raise UserError(f"the loss became {loss} at step {step + 1}; lower --lr or check the data"
+                                        + _last_good(run_dir), shared=True)
                     if cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
@@ -414,12 +419,14 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                            "lr": lr, "tokens_per_s": round(w[2] / w[3], 1), "step_s": round(w[3] / w[4], 4),
                            "loss_tokens": w[1]}
                     is_last = done == plan.total_steps
+                    new_best = False
                     if eval_ex and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
                         ev = evaluate(loss_model, eval_ex, cfg.batch_size, pad_id, acc)
                         row.update(eval_loss=round(ev, 6), eval_ppl=round(math.exp(min(ev, 50)), 4))
                         state["eval_history"].append({"step": done, "eval_loss": ev})
                         if state["best_eval_loss"] is None or ev < state["best_eval_loss"]:
                             state.update(best_eval_loss=ev, best_eval_step=done)
+                            new_best = True  # saved below, or the best could not be kept
                         loss_model.train()
                     if done % cfg.log_every == 0 or is_last or "eval_loss" in row:
                         state["window"] = EMPTY_WINDOW
@@ -431,9 +438,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                     if world > 1:  # every process must agree to stop at the same step (collectives follow)
                         flag = acc.reduce(torch.tensor(float(bool(stop.signal)), device=device), "sum")
                         stop.signal = stop.signal or ("SIGNAL" if float(flag) > 0 else None)
-                    if stop.signal or done % plan.save_every == 0 or is_last:
+                    if stop.signal or done % plan.save_every == 0 or is_last or new_best:
                         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                         tensors = gathered_lora_tensors(acc, loss_model)  # a collective under FSDP / ZeRO-3
+                        _require_finite(tensors, done, run_dir, acc)
                         opt_sd = optimizer_state(loss_model, optimizer, engine)  # also one
                         if main:
                             save_checkpoint(run_dir, done, lambda d, t=tensors: write_adapter(d, t), opt_sd,
@@ -448,20 +456,31 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         acc.wait_for_everyone()
         if stopped:
             number = getattr(signal.Signals, stopped, None)  # exit 128 + N, as a shell reports a signal's end
+            how = f" (launched as this run was, on {world} processes)" if world > 1 else ""
             raise UserError(f"stopped by {stopped} after step {state['step']}; checkpoint saved. Resume with: "
-                            f"lora train --output {run_dir} --resume", exit_code=128 + number if number else 1)
+                            f"lora train --output {shlex.quote(str(run_dir))} --resume{how}",
+                            exit_code=128 + number if number else 1, shared=True)
         summary = _summary(cfg, state, plan, engine, world, tstats, estats, report, device)
         tensors = gathered_lora_tensors(acc, loss_model)
         if main:
             write_adapter(run_dir, tensors)
-            atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
             metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
             drew = plot_loss(metrics, run_dir / LOSS_PLOT)
+            atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")  # last: the run is done
             say(_after_table(summary, run_dir, drew, cfg.model))
         if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
             acc.wait_for_everyone()
             acc.end_training()
     return summary
+
+
+def _check_vocabulary(model, tokenizer, examples: list[Example]) -> None:
+    """Token ids past the embedding table: a tokenizer from another model (an IndexError deep in the forward)."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    top = max((max(e.input_ids) for e in examples if len(e.input_ids)), default=-1)
+    if rows is not None and top >= rows:
+        raise UserError(f"the tokenizer gives token id {top}, but the model's embedding table has {rows} rows: the "
+                        f"tokenizer ({len(tokenizer)} tokens) is not this model's")
 
 
 def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
@@ -583,11 +602,38 @@ def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, 
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    """On resume, drop rows logged after the checkpoint (they will be logged again), and a row cut short
+    by a crash or a full disk."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line)
     atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def _last_good(run_dir: Path) -> str:
+    """Where training can go on from after a failure: the newest checkpoint, if any."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return " (no checkpoint was saved)"
+    return f" (the last good checkpoint is kept: {found[-1][1]})"
+
+
+def _require_finite(tensors: dict[str, torch.Tensor], step: int, run_dir: Path, acc) -> None:
+    """Never save a checkpoint of inf / NaN weights: an update can blow them up while the loss that led to
+    it was finite. Every process takes the same decision (one reduce)."""
+    bad = sum(1 for t in tensors.values() if not torch.isfinite(t).all())
+    if acc.num_processes > 1:
+        bad = int(acc.reduce(torch.tensor(bad, device=acc.device), "sum"))
+    if bad:
+        raise UserError(f"the adapter weights became inf or NaN at step {step} ({bad} tensors); lower --lr, or keep "
+                        "--max-grad-norm on" + _last_good(run_dir), shared=True)
 
 
 def clear_run_files(run_dir: Path) -> None:
@@ -719,7 +765,8 @@ def _after_table(summary: dict, run_dir: Path, drew: bool, model: str):
     rows.append(("adapter", f"{run_dir}/adapter_model.safetensors"))
     if drew:
         rows.append(("loss curve", f"{run_dir}/{LOSS_PLOT}"))
-    rows.append(("next", f"lora generate --model {model} --adapter {run_dir} --prompt '…'\n"
-                         f"lora merge {run_dir} --output {run_dir}-merged\nlora export {run_dir} --output "
-                         f"{run_dir}-adapter"))
+    q = shlex.quote
+    rows.append(("next", f"lora generate --model {q(model)} --adapter {q(str(run_dir))} --prompt '…'\n"
+                         f"lora merge {q(str(run_dir))} --output {q(f'{run_dir}-merged')}\n"
+                         f"lora export {q(str(run_dir))} --output {q(f'{run_dir}-adapter')}"))
     return kv_table("done", rows)

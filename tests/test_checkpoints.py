@@ -149,16 +149,29 @@ def test_locked_run_directory_is_refused(cli, tiny_llama, chat_data, tmp_path):
     assert code == 1 and "in use by another lora run" in err
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cli, tiny_llama, chat_data, tmp_path):
+@pytest.mark.parametrize("lr", ["1e30", "1e9"])
+def test_non_finite_training_stops_and_keeps_only_finite_checkpoints(cli, tiny_llama, chat_data, tmp_path, lr):
+    """lr 1e30 makes the loss non-finite; lr 1e9 makes the weights NaN one step before the loss shows it (a
+    checkpoint of that step was kept as 'the last good one', NaN throughout)."""
     run = tmp_path / "run"
     code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "50",
-                       "--lr", "1e30", "--warmup", "0", "--save-every", "1", "--max-grad-norm", "0")
-    assert code == 1 and "the loss became" in err and "at step" in err
-    bad_step = int(err.split("at step ")[1].split(";")[0])
+                       "--lr", lr, "--warmup", "0", "--save-every", "1", "--max-grad-norm", "0")
+    assert code == 1 and ("the loss became" in err or "the adapter weights became inf or NaN" in err), err
+    bad_step = int(err.split("at step ")[1].split(" ")[0].rstrip(";"))
     kept = [s for s, _ in list_checkpoints(run)]
     assert kept and max(kept) == bad_step - 1
-    t = load_file(str(run / f"checkpoints/step-{max(kept):06d}/adapter_model.safetensors"))
-    assert all(torch.isfinite(v).all() for v in t.values())
+    assert f"the last good checkpoint is kept: {run / f'checkpoints/step-{max(kept):06d}'}" in " ".join(err.split())
+    for _, d in list_checkpoints(run):
+        t = load_file(str(d / "adapter_model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in t.values())
+
+
+def test_weights_blown_up_at_the_first_step_leave_no_checkpoint(cli, tiny_llama, chat_data, tmp_path):
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "run",
+                       "--max-steps", "5", "--lr", "1e38", "--warmup", "0", "--save-every", "1",
+                       "--max-grad-norm", "0", "--weight-decay", "1e38")
+    assert code == 1 and "became inf or NaN at step 1" in err and "(no checkpoint was saved)" in err, err
+    assert list_checkpoints(tmp_path / "run") == []
 
 
 def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
@@ -224,3 +237,100 @@ def test_a_damaged_checkpoint_is_named_without_torchs_unsafe_advice(cli, tiny_ll
     code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
     assert code == 1 and err.startswith(f"error: checkpoint {opt.parent} is unreadable ("), err
     assert "the file is damaged" in err and "weights_only" not in err and len(err.splitlines()) == 1
+
+
+def test_the_best_eval_is_kept_when_evals_and_saves_do_not_line_up(cli, tiny_llama, chat_data, tmp_path):
+    """--eval-every 3 with --save-every 4: the best eval (step 6, with an lr that overshoots after it) fell
+    between saves and was lost."""
+    from conftest import write_jsonl
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"messages": [
+        {"role": "user", "content": f"What is color {i}?"}, {"role": "assistant", "content": "Not purple, green."}]}
+        for i in range(4)])
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--eval-data", other, "--output", run,
+                       "--max-steps", "8", "--eval-every", "3", "--save-every", "4", "--save-total-limit", "1",
+                       "--lr", "2", "--scheduler", "constant", "--warmup", "0", "--dropout", "0")
+    assert code == 0, err
+    summary = json.loads((run / "train_summary.json").read_text())
+    kept = [s for s, _ in list_checkpoints(run)]
+    assert summary["best_eval_step"] == 6 and kept == [6, 8], (kept, summary)
+    state = json.loads((run / f"checkpoints/step-{summary['best_eval_step']:06d}/trainer_state.json").read_text())
+    assert state["eval_history"][-1]["eval_loss"] == summary["best_eval_loss"]
+
+
+def test_resume_drops_a_metrics_row_cut_short(cli, tiny_llama, chat_data, tmp_path):
+    """A full disk or a power cut can leave half a JSON line at the end of metrics.jsonl."""
+    run = tmp_path / "run"
+    args = ("--model", tiny_llama, "--data", chat_data, "--max-steps", "4", "--save-every", "2", "--dropout", "0")
+    assert cli("train", *args, "--output", run)[0] == 0
+    full = (run / "metrics.jsonl").read_text().splitlines()
+    shutil.rmtree(run / "checkpoints/step-000004")
+    for name in ("adapter_model.safetensors", "train_summary.json"):
+        (run / name).unlink()
+    (run / "metrics.jsonl").write_text("\n".join(full[:3]) + '\n{"step": 4, "epoch": 1.0, "lo')
+    code, _, err = cli("train", "--output", run, "--resume")
+    assert code == 0, err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([json.loads(x)["loss"] for x in full], rel=1e-6)
+
+
+def test_resume_finishes_a_run_stopped_while_writing_its_last_files(cli, tiny_llama, chat_data, tmp_path):
+    """The last checkpoint was saved but the process died before train_summary.json: --resume writes the run's
+    final files (it said 'already reached step 4 of 4' and the run stayed without them)."""
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--max-steps", "4", "--output", run)[0] == 0
+    adapter_before = adapter(run)
+    for name in ("adapter_model.safetensors", "train_summary.json", "loss.png"):
+        (run / name).unlink(missing_ok=True)
+    code, _, err = cli("train", "--output", run, "--resume")
+    assert code == 0, err
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
+    assert all(torch.equal(adapter_before[k], v) for k, v in adapter(run).items())
+    code, _, err = cli("train", "--output", run, "--resume")  # now it is done
+    assert code == 1 and "already reached step 4 of 4" in err
+
+
+def test_resume_removes_what_a_killed_run_was_writing(cli, tiny_llama, chat_data, tmp_path):
+    """kill -9 during a checkpoint save leaves its temp folder (named with the host and pid that wrote it)."""
+    import socket
+
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--max-steps", "2", "--save-every", "1",
+               "--output", run)[0] == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname().replace(".", "_")
+    stale = run / f"checkpoints/.step-000003.{host}-{dead}.k3j_x9.tmp"
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"half")
+    other_host = run / f"checkpoints/.step-000003.otherbox-{dead}.aa.tmp"  # may be alive elsewhere: kept
+    other_host.mkdir()
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
+    assert code == 0, err
+    assert not stale.exists() and other_host.exists()
+
+
+def test_a_damaged_run_config_is_named_as_the_run_s(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--max-steps", "1", "--output", run)[0] == 0
+    (run / "train_config.yaml").write_text("rank: [4\n")
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "2")
+    assert code == 1 and f"--resume: the run's {run / 'train_config.yaml'}: not valid YAML" in " ".join(err.split())
+    assert "--config" not in err
+
+
+def test_a_checkpoint_says_which_step_its_eval_loss_is_from(cli, tiny_llama, chat_data, tmp_path):
+    """Step 4's checkpoint carries the eval of step 3: inspect and the exported model card said 'eval loss'
+    as if it were step 4's."""
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--max-steps", "5", "--save-every", "2",
+               "--eval-split", "0.25", "--eval-every", "3", "--output", run)[0] == 0
+    ckpt = run / "checkpoints/step-000004"
+    code, out, err = cli("inspect", ckpt)
+    assert code == 0 and "(at step 3)" in out, out
+    assert cli("export", ckpt, "--output", tmp_path / "x")[0] == 0
+    card = (tmp_path / "x/README.md").read_text()
+    assert "| eval loss |" in card and "(at step 3)" in card
+    assert cli("inspect", run)[0] == 0 and "(at step" not in cli("inspect", run)[1]  # the run's own: its last step
