@@ -6,6 +6,7 @@ llama.cpp (one global alpha / r = 1 per module).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,6 @@ def read_factors(path: str | Path) -> tuple[AdapterConfig, dict[str, Factors]]:
         if not key.endswith(".lora_A.weight"):
             continue
         module = key[: -len(".lora_A.weight")]
-        if f"{module}.lora_B.weight" not in tensors:
-            raise UserError(f"{path}: {module} has lora_A but no lora_B")
         r, alpha = config.rank_and_alpha(module)
         s = lora_scaling(r, alpha, config.use_rslora)
         out[module] = Factors(tensors[key].float(), tensors[f"{module}.lora_B.weight"].float() * s)
@@ -93,6 +92,11 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
     modules = sorted(set().union(*(f for _, f in loaded)))
     ranks = [max(x.a.shape[0] for x in f.values()) for _, f in loaded]
     total = sum(ranks)
+    if rank is not None and rank > total:
+        if warn:
+            warn(f"note: --rank {rank} is above the sum's exact rank ({total} = the adapters' ranks added); it is "
+                 f"kept exact at rank {total}")
+        rank = None
     out, kept = {}, {}
     for m in modules:
         shapes = {(f[m].b.shape[0], f[m].a.shape[1]) for _, f in loaded if m in f}
@@ -125,7 +129,7 @@ def resize(adapter: str, rank: float, warn=None) -> tuple[AdapterConfig, dict[st
     """Per-module truncated SVD: `rank` ≥ 1 keeps that many singular values, 0 < rank < 1 keeps the
     smallest number that retains that fraction of each module's energy (Σ s²). `warn(text)` hears that
     a rank above the adapter's keeps its own (an update of rank r has r singular values)."""
-    if not rank > 0 or (rank >= 1 and rank != int(rank)):
+    if not (rank > 0 and math.isfinite(rank)) or (rank >= 1 and rank != int(rank)):
         raise UserError(f"--rank must be a whole rank >= 1 or a fraction of energy below 1, got {rank}")
     config, factors = read_factors(adapter)
     out, kept, ranks = {}, {}, {}
@@ -134,7 +138,7 @@ def resize(adapter: str, rank: float, warn=None) -> tuple[AdapterConfig, dict[st
         if rank >= 1:
             k = min(int(rank), len(s))
         else:
-            cum = torch.cumsum(s**2, 0) / max(float((s**2).sum()), 1e-30)
+            cum = torch.cumsum(s**2, 0) / float((s**2).sum()) if s.any() else torch.ones_like(s)  # B = 0: rank 1
             k = min(int((cum < rank - 1e-12).sum()) + 1, len(s))
         out[m], kept[m], ranks[m] = truncate(u, s, v, k), energy(s, k), k
     if warn and rank >= 1 and int(rank) > max(ranks.values()):
@@ -209,25 +213,26 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     except re.error as e:
         raise UserError(f"--targets: invalid regular expression ({e})") from None
     names = [t.strip() for t in targets.split(",")] if targets != "all-linear" and pattern is None else None
-    factors, kept, ranks = {}, {}, {}
+    linear = _linear_test(skeleton, names is None and pattern is None)
+    factors, kept, ranks, left_out = {}, {}, {}, []
     for key in sorted(saved[1]):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        if module is None or any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR):
-            continue
-        if names is not None and not any(suffix_matches(module, n) for n in names):
-            continue
-        if pattern is not None and not pattern.fullmatch(module):
-            continue
+        targeted = module is not None and linear(module) and (
+            (names is None or any(suffix_matches(module, n) for n in names))
+            and (pattern is None or pattern.fullmatch(module)))
         if key not in saved[0]:
             raise UserError(f"{key} is in the tuned model but not in the base; are they the same architecture?")
         with safe_open(str(shard_of[1][saved[1][key]]), "pt") as f:
             w_t = f.get_tensor(saved[1][key])
         with safe_open(str(shard_of[0][saved[0][key]]), "pt") as f:
             w_b = f.get_tensor(saved[0][key])
-        if w_t.dim() != 2:
-            continue
         if w_t.shape != w_b.shape:
             raise UserError(f"{key}: shape {tuple(w_t.shape)} in the tuned model, {tuple(w_b.shape)} in the base")
+        if not targeted or w_t.dim() != 2:
+            low = min((w_t.dtype, w_b.dtype), key=lambda t: torch.finfo(t).bits if t.is_floating_point else 64)
+            if not torch.equal(w_t.to(low), w_b.to(low)):  # a bf16 save of an fp32 base changed nothing
+                left_out.append(key)
+            continue
         d = (w_t.double() - w_b.double())
         d = d.T if is_conv1d(module) else d  # (out, in)
         if not d.abs().max() > 0:
@@ -236,7 +241,12 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         k = min(rank, len(s))
         factors[module], kept[module], ranks[module] = truncate(u, s, vh.T, k), energy(s, k), k
     if not factors:
-        raise UserError("no linear weight differs between the base and the tuned model (or none matched --targets)")
+        raise UserError("no linear weight differs between the base and the tuned model (or none matched --targets)"
+                        + (f"; {_listed(left_out)} differ" if left_out else ""))
+    if left_out and status:
+        status(f"warning: {_listed(left_out)} differ between the two models but are not in the adapter (LoRA "
+               "holds the targeted linear layers only: not norms, embeddings, biases, routers or fused experts); "
+               "base + adapter will not be the tuned model there")
     layouts = {is_conv1d(m) for m in factors}
     if len(layouts) > 1:  # one adapter holds one layout (PEFT's fan_in_fan_out)
         raise UserError("the changed layers mix Conv1D and Linear ones; extract each kind with --targets")
@@ -244,6 +254,23 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=fan_in_fan_out,
                          base_model_name_or_path=sources[0].path)  # a local base named absolutely
     return _folded_config(like, ranks), factors, kept  # a layer smaller than --rank keeps its own rank
+
+
+def _linear_test(model, all_linear: bool):
+    """module path → whether LoRA can hold its change: a linear layer of the model (from its modules on the meta
+    device; a router or fused experts are not one), not the output head for all-linear (as in PEFT). Without
+    the modules (remote code), by name."""
+    from lora_cli.lora.targets import _output_head_names, linear_modules
+
+    if model is None:
+        return lambda module: not any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR)
+    linear = set(linear_modules(model)) - (_output_head_names(model) if all_linear else set())
+    return lambda module: module in linear
+
+
+def _listed(keys: list[str], most: int = 4) -> str:
+    shown = ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({shown})"
 
 
 def _conv1d_test(model, model_type: str | None):

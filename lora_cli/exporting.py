@@ -85,7 +85,7 @@ tags: [lora, peft, lora-cli]
 | training data | `{cfg.get('data', 'n/a')}` |
 | steps | {s.get('steps', 'n/a')} |
 | final train loss | {num(s.get('final_loss'))} |
-| eval loss | {num(s.get('eval_loss'))} |
+| eval loss | {num(s.get('eval_loss'))}{f" (at step {s['eval_step']})" if s.get('eval_step') not in (None, s.get('steps')) else ''} |
 
 Made with [`lora`](https://pypi.org/project/lora-cli/), saved in PEFT's format.
 

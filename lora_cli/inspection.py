@@ -11,6 +11,7 @@ from lora_cli.lora.peft_format import (
     GGUF_BASE_KEY,
     KEY_PREFIX,
     adapter_files,
+    check_ranks,
     read_adapter_config,
     read_safetensors_header,
 )
@@ -22,6 +23,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     config = read_adapter_config(path)
     _, weights = adapter_files(path)
     header, meta = read_safetensors_header(weights)
+    check_ranks(config, {k.removeprefix(KEY_PREFIX): v["shape"] for k, v in header.items()}, weights)
     modules = Counter()
     ranks = Counter()
     params = 0
@@ -68,7 +70,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
             st = json.loads(state.read_text())
             evals = st.get("eval_history") or [{}]
             facts["train_summary"] = {"steps": st.get("step"), "final_loss": st.get("last_loss"),
-                                      "eval_loss": evals[-1].get("eval_loss"),
+                                      "eval_loss": evals[-1].get("eval_loss"), "eval_step": evals[-1].get("step"),
                                       "wall_time_s": round(st.get("wall_time_s") or 0.0, 2)}
     except (json.JSONDecodeError, AttributeError, TypeError):
         facts["train_summary"] = None

@@ -109,7 +109,13 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    source = resolve_model(ref, allow_pickle)
+    try:
+        source = resolve_model(ref, allow_pickle)
+    except UserError as e:
+        if base:
+            raise
+        raise UserError(f"{e} (the base the adapter names in its base_model_name_or_path; --base MODEL gives "
+                        "another)", e.exit_code) from None
     check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status)

@@ -186,3 +186,102 @@ def test_extract_refuses_a_tuned_model_of_another_architecture(cli, tmp_path):
     base, other = save_tiny(tmp_path / "base", "llama"), save_tiny(tmp_path / "other", "qwen2")
     code, _, err = cli("extract", "--base", base, "--tuned", other, "--rank", "2", "--output", tmp_path / "x")
     assert code == 1 and "--tuned is a qwen2 model and --base a llama one" in err and not (tmp_path / "x").exists()
+
+
+def test_extract_names_the_changes_an_adapter_cannot_hold(cli, tmp_path):
+    """Norms and an untied head changed too: the adapter holds q_proj only and says what it left out (it said
+    '100% of the energy kept'); the head is a linear layer, so --targets lm_head extracts it."""
+    base = save_tiny(tmp_path / "base", "llama", chat_template=None)
+    tuned_model = AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tuned_model.named_parameters():
+            if "q_proj" in name or name in ("model.norm.weight", "lm_head.weight"):
+                p += 0.05 * torch.randn(p.shape, generator=g)
+    tuned_model.save_pretrained(tmp_path / "tuned")
+    code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                       "--output", tmp_path / "x")
+    assert code == 0, err
+    said = " ".join(err.split())
+    assert "warning: 2 weights (lm_head.weight, model.norm.weight) differ between the two models but are not in " \
+           "the adapter" in said
+    assert sorted(read_factors(tmp_path / "x")[1]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "4",
+                       "--output", tmp_path / "head", "--targets", "lm_head")
+    assert code == 0, err
+    assert list(read_factors(tmp_path / "head")[1]) == ["lm_head"]
+    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "head")
+
+
+def test_extract_leaves_a_moe_router_and_fused_experts_out(cli, tmp_path):
+    """A router (not an nn.Linear) and per-expert checkpoint names (fused in the model) made adapters that
+    neither PEFT nor lora generate could load."""
+    base = save_tiny(tmp_path / "base", "qwen2_moe", chat_template=None)
+    tuned_model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for name, p in tuned_model.named_parameters():
+            if "q_proj.weight" in name or "mlp.gate." in name or "experts" in name:
+                p += 0.01
+    tuned_model.save_pretrained(tmp_path / "tuned")
+    code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                       "--output", tmp_path / "x")
+    assert code == 0, err
+    assert "differ between the two models but are not in the adapter" in " ".join(err.split())
+    modules = sorted(read_factors(tmp_path / "x")[1])
+    assert modules and all(m.endswith("q_proj") for m in modules), modules
+    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "x")
+    code, _, err = cli("generate", "--model", base, "--adapter", tmp_path / "x", "--prompt", "hi",
+                       "--max-new-tokens", "2")
+    assert code == 0, err
+
+
+def test_a_peft_adapter_on_the_output_head_works_everywhere(cli, base, tmp_path):
+    """PEFT saves lm_head.base_layer.weight (a copy of the base's head) beside LoRA on lm_head: every command
+    refused the adapter as holding 'tensors that are not LoRA factors'."""
+    from safetensors import safe_open
+
+    peft_adapter(base, tmp_path / "head", 0, r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])
+    with safe_open(str(tmp_path / "head/adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in f.keys()
+    assert_peft_matches_ours(base, tmp_path / "head")
+    code, _, err = cli("merge", tmp_path / "head", "--base", base, "--output", tmp_path / "m")
+    assert code == 0, err
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 2, 7]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "head").eval()
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits - want).abs().max() < 1e-5
+    for args in (("export", tmp_path / "head", "--output", tmp_path / "x"),
+                 ("resize", tmp_path / "head", "--rank", "1", "--output", tmp_path / "r")):
+        code, _, err = cli(*args)
+        assert code == 0, err
+    assert sorted(read_factors(tmp_path / "x")[1]) == sorted(read_factors(tmp_path / "head")[1])
+
+
+def test_algebra_refuses_non_finite_numbers_and_keeps_ranks_tight(cli, two, base, tmp_path):
+    """--weights nan wrote an adapter of NaNs (exported as it was); --rank inf was an internal error; --rank
+    above the exact rank padded the sum with zeros; an all-zero update resized by energy kept its full rank."""
+    for w in ("nan,1", "inf,1", "1e400,1"):
+        code, _, err = cli("combine", *two, "--weights", w, "--output", tmp_path / "c")
+        assert code == 1 and "--weights must be finite numbers" in err and not (tmp_path / "c").exists()
+    code, _, err = cli("resize", two[0], "--rank", "inf", "--output", tmp_path / "r")
+    assert code == 1 and "--rank must be a whole rank >= 1 or a fraction of energy below 1, got inf" in err
+    code, _, err = cli("combine", *two, "--rank", "100", "--output", tmp_path / "up")
+    assert code == 0 and "note: --rank 100 is above the sum's exact rank (6" in " ".join(err.split()), err
+    assert json.loads((tmp_path / "up/adapter_config.json").read_text())["r"] == 6
+    zero = tmp_path / "zero"
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                        peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(zero)  # B = 0
+    assert cli("resize", zero, "--rank", "0.5", "--output", tmp_path / "z")[0] == 0
+    assert json.loads((tmp_path / "z/adapter_config.json").read_text())["r"] == 1
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    peft_adapter(base, broken, 0, r=2, target_modules=["q_proj"])
+    t = load_file(str(broken / "adapter_model.safetensors"))
+    next(v for k, v in t.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(t, str(broken / "adapter_model.safetensors"))
+    for args in (("export", broken, "--output", tmp_path / "x"), ("combine", broken, two[0], "--output", tmp_path / "y"),
+                 ("export", broken, "--output", tmp_path / "g", "--format", "gguf")):
+        code, _, err = cli(*args)
+        assert code == 1 and "hold NaN or inf; the adapter is broken" in err, err

@@ -72,7 +72,10 @@ CASES = {
     "unknown hub model": (lambda d, m, c: train_args("nobody-xyz/no-such-model", c, d / "o"), ["cannot load"]),
     "missing data": (lambda d, m, c: train_args(m, d / "nope.jsonl", d / "o"), ["does not exist"]),
     "rank 0": (lambda d, m, c: train_args(m, c, d / "o", "--rank", "0"), ["--rank must be >= 1"]),
-    "alpha <= 0": (lambda d, m, c: train_args(m, c, d / "o", "--alpha", "-1"), ["--alpha must be > 0"]),
+    "alpha <= 0": (lambda d, m, c: train_args(m, c, d / "o", "--alpha", "-1"), ["--alpha must be a finite number > 0"]),
+    "alpha inf": (lambda d, m, c: train_args(m, c, d / "o", "--alpha", "inf"), ["--alpha must be a finite number > 0"]),
+    "weight decay inf": (lambda d, m, c: train_args(m, c, d / "o", "--weight-decay", "inf"),
+                         ["--weight-decay must be a finite number >= 0 (got inf)"]),
     "dropout 1": (lambda d, m, c: train_args(m, c, d / "o", "--dropout", "1"), ["--dropout must be in [0, 1)"]),
     "no target matched": (lambda d, m, c: train_args(m, c, d / "o", "--targets", "foo_proj"),
                           ["matched no linear module", "q_proj"]),
@@ -427,6 +430,7 @@ def test_without_a_network_hub_ids_are_read_from_the_cache_at_once(cli, tiny_lla
 
 @pytest.mark.parametrize("raised", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16192 vs 16080"),
                                     RuntimeError("Error while serializing: IoError(No space left on device (os error 28))"),
+                                    RuntimeError("basic_ios::clear: iostream error"),  # torch.save, another moment
                                     OSError(28, "No space left on device", "/run/x.safetensors")])
 def test_a_full_disk_is_said_plainly(monkeypatch, capsys, raised):
     """torch.save and safetensors report a full disk in their own words (not OSError): one plain line."""
@@ -441,3 +445,90 @@ def test_a_full_disk_is_said_plainly(monkeypatch, capsys, raised):
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.lower().startswith("error: no space left on device")
     assert "internal error" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_adapter_config_whose_rank_is_not_the_weights_is_refused(cli, run_dir, tmp_path):
+    """r edited (or the config of another adapter): merging scaled every update by alpha / r with the wrong r.
+    PEFT refuses it with a size mismatch; so does every command here, inspect included."""
+    edited = tmp_path / "edited"
+    shutil.copytree(run_dir, edited, ignore=shutil.ignore_patterns("checkpoints"))
+    cfg = json.loads((edited / "adapter_config.json").read_text())
+    cfg["r"] = 2 * cfg["r"]
+    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    said = f"has rank {cfg['r'] // 2}, its config says r={cfg['r']}"
+    for args in (("merge", edited, "--output", tmp_path / "m"), ("export", edited, "--output", tmp_path / "x"),
+                 ("inspect", edited), ("resize", edited, "--rank", "1", "--output", tmp_path / "r")):
+        assert_user_error(cli(*args), "does not match its adapter_config.json", said)
+    assert not any((tmp_path / n).exists() for n in "mxr")
+
+
+def test_a_run_that_has_not_finished_points_to_its_checkpoint(cli, run_dir, tmp_path):
+    cut = tmp_path / "cut run"
+    shutil.copytree(run_dir, cut)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_summary.json"):
+        (cut / name).unlink()
+    assert_user_error(cli("inspect", cut), "is a run that has not finished",
+                      f"lora train --output '{cut}' --resume", str(cut / "checkpoints/step-000002"))
+
+
+def test_merge_says_where_a_missing_base_came_from(cli, run_dir, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("checkpoints"))
+    cfg = json.loads((moved / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_user_error(cli("merge", moved, "--output", tmp_path / "m"), "does not exist",
+                      "base_model_name_or_path; --base MODEL gives another")
+
+
+def test_a_tokenizer_of_another_model_is_named(cli, tiny_llama, chat_data, tmp_path):
+    """Token ids past the embedding table were an IndexError inside the forward."""
+    from tiny import tiny_model
+
+    small = tmp_path / "small-vocab"
+    tiny_model("llama", vocab=64).save_pretrained(small)
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, small / f.name)
+    assert_user_error(cli(*train_args(small, chat_data, tmp_path / "o")), "the model's embedding table has 64 rows",
+                      "is not this model's")
+
+
+def test_an_error_every_process_raises_is_said_once(monkeypatch, capsys):
+    """Under torchrun every process stops on the same signal or NaN: only rank 0 prints the line."""
+    import lora_cli.cli
+    from lora_cli.errors import UserError
+
+    def app(**_):
+        raise UserError("stopped by SIGTERM after step 3", exit_code=143, shared=True)
+
+    monkeypatch.setattr(lora_cli.cli, "app", app)
+    for rank, said in (("1", ""), ("0", "error: stopped by SIGTERM after step 3\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            lora_cli.cli.main(["train"])
+        assert e.value.code == 143 and capsys.readouterr().err == said
+
+
+def test_temp_files_of_a_killed_process_are_swept_and_no_others(tmp_path):
+    import os
+    import socket
+
+    from lora_cli.errors import atomic_write_text, sweep_stale_temps
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    host = socket.gethostname().replace(".", "_")
+    names = {"dead": f".model-00001.safetensors.{host}-{dead}.ab_1.tmp",  # the name holds dots
+             "alive": f".model-00001.safetensors.{host}-{os.getpid()}.cd_2.tmp",
+             "elsewhere": f".model-00001.safetensors.box-{dead}.ef_3.tmp",
+             "other file": f".config.json.{host}-{dead}.gh_4.tmp", "not ours": ".model.tmp"}
+    for n in names.values():
+        (tmp_path / n).write_text("half")
+    sweep_stale_temps(tmp_path, "model-00001.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(v for k, v in names.items() if k != "dead")
+    atomic_write_text(tmp_path / "config.json", "{}")  # writing a file sweeps its own leftovers
+    assert not (tmp_path / names["other file"]).exists() and (tmp_path / "config.json").read_text() == "{}"
+    sweep_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["elsewhere"],
+                                                                 names["not ours"], "config.json"])

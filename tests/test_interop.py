@@ -115,3 +115,16 @@ def test_generate_switches_adapters_on_one_base(cli, rs_run, tiny_llama, tmp_pat
                          "--prompt", "hello", "--max-new-tokens", "4")
     assert code == 0, err
     assert f"{rs_run} (loaded in" in err and f"{other} (loaded in" in err and "answers" in err
+
+
+def test_generate_checks_every_adapter_before_answering(cli, rs_run, tiny_llama, tiny_gpt2, tmp_path):
+    """An adapter for another base second in the list failed after the first one had answered every prompt."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello {i}"}) + "\n" for i in range(4)))
+    assert cli("train", "--model", tiny_gpt2, "--data", data, "--output", tmp_path / "g", "--max-steps", "1")[0] == 0
+    code, out, err = cli("generate", "--model", tiny_llama, "--adapter", rs_run, "--adapter", tmp_path / "g",
+                         "--prompt", "hello", "--max-new-tokens", "4")
+    assert code == 1 and "does not fit this base model" in err and "▸" not in err, err
+    code, _, err = cli("generate", "--model", tiny_llama, "--adapter", rs_run, "--adapter", f"{rs_run}/",
+                       "--prompt", "hello")
+    assert code == 1 and "is given twice" in err

@@ -358,7 +358,7 @@ def test_mismatches_are_collected_together(tmp_path):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg["r"] = 3
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"lora_A is \(4, 32\), the base needs \(3, 32\).*;.*;"):
+    with pytest.raises(UserError, match=r"does not match its adapter_config.json: .*has rank 4, its config says r=3;.*;"):
         load_adapter(wide, tmp_path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ def combine_command(
         w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(adapters)
     except ValueError:
         raise UserError(f"--weights must be a comma list of numbers, got {weights!r}") from None
+    if not all(math.isfinite(x) for x in w):
+        raise UserError(f"--weights must be finite numbers, got {weights!r}")
     if rank is not None and rank < 1:
         raise UserError(f"--rank must be >= 1, got {rank}")
     from lora_cli.algebra import combine, write_factors

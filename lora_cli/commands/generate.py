@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -52,6 +53,10 @@ def generate_command(
 
     for a in adapters:
         adapter_files(a)  # a missing adapter fails before the model loads
+    twice = next((a for i, a in enumerate(adapters) if Path(a).resolve() in {Path(b).resolve() for b in adapters[:i]}),
+                 None)
+    if twice:
+        raise UserError(f"--adapter {twice} is given twice")
     dtype = dtype_name(dtype, ("auto", "float32", "bfloat16", "float16"))
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32) (got {seed})")
@@ -70,7 +75,12 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
 
     from lora_cli.display import stderr_console
     from lora_cli.generation import chat_template_for, fit_new_tokens, generate, prompt_ids
-    from lora_cli.lora.adapter import load_adapter
+    from lora_cli.lora.adapter import (
+        check_adapter_fits,
+        load_adapter,
+        read_adapter_config,
+        read_adapter_tensors,
+    )
     from lora_cli.lora.inject import unload_lora
     from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
 
@@ -80,6 +90,8 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     tok = load_tokenizer(source, trust_remote_code, status=console.print)
     model = load_model(source, torch_dtype(dtype, device), trust_remote_code, allow_pickle,
                        status=console.print).to(device).eval()
+    for a in adapters:  # each one fits, before any answer is generated
+        check_adapter_fits(model, read_adapter_config(a), read_adapter_tensors(a), a)
     template = None if no_chat else chat_template_for(tok, adapters)
     variants = ([None] if compare or not adapters else []) + adapters
     answers: dict[str, list[str]] = {}

@@ -44,6 +44,8 @@ def inspect_command(
         line = f"{s.get('steps')} steps, final loss {s.get('final_loss') or float('nan'):.4f}"
         if s.get("eval_loss") is not None:
             line += f", eval loss {s['eval_loss']:.4f}"
+            if s.get("eval_step") not in (None, s.get("steps")):
+                line += f" (at step {s['eval_step']})"
         rows.append(("training", line + f", {s.get('wall_time_s')} s"))
     Console(highlight=False).print(kv_table(f"adapter {adapter}", rows))
 

@@ -21,6 +21,7 @@ from lora_cli.lora.peft_format import (
     WEIGHTS_NAME,
     AdapterConfig,
     adapter_files,
+    check_ranks,
     read_adapter_config,
 )
 from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets
@@ -65,6 +66,10 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             f"{weights}: tensor names lack PEFT's '{KEY_PREFIX}' prefix (e.g. {problems[0]!r}); not a PEFT adapter"
         )
     tensors = {k[len(KEY_PREFIX) :]: v for k, v in raw.items()}
+    # PEFT saves the base weight of a targeted output head or embedding beside its LoRA (save_embedding_layers
+    # "auto"), a copy of the base's own: not part of the update (a resized vocabulary shows in lora_B's shape)
+    tensors = {k: v for k, v in tensors.items()
+               if not (k.endswith(".base_layer.weight") and f"{k[: -len('.base_layer.weight')]}.lora_A.weight" in tensors)}
     config = read_adapter_config(path)
     odd = sorted(k for k in tensors if not _KEY_RX.match(k) and not _is_saved(k, config))
     if odd:  # never dropped silently: a merge, export or combine without them would be another adapter
@@ -72,6 +77,11 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
                 else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
+    check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
+    broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:  # merge, export, combine and resize would pass them on
+        raise UserError(f"{weights}: {broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''} "
+                        "hold NaN or inf; the adapter is broken")
     return tensors
 
 
@@ -103,7 +113,7 @@ def check_adapter_fits(
     Returns the module paths to wrap.
     """
     paths = adapter_module_paths(model, config)
-    modules = dict(model.named_modules())
+    modules, linears = dict(model.named_modules()), linear_modules(model)
     problems: list[str] = []
     wanted: set[str] = set()  # the module paths the tensors name
     for key, t in tensors.items():
@@ -122,7 +132,12 @@ def check_adapter_fits(
             continue
         wanted.add(m["path"])
         if m["path"] not in paths:
-            where = "is not a linear module of the base" if m["path"] not in modules else "is not in target_modules"
+            if m["path"] not in modules:
+                where = "is not a module of the base"
+            elif m["path"] not in linears:
+                where = f"is not a linear layer of the base (a {type(modules[m['path']]).__name__})"
+            else:
+                where = "is not in target_modules"
             problems.append(f"{m['path']} {where}")
         elif not t.is_floating_point():
             problems.append(f"{key} has dtype {t.dtype}")

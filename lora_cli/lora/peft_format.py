@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,11 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
         raise UserError(f"adapter {str(path)!r} is not a directory (expected a run or adapter directory)")
     config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config.is_file():
+        saved = sorted(path.glob(f"checkpoints/step-*/{CONFIG_NAME}"))
+        if saved:  # a run stopped before its end
+            raise UserError(f"{str(path)!r} is a run that has not finished (no {CONFIG_NAME} yet): resume it with "
+                            f"lora train --output {shlex.quote(str(path))} --resume, or use its newest checkpoint, "
+                            f"{saved[-1].parent}")
         raise UserError(f"{str(path)!r} is not an adapter: it has no {CONFIG_NAME}")
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
@@ -209,6 +215,29 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     if not isinstance(d, dict):
         raise UserError(f"{config_path}: expected a JSON object")
     return AdapterConfig.from_peft_dict(d, source=str(config_path))
+
+
+def check_ranks(config: AdapterConfig, shapes: dict[str, list[int]], weights: Path) -> None:
+    """Each module's A (r, in) and B (out, r) against the r its config gives: a config edited or taken from
+    another adapter would scale every update by the wrong alpha / r."""
+    problems = []
+    for key, shape in shapes.items():
+        if key.endswith(".lora_B.weight") and key.replace(".lora_B.", ".lora_A.") not in shapes:
+            problems.append(f"{key[: -len('.lora_B.weight')]} has lora_B but no lora_A")
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        r, _ = config.rank_and_alpha(path)
+        b = shapes.get(f"{path}.lora_B.weight")
+        if b is None:
+            problems.append(f"{path} has lora_A but no lora_B")
+        elif len(shape) != 2 or len(b) != 2 or shape[0] != b[1]:
+            problems.append(f"{path}: lora_A {shape} and lora_B {b} do not make a product B A")
+        elif shape[0] != r:
+            problems.append(f"{path} has rank {shape[0]}, its config says r={r}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise UserError(f"{weights} does not match its adapter_config.json: {shown}")
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
