@@ -150,9 +150,9 @@ class TrainConfig:
         if not 0 <= self.dropout < 1:
             p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            p.append(f"--lr must be > 0 (got {self.lr})")
+            p.append(f"--lr must be a finite number > 0 (got {self.lr})")
         if not (self.warmup >= 0 and math.isfinite(self.warmup)):
-            p.append(f"--warmup must be >= 0 (got {self.warmup})")
+            p.append(f"--warmup must be a finite number >= 0 (got {self.warmup})")
         if self.scheduler not in SCHEDULERS:
             p.append(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {self.scheduler!r})")
         if DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:

@@ -17,7 +17,13 @@ from safetensors.torch import load_file, save_file
 from lora_cli.errors import UserError, atomic_dir, check_output
 from lora_cli.lora.layer import lora_scaling
 from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config
-from lora_cli.models import ModelSource, ensure_gguf_converted, resolve_model
+from lora_cli.models import (
+    ModelSource,
+    ensure_gguf_converted,
+    model_type_of,
+    other_architecture,
+    resolve_model,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files of a model directory that are not weights and that the merged model keeps.
@@ -120,7 +126,9 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status)
     if base and status:
-        _warn_other_architecture(config.base_model_name_or_path, base_dir, status)
+        warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
+        if warning:
+            status(warning)
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
     all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}
@@ -190,22 +198,6 @@ def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[i
     if problems:
         raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
     return keys
-
-
-def _warn_other_architecture(trained_on: str | None, base_dir: Path, say) -> None:
-    """--base names another model than the adapter's own: fine for a copy or a sibling checkpoint, but a
-    model of another architecture whose shapes happen to fit merges into nonsense, so say it."""
-    def model_type(d: Path) -> str | None:
-        try:
-            return json.loads((d / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError):
-            return None
-
-    trained = Path(trained_on).expanduser() if trained_on else None
-    was, now = (model_type(trained) if trained and trained.is_dir() else None), model_type(base_dir)
-    if was and now and was != now:
-        say(f"warning: the adapter was trained on a {was} model ({trained_on}) and --base is a {now} model; "
-            "their shapes fit, so it merges, but the result is unlikely to mean anything")
 
 
 def meta_model(base_dir: Path):

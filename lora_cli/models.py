@@ -200,6 +200,32 @@ def context_length(config) -> int | None:
     return next((v for k in CONTEXT_KEYS if isinstance(v := getattr(c, k, None), int) and v > 0), None)
 
 
+def model_type_of(directory: str | Path | None) -> str | None:
+    """The model_type in a local model directory's config.json (None for a Hub id or an unreadable folder)."""
+    try:
+        return json.loads((Path(directory).expanduser() / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def other_architecture(trained_on: str | None, now: str | None, flag: str, verb: str) -> str | None:
+    """A warning when an adapter trained on one architecture goes onto another whose shapes fit (a copy or a
+    sibling checkpoint is fine; a llama adapter on a qwen2 base `verb`s into nonsense)."""
+    was = model_type_of(trained_on) if trained_on else None
+    if was and now and was != now:
+        return (f"warning: the adapter was trained on a {was} model ({trained_on}) and {flag} is a {now} model; "
+                f"their shapes fit, so it {verb}, but the result is unlikely to mean anything")
+    return None
+
+
+def check_token_ids(model, tokenizer, top: int) -> None:
+    """Token ids past the embedding table: a tokenizer from another model (an IndexError deep in the forward)."""
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if rows is not None and top >= rows:
+        raise UserError(f"the tokenizer gives token id {top}, but the model's embedding table has {rows} rows: the "
+                        f"tokenizer ({len(tokenizer)} tokens) is not this model's")
+
+
 def has_vocabulary(tok) -> bool:
     """False for the empty tokenizer transformers 5 builds from a directory without tokenizer files."""
     return bool(tok("Hello world", add_special_tokens=False)["input_ids"])

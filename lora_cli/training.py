@@ -67,6 +67,7 @@ from lora_cli.lora.peft_format import CONFIG_NAME, GGUF_BASE_KEY, KEY_PREFIX, WE
 from lora_cli.loss import CausalLMLoss
 from lora_cli.merging import shared_weight_groups
 from lora_cli.models import (
+    check_token_ids,
     context_length,
     load_model,
     load_tokenizer,
@@ -247,7 +248,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     run_dir = Path(cfg.output)
     check_run_dir(run_dir, force, resume)
     if resume and not list_checkpoints(run_dir):
-        raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from")
+        raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from (the run stopped before its "
+                        "first); start it again with --force")
     source = resolve_model(cfg.model, cfg.allow_pickle)
     keep_freed_memory()
 
@@ -279,7 +281,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             model = None if engine == "DeepSpeed" else load()
         if model is None:  # under ZeRO-3 loading partitions the weights: a collective of all processes
             model = load()
-        _check_vocabulary(model, tokenizer, train_ex + (eval_ex or []))
+        check_token_ids(model, tokenizer, max(max(e.input_ids, default=-1) for e in train_ex + (eval_ex or [])))
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         misread = peft_misread_targets(model, adapter_cfg.target_modules)
@@ -467,20 +469,13 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line]
             drew = plot_loss(metrics, run_dir / LOSS_PLOT)
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")  # last: the run is done
-            say(_after_table(summary, run_dir, drew, cfg.model))
+            say(_after_table(summary, run_dir, drew))
+            say("[bold cyan]next[/]")
+            say(_next_commands(run_dir, cfg.model), soft_wrap=True, markup=False, highlight=False)
         if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
             acc.wait_for_everyone()
             acc.end_training()
     return summary
-
-
-def _check_vocabulary(model, tokenizer, examples: list[Example]) -> None:
-    """Token ids past the embedding table: a tokenizer from another model (an IndexError deep in the forward)."""
-    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    top = max((max(e.input_ids) for e in examples if len(e.input_ids)), default=-1)
-    if rows is not None and top >= rows:
-        raise UserError(f"the tokenizer gives token id {top}, but the model's embedding table has {rows} rows: the "
-                        f"tokenizer ({len(tokenizer)} tokens) is not this model's")
 
 
 def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
@@ -753,7 +748,7 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engin
     return kv_table("lora train", rows)
 
 
-def _after_table(summary: dict, run_dir: Path, drew: bool, model: str):
+def _after_table(summary: dict, run_dir: Path, drew: bool):
     rows = [
         ("final loss", f"{summary['final_loss']:.4f}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
@@ -765,8 +760,13 @@ def _after_table(summary: dict, run_dir: Path, drew: bool, model: str):
     rows.append(("adapter", f"{run_dir}/adapter_model.safetensors"))
     if drew:
         rows.append(("loss curve", f"{run_dir}/{LOSS_PLOT}"))
-    q = shlex.quote
-    rows.append(("next", f"lora generate --model {q(model)} --adapter {q(str(run_dir))} --prompt '…'\n"
-                         f"lora merge {q(str(run_dir))} --output {q(f'{run_dir}-merged')}\n"
-                         f"lora export {q(str(run_dir))} --output {q(f'{run_dir}-adapter')}"))
     return kv_table("done", rows)
+
+
+def _next_commands(run_dir: Path, model: str) -> str:
+    """What to run next; printed with soft_wrap (one line each): a command broken inside a quoted path does
+    not paste."""
+    q = shlex.quote
+    return (f"lora generate --model {q(model)} --adapter {q(str(run_dir))} --prompt '…'\n"
+            f"lora merge {q(str(run_dir))} --output {q(f'{run_dir}-merged')}\n"
+            f"lora export {q(str(run_dir))} --output {q(f'{run_dir}-adapter')}")

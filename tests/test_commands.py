@@ -274,6 +274,9 @@ def test_merge_onto_another_architecture_of_the_same_shapes_warns(cli, trained_r
     assert "warning: the adapter was trained on a llama model" in " ".join(err.split()) and "mistral model" in err
     code, _, err = cli("merge", trained_run, "--output", tmp_path / "same")
     assert code == 0 and "warning" not in err
+    code, _, err = cli("generate", "--model", other, "--adapter", trained_run, "--prompt", "hi", "--max-new-tokens", "1")
+    assert code == 0 and "warning: the adapter was trained on a llama model" in " ".join(err.split()), err
+    assert "--model is a mistral model; their shapes fit, so it loads" in " ".join(err.split())
 
 
 def test_merge_of_a_4bit_run_says_it_merges_into_the_16bit_base(cli, trained_run, tmp_path):
@@ -336,3 +339,15 @@ def test_sizes_read_in_the_unit_that_fits():
 
     assert [size_text(n) for n in (0, 1023, 1024, 38_400, 3_722_445, 5 * 2**30 // 4)] == \
         ["0 bytes", "1023 bytes", "1.0 KB", "37.5 KB", "3.55 MB", "1.25 GB"]
+
+
+def test_the_printed_next_commands_paste_as_they_are(cli, tiny_llama, chat_data, tmp_path):
+    """Shell-quoted, one line each (the table wrapped them inside a quoted path)."""
+    import shlex
+
+    run = tmp_path / "my runs" / "it's a run with a long name"
+    code, out, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--max-steps", "1", "--output", run)
+    assert code == 0, err
+    lines = (out + err).splitlines()
+    merge = next(line for line in lines if line.startswith("lora merge "))
+    assert shlex.split(merge) == ["lora", "merge", str(run), "--output", f"{run}-merged"]

@@ -87,7 +87,7 @@ CASES = {
     "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
     "max-length beyond the context": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "4096"),
                                       ["exceeds the model's context of 256 tokens"]),
-    "lr 0": (lambda d, m, c: train_args(m, c, d / "o", "--lr", "0"), ["--lr must be > 0"]),
+    "lr 0": (lambda d, m, c: train_args(m, c, d / "o", "--lr", "0"), ["--lr must be a finite number > 0"]),
     "max-length 0": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "0"), ["--max-length must be >= 1"]),
     "batch-size 0": (lambda d, m, c: train_args(m, c, d / "o", "--batch-size", "0"), ["--batch-size must be >= 1"]),
     "missing yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "nope.yaml"), ["no such file"]),
@@ -100,7 +100,7 @@ CASES = {
     "bad scheduler": (lambda d, m, c: train_args(m, c, d / "o", "--scheduler", "step"), ["--scheduler must be"]),
     "negative seed": (lambda d, m, c: train_args(m, c, d / "o", "--seed", "-1"), ["--seed must be in [0, 2**32)"]),
     "empty targets": (lambda d, m, c: train_args(m, c, d / "o", "--targets", " "), ["--targets is empty"]),
-    "NaN warmup": (lambda d, m, c: train_args(m, c, d / "o", "--warmup", "nan"), ["--warmup must be >= 0"]),
+    "NaN warmup": (lambda d, m, c: train_args(m, c, d / "o", "--warmup", "nan"), ["--warmup must be a finite number >= 0"]),
     "max length 1": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "1"), ["--max-length must be >= 2"]),
     "two train files": (lambda d, m, c: train_args(m, d / "two-train", d / "o"),
                         ["holds train.jsonl and train.csv: one train split, one file"]),
@@ -492,6 +492,23 @@ def test_a_tokenizer_of_another_model_is_named(cli, tiny_llama, chat_data, tmp_p
             shutil.copy(f, small / f.name)
     assert_user_error(cli(*train_args(small, chat_data, tmp_path / "o")), "the model's embedding table has 64 rows",
                       "is not this model's")
+    assert_user_error(cli("generate", "--model", small, "--prompt", "What is color 3?", "--max-new-tokens", "2"),
+                      "the model's embedding table has 64 rows")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    assert cli(*train_args(tiny_llama, chat_data, run))[0] == 0
+    shutil.rmtree(run / "checkpoints")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_summary.json"):
+        (run / name).unlink()
+    assert_user_error(cli("train", "--output", run, "--resume"), "has no complete checkpoint",
+                      "start it again with --force")
+    assert_user_error(cli("inspect", run), "stopped before its first checkpoint",
+                      f"lora train --config {run / 'train_config.yaml'} --force")
+    code, _, err = cli("train", "--config", run / "train_config.yaml", "--force")  # as the message says
+    assert code == 0, err
+    assert (run / "adapter_config.json").is_file()
 
 
 def test_an_error_every_process_raises_is_said_once(monkeypatch, capsys):

@@ -82,7 +82,14 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         read_adapter_tensors,
     )
     from lora_cli.lora.inject import unload_lora
-    from lora_cli.models import load_model, load_tokenizer, resolve_model, torch_dtype
+    from lora_cli.models import (
+        check_token_ids,
+        load_model,
+        load_tokenizer,
+        other_architecture,
+        resolve_model,
+        torch_dtype,
+    )
 
     console = stderr_console()
     source = resolve_model(model_ref, allow_pickle)
@@ -91,8 +98,14 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     model = load_model(source, torch_dtype(dtype, device), trust_remote_code, allow_pickle,
                        status=console.print).to(device).eval()
     for a in adapters:  # each one fits, before any answer is generated
-        check_adapter_fits(model, read_adapter_config(a), read_adapter_tensors(a), a)
+        config = read_adapter_config(a)
+        check_adapter_fits(model, config, read_adapter_tensors(a), a)
+        warning = other_architecture(config.base_model_name_or_path, model.config.model_type, "--model", "loads")
+        if warning:
+            console.print(warning)
     template = None if no_chat else chat_template_for(tok, adapters)
+    encoded = [prompt_ids(tok, p, template, system) for p in prompts]
+    check_token_ids(model, tok, max(int(ids.max()) if ids.numel() else -1 for ids in encoded))
     variants = ([None] if compare or not adapters else []) + adapters
     answers: dict[str, list[str]] = {}
     for variant in variants:
@@ -104,10 +117,10 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         label = variant or "base"
         switch = f" (loaded in {time.perf_counter() - t0:.2f} s)" if variant else ""
         answers[label] = []
-        for p in prompts:
+        for p, ids in zip(prompts, encoded):
             console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-            ids = prompt_ids(tok, p, template, system).to(device)
+            ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
             answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed))
             sys.stdout.flush()

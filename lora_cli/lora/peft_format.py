@@ -193,6 +193,10 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
             raise UserError(f"{str(path)!r} is a run that has not finished (no {CONFIG_NAME} yet): resume it with "
                             f"lora train --output {shlex.quote(str(path))} --resume, or use its newest checkpoint, "
                             f"{saved[-1].parent}")
+        if (path / "train_config.yaml").is_file():
+            raise UserError(f"{str(path)!r} is a run that stopped before its first checkpoint (no {CONFIG_NAME}): "
+                            f"start it again with lora train --config {shlex.quote(str(path / 'train_config.yaml'))} "
+                            "--force")
         raise UserError(f"{str(path)!r} is not an adapter: it has no {CONFIG_NAME}")
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
