@@ -260,11 +260,11 @@ def _linear_test(model, all_linear: bool):
     """module path → whether LoRA can hold its change: a linear layer of the model (from its modules on the meta
     device; a router or fused experts are not one), not the output head for all-linear (as in PEFT). Without
     the modules (remote code), by name."""
-    from lora_cli.lora.targets import _output_head_names, linear_modules
+    from lora_cli.lora.targets import linear_modules, output_head_names
 
     if model is None:
         return lambda module: not any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR)
-    linear = set(linear_modules(model)) - (_output_head_names(model) if all_linear else set())
+    linear = set(linear_modules(model)) - (output_head_names(model) if all_linear else set())
     return lambda module: module in linear
 
 

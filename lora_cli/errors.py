@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +114,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 def _owner() -> str:
     """This process, as temp names carry it: host and pid."""
+    import socket
+
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.errors import UserError, atomic_dir, check_output
-from lora_cli.inspection import adapter_facts
+from lora_cli.inspection import adapter_facts, eval_loss_text
 from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
 
@@ -85,7 +85,7 @@ tags: [lora, peft, lora-cli]
 | training data | `{cfg.get('data', 'n/a')}` |
 | steps | {s.get('steps', 'n/a')} |
 | final train loss | {num(s.get('final_loss'))} |
-| eval loss | {num(s.get('eval_loss'))}{f" (at step {s['eval_step']})" if s.get('eval_step') not in (None, s.get('steps')) else ''} |
+| eval loss | {eval_loss_text(s) or 'n/a'} |
 
 Made with [`lora`](https://pypi.org/project/lora-cli/), saved in PEFT's format.
 

@@ -77,5 +77,13 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     return facts
 
 
+def eval_loss_text(summary: dict) -> str | None:
+    """'6.0669', or '6.0669 (at step 9)' for a checkpoint whose last eval came before its own step."""
+    if summary.get("eval_loss") is None:
+        return None
+    at = summary.get("eval_step")
+    return f"{summary['eval_loss']:.4f}" + (f" (at step {at})" if at not in (None, summary.get("steps")) else "")
+
+
 def _dtype_name(st: str) -> str:
     return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(st, st)

@@ -75,12 +75,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
 
     from lora_cli.display import stderr_console
     from lora_cli.generation import chat_template_for, fit_new_tokens, generate, prompt_ids
-    from lora_cli.lora.adapter import (
-        check_adapter_fits,
-        load_adapter,
-        read_adapter_config,
-        read_adapter_tensors,
-    )
+    from lora_cli.lora.adapter import check_adapter_fits, load_adapter, read_adapter
     from lora_cli.lora.inject import unload_lora
     from lora_cli.models import (
         check_token_ids,
@@ -97,9 +92,9 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     tok = load_tokenizer(source, trust_remote_code, status=console.print)
     model = load_model(source, torch_dtype(dtype, device), trust_remote_code, allow_pickle,
                        status=console.print).to(device).eval()
-    for a in adapters:  # each one fits, before any answer is generated
-        config = read_adapter_config(a)
-        check_adapter_fits(model, config, read_adapter_tensors(a), a)
+    read = {a: read_adapter(a) for a in adapters}
+    for a, (config, tensors) in read.items():  # each one fits, before any answer is generated
+        check_adapter_fits(model, config, tensors, a)
         warning = other_architecture(config.base_model_name_or_path, model.config.model_type, "--model", "loads")
         if warning:
             console.print(warning)
@@ -112,7 +107,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         t0 = time.perf_counter()
         unload_lora(model)
         if variant:
-            load_adapter(model, variant)
+            load_adapter(model, variant, read=read[variant])
             model.to(device)
         label = variant or "base"
         switch = f" (loaded in {time.perf_counter() - t0:.2f} s)" if variant else ""

@@ -12,7 +12,7 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object on stdout."),
 ) -> None:
     """Rank, alpha, targets, trainable parameters, size, dtype and base model of an adapter."""
-    from lora_cli.inspection import adapter_facts
+    from lora_cli.inspection import adapter_facts, eval_loss_text
 
     facts = adapter_facts(adapter)
     if as_json:
@@ -42,10 +42,8 @@ def inspect_command(
     s = facts.get("train_summary")
     if s:
         line = f"{s.get('steps')} steps, final loss {s.get('final_loss') or float('nan'):.4f}"
-        if s.get("eval_loss") is not None:
-            line += f", eval loss {s['eval_loss']:.4f}"
-            if s.get("eval_step") not in (None, s.get("steps")):
-                line += f" (at step {s['eval_step']})"
+        if ev := eval_loss_text(s):
+            line += f", eval loss {ev}"
         rows.append(("training", line + f", {s.get('wall_time_s')} s"))
     Console(highlight=False).print(kv_table(f"adapter {adapter}", rows))
 

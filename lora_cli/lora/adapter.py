@@ -96,13 +96,14 @@ def saved_layers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not _KEY_RX.match(k)}
 
 
-def adapter_module_paths(model: nn.Module, config: AdapterConfig) -> list[str]:
+def adapter_module_paths(model: nn.Module, config: AdapterConfig, linears: dict[str, nn.Module] | None = None
+                         ) -> list[str]:
     """The linear modules PEFT would wrap for this config (list = suffix match, str = full-match regex,
-    with layers_to_transform and exclude_modules)."""
+    with layers_to_transform and exclude_modules). `linears`: linear_modules(model), if already found."""
     if config.target_modules == ALL_LINEAR:  # PEFT expands it to the names of the linear layers
         names = sorted({p.rsplit(".", 1)[-1] for p in resolve_targets(model, ALL_LINEAR)})
         config = dataclasses.replace(config, target_modules=names)
-    return sorted(n for n in linear_modules(model) if config.targets(n))
+    return sorted(n for n in (linear_modules(model) if linears is None else linears) if config.targets(n))
 
 
 def check_adapter_fits(
@@ -113,8 +114,8 @@ def check_adapter_fits(
 
     Returns the module paths to wrap.
     """
-    paths = adapter_module_paths(model, config)
     modules, linears = dict(model.named_modules()), linear_modules(model)
+    paths = adapter_module_paths(model, config, linears)
     problems: list[str] = []
     wanted: set[str] = set()  # the module paths the tensors name
     for key, t in tensors.items():
@@ -169,10 +170,16 @@ def check_adapter_fits(
     return paths
 
 
-def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0) -> AdapterConfig:
-    """Wrap `model` with the adapter at `path` (any PEFT LoRA adapter) and load its weights."""
-    config = read_adapter_config(path)
-    tensors = read_adapter_tensors(path)
+def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """An adapter's config and checked tensors."""
+    return read_adapter_config(path), read_adapter_tensors(path)
+
+
+def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0,
+                 read: tuple[AdapterConfig, dict[str, torch.Tensor]] | None = None) -> AdapterConfig:
+    """Wrap `model` with the adapter at `path` (any PEFT LoRA adapter) and load its weights (`read`: what
+    read_adapter(path) gave, if it was read already)."""
+    config, tensors = read or read_adapter(path)
     paths = check_adapter_fits(model, config, tensors, str(path))
     inject_lora(model, paths, config.rank_and_alpha, dropout=dropout, use_rslora=config.use_rslora,
                 use_dora=config.use_dora)

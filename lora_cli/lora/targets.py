@@ -47,7 +47,7 @@ def _maps_linearly(module: nn.Module) -> bool:
     return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, module.out_features)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+def output_head_names(model: nn.Module) -> set[str]:
     """The output projection (lm_head) is never a target of `all-linear`, as in PEFT."""
     names = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -116,7 +116,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
             )
         return found
     if spec == ALL_LINEAR:
-        heads = _output_head_names(model)
+        heads = output_head_names(model)
         found = sorted(n for n in linears if n not in heads)
     elif spec.startswith(REGEX_PREFIX):
         pattern = spec[len(REGEX_PREFIX) :]
