@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-import yaml
-
 from lora_cli.errors import UserError, check
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -195,6 +193,8 @@ class TrainConfig:
         check(p, "invalid configuration")
 
     def to_yaml(self) -> str:
+        import yaml
+
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False, allow_unicode=True)
 
 
@@ -204,18 +204,23 @@ def model_short_name(model: str) -> str:
     return re.sub(r"\.gguf$", "", name) or "model"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice is an error (YAML keeps the last one silently)."""
+def _unique_key_loader():
+    """yaml.safe_load's loader, except that a key given twice is an error (YAML keeps the last one silently).
+    Built on first use: yaml is imported only by the commands that read or write YAML (`lora --help` stays fast)."""
+    import yaml
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
@@ -224,8 +229,10 @@ def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
     what = what or f"--config {path!r}"
     if not p.is_file():
         raise UserError(f"{what}: no such file")
+    import yaml
+
     try:
-        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
+        data = yaml.load(p.read_text(encoding="utf-8-sig"), Loader=_unique_key_loader())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what}: not valid YAML ({first})") from None
@@ -289,6 +296,8 @@ def run_files(adapter_dir: str | Path, name: str) -> list[Path]:
 def run_settings(adapter_dir: str | Path) -> dict:
     """The train_config.yaml of a run directory, or of the run holding a checkpoint (run/checkpoints/step-N);
     {} if there is none."""
+    import yaml
+
     for cfg_file in run_files(adapter_dir, "train_config.yaml"):
         if cfg_file.is_file():
             try:

@@ -1,4 +1,5 @@
-"""Facts about an adapter from its JSON and safetensors header alone (no torch: answers instantly)."""
+"""Facts about an adapter from its JSON, its safetensors header and a scan of its bytes for NaN/inf (no torch:
+answers instantly)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from lora_cli.lora.peft_format import (
     GGUF_BASE_KEY,
     KEY_PREFIX,
     adapter_files,
+    broken_adapter_error,
     check_ranks,
+    nonfinite_tensors,
     read_adapter_config,
     read_safetensors_header,
 )
@@ -24,6 +27,8 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     _, weights = adapter_files(path)
     header, meta = read_safetensors_header(weights)
     check_ranks(config, {k.removeprefix(KEY_PREFIX): v["shape"] for k, v in header.items()}, weights)
+    if broken := [k.removeprefix(KEY_PREFIX) for k in nonfinite_tensors(weights, header)]:
+        raise broken_adapter_error(weights, broken)  # as every other command refuses it
     modules = Counter()
     ranks = Counter()
     params = 0

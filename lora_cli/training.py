@@ -335,7 +335,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             if state["step"] >= plan.total_steps and (run_dir / SUMMARY_FILE).is_file():
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
                                 "--max-steps or --epochs to train further")
-            _truncate_metrics(run_dir / METRICS_FILE, state["step"])
+            if bad := _truncate_metrics(run_dir / METRICS_FILE, state["step"]):
+                say(f"warning: {run_dir / METRICS_FILE}: dropped {len(bad)} line(s) that are not metric rows "
+                    f"(line {', '.join(map(str, bad[:5]))}{' …' if len(bad) > 5 else ''}); the file was damaged or edited")
             # the schedule is the resumed run's (--max-steps or --epochs may have grown): the optimizer's saved
             # lr is the old schedule's next one (0 after a finished cosine), so set the new one's
             factor = lr_factor(state["step"], plan.total_steps, plan.warmup, cfg.scheduler)
@@ -596,20 +598,25 @@ def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, 
     return float(total / count)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int) -> list[int]:
     """On resume, drop rows logged after the checkpoint (they will be logged again), and a row cut short
-    by a crash or a full disk."""
+    by a crash or a full disk. Returns the numbers of other lines that were not metric rows (dropped too)."""
     if not path.is_file():
-        return
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        return []
+    rows, bad = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            if number < len(lines) and line.strip():  # the last line is the one a crash cuts short
+                bad.append(number)
+        elif row["step"] <= step:
             rows.append(line)
     atomic_write_text(path, "".join(r + "\n" for r in rows))
+    return bad
 
 
 def _last_good(run_dir: Path) -> str:

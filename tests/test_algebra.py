@@ -282,6 +282,6 @@ def test_algebra_refuses_non_finite_numbers_and_keeps_ranks_tight(cli, two, base
     next(v for k, v in t.items() if "lora_B" in k)[0, 0] = float("nan")
     save_file(t, str(broken / "adapter_model.safetensors"))
     for args in (("export", broken, "--output", tmp_path / "x"), ("combine", broken, two[0], "--output", tmp_path / "y"),
-                 ("export", broken, "--output", tmp_path / "g", "--format", "gguf")):
+                 ("export", broken, "--output", tmp_path / "g", "--format", "gguf"), ("inspect", broken)):
         code, _, err = cli(*args)
         assert code == 1 and "hold NaN or inf; the adapter is broken" in err, err

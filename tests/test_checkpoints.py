@@ -260,7 +260,8 @@ def test_the_best_eval_is_kept_when_evals_and_saves_do_not_line_up(cli, tiny_lla
 
 
 def test_resume_drops_a_metrics_row_cut_short(cli, tiny_llama, chat_data, tmp_path):
-    """A full disk or a power cut can leave half a JSON line at the end of metrics.jsonl."""
+    """A full disk or a power cut can leave half a JSON line at the end of metrics.jsonl (dropped quietly); a
+    damaged line elsewhere is dropped with a warning naming it."""
     run = tmp_path / "run"
     args = ("--model", tiny_llama, "--data", chat_data, "--max-steps", "4", "--save-every", "2", "--dropout", "0")
     assert cli("train", *args, "--output", run)[0] == 0
@@ -268,9 +269,12 @@ def test_resume_drops_a_metrics_row_cut_short(cli, tiny_llama, chat_data, tmp_pa
     shutil.rmtree(run / "checkpoints/step-000004")
     for name in ("adapter_model.safetensors", "train_summary.json"):
         (run / name).unlink()
-    (run / "metrics.jsonl").write_text("\n".join(full[:3]) + '\n{"step": 4, "epoch": 1.0, "lo')
-    code, _, err = cli("train", "--output", run, "--resume")
+    (run / "metrics.jsonl").write_text("\n".join(full[:1] + ["\x00\x00garbage"] + full[1:3])
+                                       + '\n{"step": 4, "epoch": 1.0, "lo')
+    code, out, err = cli("train", "--output", run, "--resume")
     assert code == 0, err
+    said = " ".join((out + err).split())
+    assert "metrics.jsonl: dropped 1 line(s) that are not metric rows (line 2)" in said, said
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([json.loads(x)["loss"] for x in full], rel=1e-6)

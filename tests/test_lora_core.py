@@ -371,6 +371,30 @@ def test_non_finite_adapter_is_refused(tmp_path):
         load_adapter(tiny_model("llama"), tmp_path)
 
 
+def test_nonfinite_scan_of_raw_bytes_agrees_with_torch(tmp_path):
+    """inspect finds NaN/inf without torch, from the exponent bits: every float dtype, ±inf, NaN, and the largest
+    and smallest finite values (which must not be flagged)."""
+    from safetensors.torch import save_file
+
+    from lora_cli.lora.peft_format import nonfinite_tensors, read_safetensors_header
+
+    tensors = {}
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        info = torch.finfo(dtype)
+        edge = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 0.0, -0.0], dtype=dtype)
+        tensors[f"{dtype}.edge"] = edge
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.randn(3, 5).to(dtype)
+            t[2, 4] = bad
+            tensors[f"{dtype}.{bad}"] = t
+    tensors["int"] = torch.full((4,), -1, dtype=torch.int32)  # all bits set: not a float, never flagged
+    tensors["empty"] = torch.zeros(0, 3)
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    header, _ = read_safetensors_header(tmp_path / "t.safetensors")
+    expected = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    assert len(expected) == 12 and nonfinite_tensors(tmp_path / "t.safetensors", header) == expected
+
+
 def test_dropout_rate_and_expectation():
     from lora_cli.lora.layer import dropout_positions, zeroed_at
 

@@ -21,6 +21,7 @@ from lora_cli.lora.peft_format import (
     WEIGHTS_NAME,
     AdapterConfig,
     adapter_files,
+    broken_adapter_error,
     check_ranks,
     read_adapter_config,
 )
@@ -80,8 +81,7 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
     broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:  # merge, export, combine and resize would pass them on
-        raise UserError(f"{weights}: {broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''} "
-                        "hold NaN or inf; the adapter is broken")
+        raise broken_adapter_error(weights, broken)
     return tensors
 
 

@@ -244,6 +244,39 @@ def check_ranks(config: AdapterConfig, shapes: dict[str, list[int]], weights: Pa
         raise UserError(f"{weights} does not match its adapter_config.json: {shown}")
 
 
+# A float is NaN or ±inf when its exponent bits are all ones. Checked on the raw bytes, without torch or numpy
+# (inspect answers fast): per dtype, (byte of the little-endian element, the exponent bits it holds).
+_EXPONENT_BYTES = {"F64": [(7, 0x7F), (6, 0xF0)], "F32": [(3, 0x7F), (2, 0x80)], "F16": [(1, 0x7C)],
+                   "BF16": [(1, 0x7F), (0, 0x80)]}
+
+
+def nonfinite_tensors(path: str | Path, header: dict[str, dict]) -> list[str]:
+    """Names of the safetensors file's float tensors that hold a NaN or an inf."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        data = f.read()
+    broken = []
+    for name, info in header.items():
+        parts = _EXPONENT_BYTES.get(info["dtype"])
+        start, end = info["data_offsets"]
+        if parts is None or end <= start:
+            continue
+        size = {"F64": 8, "F32": 4}.get(info["dtype"], 2)
+        hits = -1  # per element: 1 where every exponent byte has all its exponent bits set (bytes ops run in C)
+        for i, mask in parts:
+            table = bytes(int(b & mask == mask) for b in range(256))
+            hits &= int.from_bytes(data[start + i:end:size].translate(table), "little")
+        if hits:
+            broken.append(name)
+    return sorted(broken)
+
+
+def broken_adapter_error(weights: str | Path, broken: list[str]) -> UserError:
+    return UserError(f"{weights}: {broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''} "
+                     "hold NaN or inf; the adapter is broken")
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
     """({tensor name: {dtype, shape, data_offsets}}, metadata) from a safetensors file's header only."""
     path = Path(path)
