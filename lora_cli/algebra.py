@@ -189,7 +189,6 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
 
     from safetensors import safe_open
 
-    from lora_cli.lora.targets import REGEX_PREFIX, suffix_matches
     from lora_cli.merging import base_directory, meta_model, model_key_names, weight_shards
     from lora_cli.models import resolve_model
 
@@ -208,18 +207,11 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         raise UserError(f"--tuned is a {model_type} model and --base a {base_type} one; a fine-tune keeps its "
                         "base's architecture")
     is_conv1d = _conv1d_test(skeleton, model_type)
-    try:
-        pattern = re.compile(targets[len(REGEX_PREFIX):]) if targets.startswith(REGEX_PREFIX) else None
-    except re.error as e:
-        raise UserError(f"--targets: invalid regular expression ({e})") from None
-    names = [t.strip() for t in targets.split(",")] if targets != "all-linear" and pattern is None else None
-    linear = _linear_test(skeleton, names is None and pattern is None)
+    wanted = _target_test(skeleton, targets)
     factors, kept, ranks, left_out = {}, {}, {}, []
     for key in sorted(saved[1]):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
-        targeted = module is not None and linear(module) and (
-            (names is None or any(suffix_matches(module, n) for n in names))
-            and (pattern is None or pattern.fullmatch(module)))
+        targeted = module is not None and wanted(module)
         if key not in saved[0]:
             raise UserError(f"{key} is in the tuned model but not in the base; are they the same architecture?")
         with safe_open(str(shard_of[1][saved[1][key]]), "pt") as f:
@@ -241,8 +233,8 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         k = min(rank, len(s))
         factors[module], kept[module], ranks[module] = truncate(u, s, vh.T, k), energy(s, k), k
     if not factors:
-        raise UserError("no linear weight differs between the base and the tuned model (or none matched --targets)"
-                        + (f"; {_listed(left_out)} differ" if left_out else ""))
+        raise UserError(f"none of the layers --targets {targets!r} chose differs between the base and the tuned model"
+                        + (f"; {_listed(left_out)} differ (choose them with --targets)" if left_out else ""))
     if left_out and status:
         status(f"warning: {_listed(left_out)} differ between the two models but are not in the adapter (LoRA "
                "holds the targeted linear layers only: not norms, embeddings, biases, routers or fused experts); "
@@ -256,16 +248,27 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     return _folded_config(like, ranks), factors, kept  # a layer smaller than --rank keeps its own rank
 
 
-def _linear_test(model, all_linear: bool):
-    """module path → whether LoRA can hold its change: a linear layer of the model (from its modules on the meta
-    device; a router or fused experts are not one), not the output head for all-linear (as in PEFT). Without
-    the modules (remote code), by name."""
-    from lora_cli.lora.targets import linear_modules, output_head_names
+def _target_test(model, targets: str):
+    """module path → whether to extract it: `--targets` resolved on the model's modules (on the meta device) as
+    `lora train` resolves it (attention, all-linear without the output head, names, re:PATTERN), so a router
+    or fused experts, not linear layers, never are. Without the modules (remote code), by name."""
+    from lora_cli.lora.targets import ALL_LINEAR, ATTENTION, REGEX_PREFIX, resolve_targets, suffix_matches
 
-    if model is None:
-        return lambda module: not any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR)
-    linear = set(linear_modules(model)) - (output_head_names(model) if all_linear else set())
-    return lambda module: module in linear
+    if model is not None:
+        chosen = set(resolve_targets(model, targets))
+        return lambda module: module in chosen
+    keys = [t.strip() for t in targets.split(",") if t.strip()]
+    if ATTENTION in keys:
+        raise UserError("--targets attention needs the model's architecture, which transformers does not know "
+                        "here (remote code); name the modules (e.g. --targets q_proj,v_proj) or use all-linear")
+    try:
+        pattern = re.compile(targets[len(REGEX_PREFIX):]) if targets.startswith(REGEX_PREFIX) else None
+    except re.error as e:
+        raise UserError(f"--targets: invalid regular expression ({e})") from None
+    names = None if targets == ALL_LINEAR or pattern else keys
+    return lambda module: (not any(p in module.rsplit(".", 1)[-1] for p in _NOT_LINEAR)
+                           and (names is None or any(suffix_matches(module, n) for n in names))
+                           and (pattern is None or pattern.fullmatch(module) is not None))
 
 
 def _listed(keys: list[str], most: int = 4) -> str:

@@ -155,6 +155,19 @@ def test_extract_recovers_a_low_rank_fine_tune(cli, tmp_path, arch):
                            "--output", tmp_path / "re", "--targets", r"re:.*layers\.0\..*")
         assert code == 0, err
         assert sorted(read_factors(tmp_path / "re")[1]) == sorted(m for m in changed if ".layers.0." in m)
+        # `attention`, train's default keyword, means the attention projections here too (it matched nothing)
+        code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                           "--output", tmp_path / "att", "--targets", "attention")
+        assert code == 0, err
+        assert sorted(read_factors(tmp_path / "att")[1]) == sorted(m for m in changed if "q_proj" in m)
+        assert "down_proj.weight" in " ".join(err.split())  # changed, left out, and said
+        code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                           "--output", tmp_path / "none", "--targets", "attn_proj")
+        assert code == 1 and "--targets 'attn_proj' matched no linear module of LlamaForCausalLM" in err, err
+        code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "tuned", "--rank", "2",
+                           "--output", tmp_path / "none", "--targets", "k_proj,v_proj")
+        assert code == 1 and "none of the layers --targets 'k_proj,v_proj' chose differs between the base and the " \
+            "tuned model; 4 weights (" in " ".join(err.split()) and not (tmp_path / "none").exists(), err
 
 
 def test_extract_past_a_layers_rank_keeps_it_whole_and_names_the_base_absolutely(cli, tmp_path, monkeypatch):

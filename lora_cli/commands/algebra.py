@@ -56,7 +56,7 @@ def extract_command(
     tuned: str = typer.Option(..., "--tuned", help="The fully fine-tuned model (same architecture)."),
     rank: int = typer.Option(..., "--rank", help="Rank of the extracted adapter."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the adapter."),
-    targets: str = typer.Option("all-linear", "--targets", help="all-linear, a comma list of module names, or re:PATTERN."),
+    targets: str = typer.Option("all-linear", "--targets", help="all-linear, attention, a comma list of module names, or re:PATTERN (as for lora train)."),
     force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
 ) -> None:
     """A LoRA adapter approximating a full fine-tune: per-layer SVD of W_tuned − W_base, streamed."""
