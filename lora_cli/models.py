@@ -269,11 +269,11 @@ def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allo
 
 def _load_failure(source: ModelSource, what: str, e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "trust_remote_code" in str(e) or "contains custom code" in str(e):  # the hint is on a later line
+        return f"{source.ref!r} needs its own Python code: pass --trust-remote-code if you trust it"
     if "safetensors" in msg.lower() and "pickle" not in msg.lower():
         return (f"cannot load {what} {source.ref!r}: no safetensors weights; pass --allow-pickle to load "
                 f"pickled weights from a source you trust ({msg})")
-    if "trust_remote_code" in msg:
-        return f"{source.ref!r} needs its own Python code: pass --trust-remote-code if you trust it"
     if source.kind == "hub":
         return (f"cannot load {what} {source.ref!r}: not a local path, and the Hub did not provide it "
                 f"(offline, private, or misspelled?): {msg}")

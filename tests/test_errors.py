@@ -60,6 +60,12 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     untokenized.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_llama / name, untokenized / name)
+    remote = d / "remote"  # the shape of a remote-code repo: a model type transformers does not know, an auto_map
+    shutil.copytree(tiny_llama, remote)
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="mycustom", auto_map={"AutoConfig": "configuration_x.MyConfig",
+                                                   "AutoModelForCausalLM": "modeling_x.MyForCausalLM"})
+    (remote / "config.json").write_text(json.dumps(config))
     return d
 
 
@@ -137,6 +143,10 @@ CASES = {
     "model without a tokenizer": (lambda d, m, c: train_args(d / "untokenized", c, d / "o"),
                                   ["has no tokenizer", "copy the tokenizer files of its base model"]),
     "4-bit on CPU": (lambda d, m, c: train_args(m, c, d / "o", "--load-in-4bit"), ["--load-in-4bit needs a CUDA GPU"]),
+    "remote code (train)": (lambda d, m, c: train_args(d / "remote", c, d / "o"),
+                            ["needs its own Python code: pass --trust-remote-code if you trust it"]),
+    "remote code (generate)": (lambda d, m, c: ("generate", "--model", d / "remote", "--prompt", "x"),
+                               ["needs its own Python code: pass --trust-remote-code if you trust it"]),
     "pickled weights": (lambda d, m, c: train_args(d / "pickled", c, d / "o"), ["pickled", "--allow-pickle"]),
     "resume without checkpoint": (lambda d, m, c: ("train", "--output", d / "nope-run", "--resume"),
                                   ["no train_config.yaml"]),
