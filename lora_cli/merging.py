@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_cli.errors import UserError, atomic_dir, check_output
 from lora_cli.lora.layer import lora_scaling
-from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config
+from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_safetensors_header
 from lora_cli.models import (
     ModelSource,
     ensure_gguf_converted,
@@ -106,8 +107,10 @@ def delta(config: AdapterConfig, path: str, a: torch.Tensor, b: torch.Tensor) ->
 
 def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | None = None,
                        dtype: torch.dtype | None = None, force: bool = False, allow_pickle: bool = False,
-                       chat_template: str | None = None, status=None) -> MergeResult:
-    """Bake the adapter into the base weights and write a plain transformers directory at `output`."""
+                       chat_template: str | None = None, status=None, check=None) -> MergeResult:
+    """Bake the adapter into the base weights and write a plain transformers directory at `output`. `check`,
+    if given, is called with the finished directory before it takes `output`'s name (an error there leaves
+    nothing written)."""
     from lora_cli.lora.adapter import read_adapter_tensors, saved_layers
 
     output = Path(output)
@@ -142,7 +145,9 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     weight_of = {p: named[k] for p, k in match_weights([p for p in paths if p not in aliases], shapes).items()}
     _check_shapes(config, tensors, weight_of, all_keys)
     replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
-    untie = [k for k in replace.values() if k not in all_keys]  # a tied head the adapter trained on its own
+    kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
+    originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
+    untie = [k for k in replace.values() if k not in all_keys] + list(originals)  # heads given their own weight
 
     merged = 0
     with atomic_dir(output) as tmp:
@@ -167,14 +172,18 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 if key in state or (key in untie and shard == shards[-1]):
                     like = state[key] if key in state else next(v for v in state.values() if v.is_floating_point())
                     state[key] = whole[k].to(dtype or like.dtype)
+            if shard == shards[-1]:
+                state.update(originals)
             if dtype is not None:
                 state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt"})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)
-        if untie:
+        if untie or kept:
             _untie(tmp, untie, shards[-1])
         _write_tokenizer_and_generation(base_dir, tmp, chat_template)
+        if check:
+            check(tmp)
     return MergeResult(output, merged, len(shards), str(dtype).replace("torch.", "") if dtype else None)
 
 
@@ -198,6 +207,39 @@ def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[i
     if problems:
         raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
     return keys
+
+
+def _tied_heads_kept(whole: dict[str, torch.Tensor], skeleton, checkpoint_keys) -> dict[str, str]:
+    """An adapter that replaces a weight shared by several modules (modules_to_save) replaces it for that module
+    only, in PEFT: a tied output head keeps the base's embedding when the input embedding is replaced. The
+    merged checkpoint then gives such a head its own weight (and unties it): {head's key: the checkpoint key of
+    the original}. A shared weight other than a tied head cannot be split so: refused."""
+    from lora_cli.lora.targets import output_head_names
+
+    replaced = {k.removesuffix(".weight") for k in whole if k.endswith(".weight")}
+    heads = output_head_names(skeleton) if skeleton is not None else set()
+    kept = {}
+    for group in shared_weight_groups(skeleton):
+        mine = [p for p in group if p in replaced]
+        stored = [c for p in group for c in _checkpoint_keys_for(f"{p}.weight", checkpoint_keys)]
+        # the members left as they were need the original: the one the checkpoint stores has it already
+        left = [p for p in group if p not in replaced and not _checkpoint_keys_for(f"{p}.weight", checkpoint_keys)]
+        if not mine or not left:
+            continue
+        if not stored or any(p not in heads for p in left):
+            raise UserError(f"cannot merge: the adapter replaces {mine[0]} (modules_to_save), whose weight is shared "
+                            f"with {', '.join(left[:3])}, which keeps the base's; a merged checkpoint holds that "
+                            "tensor once. Use the base with the adapter instead (lora generate --adapter, PEFT)")
+        kept.update({f"{p}.weight": stored[0] for p in left})
+    return kept
+
+
+def _read_tensor(base_dir: Path, keys_by_shard: dict[str, dict], key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    shard = next(s for s, keys in keys_by_shard.items() if key in keys)
+    with safe_open(str(base_dir / shard), "pt") as f:
+        return f.get_tensor(key)
 
 
 def meta_model(base_dir: Path):
@@ -354,11 +396,30 @@ def _read_config(base_dir: Path):
     return AutoConfig.from_pretrained(base_dir)
 
 
+@dataclass
+class Verification:
+    diff: float  # max |logits(merged) − logits(base + adapter)|, both run in fp32
+    rounding: float  # what storing base + adapter in the merged dtype alone changes: 0 for float32
+    scale: float  # max |logits(base + adapter)|
+    dtype: str  # the merged weights' dtype
+
+    @property
+    def allowed(self) -> float:
+        return 2 * self.rounding + 1e-3 * max(self.scale, 1.0)
+
+    @property
+    def ok(self) -> bool:
+        return self.diff <= self.allowed
+
+
 def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | None = None,
                  prompts: tuple[str, ...] = ("Hello, how are you?", "The capital of France is", "1, 2, 3,"),
-                 allow_pickle: bool = False) -> float:
-    """Max |logits(merged) − logits(base + adapter)| over a few prompts, both in fp32."""
+                 allow_pickle: bool = False) -> Verification:
+    """The merged model's logits against the base with the adapter on a few prompts, both in fp32, and the
+    difference that rounding base + adapter to the merged dtype explains (measured: the in-memory merge,
+    rounded)."""
     from lora_cli.lora.adapter import load_adapter
+    from lora_cli.lora.inject import merge_lora
     from lora_cli.models import load_model, load_tokenizer
 
     ref = base or read_adapter_config(adapter_dir).base_model_name_or_path
@@ -367,9 +428,19 @@ def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | No
     with_adapter = load_model(source, torch.float32, allow_pickle=allow_pickle).eval()
     load_adapter(with_adapter, adapter_dir)
     merged = load_model(resolve_model(str(merged_dir)), torch.float32).eval()
-    worst = 0.0
+    floats = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    stored = Counter(floats[t["dtype"]] for s in weight_shards(Path(merged_dir))
+                     for t in read_safetensors_header(Path(merged_dir) / s)[0].values() if t["dtype"] in floats)
+    dtype = stored.most_common(1)[0][0] if stored else torch.float32
+    ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
     with torch.no_grad():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")["input_ids"]
-            worst = max(worst, (with_adapter(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item())
-    return worst
+        want = [with_adapter(input_ids=x).logits for x in ids]
+        diff = max((merged(input_ids=x).logits - w).abs().max().item() for x, w in zip(ids, want))
+        rounding = 0.0
+        if dtype != torch.float32:
+            del merged
+            merge_lora(with_adapter)
+            for p in with_adapter.parameters():
+                p.copy_(p.to(dtype).float())
+            rounding = max((with_adapter(input_ids=x).logits - w).abs().max().item() for x, w in zip(ids, want))
+    return Verification(diff, rounding, max(w.abs().max().item() for w in want), str(dtype).replace("torch.", ""))

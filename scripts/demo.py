@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -82,7 +83,7 @@ def main() -> int:
     merge = subprocess.run([*lora, "merge", str(run), "--output", str(merged_dir), "--force", "--verify"],
                            check=True, capture_output=True, text=True)
     console.print(merge.stderr.strip())
-    verify = float(merge.stderr.rsplit("=", 1)[1])
+    verify = float(re.search(r"base \+ adapter\)\| = (\S+) ", " ".join(merge.stderr.split())).group(1))
     merged_model = load_model(resolve_model(str(merged_dir)), torch.float32).eval()
     merged = score(merged_model, "merged")
 

@@ -150,6 +150,44 @@ def test_merge_peft_made_adapters(cli, tmp_path, arch, kw):
     assert rel_diff(logits(again), logits(theirs)) < 1e-5
 
 
+@pytest.mark.parametrize("arch,saved,tying", [("llama-tied", "embed_tokens", False), ("gpt2", "wte", False),
+                                              ("llama-tied", "embed_tokens", True)])
+def test_merge_of_a_replaced_embedding_keeps_the_tied_heads_weights(cli, tmp_path, monkeypatch, arch, saved, tying):
+    """modules_to_save replaces the input embedding only (in PEFT the tied head keeps the base's): the merged
+    checkpoint kept the tie, so its head became the new embedding (logits off by 1.08) and --verify said 'ok'
+    to it. Now the head gets the original and is untied; a merge that differs fails --verify, nothing written.
+    With PEFT's ensure_weight_tying the head is replaced too (PEFT saves it twice): refused before, now merged."""
+    base_dir = save_tiny(tmp_path / "base", arch, chat_template=None)
+    assert json.loads((base_dir / "config.json").read_text()).get("tie_word_embeddings", True)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn" if arch == "gpt2" else "q_proj"], modules_to_save=[saved],
+        init_lora_weights=False, ensure_weight_tying=tying))
+    with torch.no_grad():
+        theirs.get_input_embeddings().weight.add_(0.3 * torch.randn_like(theirs.get_input_embeddings().weight))
+    theirs.eval().save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "adapter", "--output", tmp_path / "m", "--verify")
+    assert code == 0, err
+    assert "verify: max |logits(merged) − logits(base + adapter)| = " in err and "): ok" in err, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert rel_diff(logits(merged), logits(theirs)) < 1e-5
+    base_head = AutoModelForCausalLM.from_pretrained(base_dir).get_output_embeddings().weight
+    assert torch.equal(merged.get_output_embeddings().weight, base_head) != tying
+    if tying:  # export keeps both copies and the flag: PEFT loads it as it saved it
+        assert cli("export", tmp_path / "adapter", "--output", tmp_path / "x", "--dtype", "float32")[0] == 0
+        again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "x").eval()
+        assert rel_diff(logits(again), logits(theirs)) < 1e-6
+    # --verify stops a merge that is not base + adapter (here: a wrong scale) before it takes the output's name
+    import lora_cli.merging as merging
+
+    real = merging.delta
+    monkeypatch.setattr(merging, "delta", lambda *a: 3 * real(*a))
+    code, _, err = cli("merge", tmp_path / "adapter", "--output", tmp_path / "wrong", "--verify")
+    assert code == 1 and "the merged model is not base + adapter, so nothing was written" in " ".join(err.split())
+    assert not (tmp_path / "wrong").exists() and not list(tmp_path.glob(".wrong*"))
+
+
 def test_an_adapter_with_modules_to_save_through_every_command(cli, tmp_path):
     """PEFT's modules_to_save on a tied base: merge writes the head as its own weight and unties it, export
     keeps the layers, inspect names them, and what cannot hold them (resize) says so."""

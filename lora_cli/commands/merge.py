@@ -13,7 +13,8 @@ def merge_command(
     base: Optional[str] = typer.Option(None, "--base", help="Base model [default: the adapter's "
                                        "base_model_name_or_path]."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the base's]."),
-    verify: bool = typer.Option(False, "--verify", help="Compare merged logits with base + adapter."),
+    verify: bool = typer.Option(False, "--verify", help="Compare merged logits with base + adapter before writing "
+                                "(an error if they differ by more than rounding to the dtype explains)."),
     force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled base weights."),
 ) -> None:
@@ -23,6 +24,7 @@ def merge_command(
     from lora_cli.commands.common import dtype_name
     from lora_cli.config import run_chat_template, run_settings
     from lora_cli.display import stderr_console
+    from lora_cli.errors import UserError
 
     dtype = dtype_name(dtype)
     console = stderr_console()
@@ -33,14 +35,20 @@ def merge_command(
     if run_settings(adapter).get("load_in_4bit"):
         console.print("the run trained on a 4-bit (NF4) base: merging into the base's original unquantized weights, "
                       "never into 4-bit ones")
+    def check(merged):
+        v = verify_merge(adapter, merged, base, allow_pickle=allow_pickle)
+        explained = f"rounding to {v.dtype} explains {v.rounding:.3g}; " if v.rounding else ""
+        said = f"max |logits(merged) − logits(base + adapter)| = {v.diff:.3g} ({explained}allowed {v.allowed:.3g})"
+        if not v.ok:
+            raise UserError(f"--verify: {said}: the merged model is not base + adapter, so nothing was written. "
+                            "This is a bug in lora merge: please report it with the adapter's adapter_config.json")
+        console.print(f"verify: {said}: ok")
+
     t0 = time.perf_counter()
     result = merge_to_directory(adapter, output, base, getattr(torch, dtype) if dtype else None, force, allow_pickle,
-                                run_chat_template(adapter), status=console.print)
+                                run_chat_template(adapter), status=console.print, check=check if verify else None)
     console.print(f"merged {result.merged_modules} weights into {result.output} ({result.shards} shard(s), "
                   f"{result.dtype or 'base dtype'}) in {time.perf_counter() - t0:.1f} s")
-    if verify:
-        diff = verify_merge(adapter, output, base, allow_pickle=allow_pickle)
-        console.print(f"verify: max |logits(merged) − logits(base + adapter)| = {diff:.3g}")
 
 
 def register(app: typer.Typer) -> None:

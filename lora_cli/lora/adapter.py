@@ -72,7 +72,11 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in tensors.items()
                if not (k.endswith(".base_layer.weight") and f"{k[: -len('.base_layer.weight')]}.lora_A.weight" in tensors)}
     config = read_adapter_config(path)
-    odd = sorted(k for k in tensors if not _KEY_RX.match(k) and not _is_saved(k, config))
+    saved = [k for k in tensors if _is_saved(k, config)]
+    odd = sorted(k for k in tensors if not _KEY_RX.match(k) and not _is_saved(k, config)
+                 # PEFT's ensure_weight_tying saves the tied partner of a saved layer too (the same tensor)
+                 and not (config.ensure_weight_tying and any(tensors[s].shape == tensors[k].shape
+                                                             and torch.equal(tensors[s], tensors[k]) for s in saved)))
     if odd:  # never dropped silently: a merge, export or combine without them would be another adapter
         embeddings = sorted({k.rsplit(".", 1)[0] for k in odd if ".lora_embedding_" in k})
         what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings

@@ -52,6 +52,7 @@ class AdapterConfig:
     layers_pattern: list[str] | None = None
     exclude_modules: list[str] | str | None = None  # suffixes, or a full-match regex
     modules_to_save: list[str] | None = None  # layers saved whole (trained in full), by name
+    ensure_weight_tying: bool = False  # PEFT: a saved layer tied to another is saved (and replaced) in both places
 
     def saves(self, module_path: str) -> bool:
         """Whether the adapter carries this module whole (PEFT's modules_to_save: a name segment of the path)."""
@@ -112,6 +113,7 @@ class AdapterConfig:
             "use_dora": self.use_dora,
             **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
                if (v := getattr(self, k)) is not None},
+            **({"ensure_weight_tying": True} if self.ensure_weight_tying else {}),
         }
 
     @classmethod
@@ -153,6 +155,7 @@ class AdapterConfig:
                 else d.get("layers_pattern") or None,
                 exclude_modules=d.get("exclude_modules") or None,
                 modules_to_save=[str(m) for m in d["modules_to_save"]] if d.get("modules_to_save") else None,
+                ensure_weight_tying=bool(d.get("ensure_weight_tying", False)),
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: malformed value ({e})") from None
