@@ -439,10 +439,11 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                             metrics_fh.flush()
                     bar.update(done, loss, lr, tokens_all / dt,
                                f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                    stopping = stop.signal  # decided here: a signal during the save below waits for the next step
                     if world > 1:  # every process must agree to stop at the same step (collectives follow)
-                        flag = acc.reduce(torch.tensor(float(bool(stop.signal)), device=device), "sum")
-                        stop.signal = stop.signal or ("SIGNAL" if float(flag) > 0 else None)
-                    if stop.signal or done % plan.save_every == 0 or is_last or new_best:
+                        flag = acc.reduce(torch.tensor(float(bool(stopping)), device=device), "sum")
+                        stopping = stopping or ("SIGNAL" if float(flag) > 0 else None)
+                    if stopping or done % plan.save_every == 0 or is_last or new_best:
                         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                         tensors = gathered_lora_tensors(acc, loss_model)  # a collective under FSDP / ZeRO-3
                         _require_finite(tensors, done, run_dir, acc)
@@ -451,8 +452,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                             save_checkpoint(run_dir, done, lambda d, t=tensors: write_adapter(d, t), opt_sd,
                                             scheduler, state, rngs, engine)
                             prune_checkpoints(run_dir, cfg.save_total_limit, state["best_eval_step"])
-                        if stop.signal:
-                            stopped = stop.signal
+                        if stopping:
+                            stopped = stopping
                             break
         finally:
             if metrics_fh:

@@ -146,3 +146,28 @@ def test_sharded_training_gives_the_same_adapter_and_resumes_exactly(config, eng
     assert r1.returncode == 1
     assert "error: step-000002 was written by 2 process(es) and this resume runs 1" in r1.stderr
     assert not (tmp_path / "cut1/adapter_model.safetensors").exists()
+
+
+def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(tmp_path, tiny_llama, chat_data):
+    """Ctrl-C landing on rank 0 while it wrote a periodic checkpoint: rank 0 re-read its own flag after the save
+    and stopped alone, rank 1 went on into the next step: a deadlock, then an internal error. The processes
+    now stop at the step they agreed on (the next one), with a checkpoint and the resume line."""
+    script = tmp_path / "signal_in_save.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import lora_cli.training as t\n"
+        "real = t.save_checkpoint\n"
+        "def save(run_dir, step, *a, **k):\n"
+        "    if step == 2 and os.environ['RANK'] == '0':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # arrives while this process is saving\n"
+        "    return real(run_dir, step, *a, **k)\n"
+        "t.save_checkpoint = save\n"
+        "from lora_cli.cli import main\n"
+        "main(sys.argv[1:])\n")
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
+           *args(tiny_llama, chat_data, tmp_path / "run", 2)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = " ".join(r.stderr.split())
+    assert "error: stopped by SIGINT after step 3; checkpoint saved. Resume with: lora train --output" in said, said[-3000:]
+    assert "(launched as this run was, on 2 processes)" in said and "internal error" not in said
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
