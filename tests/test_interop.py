@@ -108,13 +108,25 @@ def test_gguf_export_refuses_unmapped_architectures(cli, tiny_gpt2, tmp_path):
 
 
 def test_generate_switches_adapters_on_one_base(cli, rs_run, tiny_llama, tmp_path, chat_data):
+    """Each adapter answers as it does alone, prompted with the chat template its run trained with (all were
+    prompted with the first run's own template)."""
     other = tmp_path / "other"
+    (tmp_path / "alt.jinja").write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                        "{% if add_generation_prompt %}### assistant:{% endif %}")
     assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", other, "--max-steps", "2",
-               "--seed", "7")[0] == 0
-    code, out, err = cli("generate", "--model", tiny_llama, "--adapter", rs_run, "--adapter", other,
-                         "--prompt", "hello", "--max-new-tokens", "4")
-    assert code == 0, err
-    assert f"{rs_run} (loaded in" in err and f"{other} (loaded in" in err and "answers" in err
+               "--seed", "7", "--chat-template", tmp_path / "alt.jinja")[0] == 0
+    alone = [cli("generate", "--model", tiny_llama, *a, "--prompt", "hello", "--max-new-tokens", "6")
+             for a in ((), ("--adapter", rs_run), ("--adapter", other))]
+    assert all(code == 0 for code, _, _ in alone)
+    for first, second in ((rs_run, other), (other, rs_run)):
+        code, out, err = cli("generate", "--model", tiny_llama, "--adapter", first, "--adapter", second,
+                             "--prompt", "hello", "--max-new-tokens", "6", "--compare")
+        assert code == 0, err
+        assert f"{rs_run} (loaded in" in err and f"{other} (loaded in" in err and "answers" in err
+        assert "note: the adapters were trained with different chat templates; each is prompted with its own, " \
+               "the base with the tokenizer's" in " ".join(err.split())
+        order = [alone[0], alone[1 if first == rs_run else 2], alone[2 if first == rs_run else 1]]
+        assert out == "".join(o for _, o, _ in order)
 
 
 def test_generate_checks_every_adapter_before_answering(cli, rs_run, tiny_llama, tiny_gpt2, tmp_path):

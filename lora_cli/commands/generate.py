@@ -98,10 +98,16 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         warning = other_architecture(config.base_model_name_or_path, model.config.model_type, "--model", "loads")
         if warning:
             console.print(warning)
-    template = None if no_chat else chat_template_for(tok, adapters)
-    encoded = [prompt_ids(tok, p, template, system) for p in prompts]
-    check_token_ids(model, tok, max(int(ids.max()) if ids.numel() else -1 for ids in encoded))
     variants = ([None] if compare or not adapters else []) + adapters
+    own = {a: None if no_chat else chat_template_for(tok, [a]) for a in adapters}  # each as its run trained
+    if len(set(own.values())) > 1:
+        console.print("note: the adapters were trained with different chat templates; each is prompted with its "
+                      "own" + (", the base with the tokenizer's" if None in variants else ""))
+    template = {a: own[a] for a in adapters}
+    template[None] = None if no_chat else (own[adapters[0]] if len(set(own.values())) == 1
+                                           else chat_template_for(tok, []))
+    encodings = {t: [prompt_ids(tok, p, t, system) for p in prompts] for t in {template[v] for v in variants}}
+    check_token_ids(model, tok, max(int(ids.max()) if ids.numel() else -1 for e in encodings.values() for ids in e))
     answers: dict[str, list[str]] = {}
     for variant in variants:
         t0 = time.perf_counter()
@@ -112,7 +118,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         label = variant or "base"
         switch = f" (loaded in {time.perf_counter() - t0:.2f} s)" if variant else ""
         answers[label] = []
-        for p, ids in zip(prompts, encoded):
+        for p, ids in zip(prompts, encodings[template[variant]]):
             console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             ids = ids.to(device)
