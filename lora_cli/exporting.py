@@ -92,7 +92,7 @@ Made with [`lora`](https://pypi.org/project/lora-cli/), saved in PEFT's format.
 ## Use it
 
 ```bash
-lora generate --model {base} --adapter . --prompt "Hello"
+lora generate --model {hub_base} --adapter path/to/this/folder --prompt "Hello"
 ```
 
 ```python
@@ -101,10 +101,25 @@ from peft import PeftModel
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub_base}"), "path/to/this/folder")
 ```
 
-```bash
-vllm serve {hub_base} --enable-lora --lora-modules my-adapter=path/to/this/folder --max-lora-rank {max(int(k) for k in facts['ranks']) if facts['ranks'] else facts['r']}
-```
-"""
+{_serving(facts, hub_base)}"""
+
+
+def _serving(facts: dict, hub_base: str) -> str:
+    """How to serve the adapter with vLLM, or what to do first where vLLM would refuse it or scale it wrongly."""
+    if facts["use_dora"] or facts.get("modules_to_save"):
+        what = "DoRA" if facts["use_dora"] else "layers saved whole (modules_to_save)"
+        return (f"vLLM cannot serve an adapter with {what}: merge it into the base and serve the merged model.\n\n"
+                "```bash\nlora merge path/to/this/folder --output merged\nvllm serve merged\n```\n")
+    rank = max(int(k) for k in facts["ranks"]) if facts["ranks"] else facts["r"]
+    serve = (f"```bash\nvllm serve {hub_base} --enable-lora --lora-modules my-adapter=path/to/this/folder "
+             f"--max-lora-rank {rank}\n```\n")
+    if facts["use_rslora"] or facts["rank_pattern"] or facts["alpha_pattern"]:
+        why = "rsLoRA" if facts["use_rslora"] else "per-layer ranks or alphas"
+        return (f"vLLM computes one alpha / r for the whole adapter, so this one ({why}) would be scaled wrongly: "
+                "export a portable copy first (the scaling folded into B) and serve that.\n\n"
+                "```bash\nlora export path/to/this/folder --portable --output portable\n```\n\n"
+                + serve.replace("path/to/this/folder", "portable"))
+    return serve
 
 
 # ---------------------------------------------------------------- portable and llama.cpp exports

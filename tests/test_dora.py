@@ -99,6 +99,9 @@ def test_train_dora_loads_in_peft_and_merges(cli, tiny_llama, chat_data, tmp_pat
     assert (logits(merged) - ref).abs().max() / ref.abs().max() < 1e-4
     code, _, err = cli("export", run, "--portable", "--output", tmp_path / "p")
     assert code == 1 and "DoRA" in err
+    assert cli("export", run, "--output", tmp_path / "x")[0] == 0  # its card says to merge it for vLLM
+    card = (tmp_path / "x/README.md").read_text()
+    assert "vLLM cannot serve an adapter with DoRA: merge it" in card and "--enable-lora" not in card
     code, out, _ = cli("inspect", run, "--json")
     assert '"use_dora": true' in out
 

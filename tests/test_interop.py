@@ -45,6 +45,13 @@ def test_portable_export_gives_identical_logits(cli, rs_run, tiny_llama, tmp_pat
     ours = AutoModelForCausalLM.from_pretrained(tiny_llama)
     load_adapter(ours, rs_run)
     assert (logits(theirs) - logits(ours)).abs().max() < 1e-5
+    assert "vllm serve BASE_MODEL --enable-lora --lora-modules my-adapter=path/to/this/folder --max-lora-rank 4" \
+        in (tmp_path / "p/README.md").read_text()
+    # the plain export's card says vLLM would scale it wrongly, and how to serve it (it gave the vLLM line as is)
+    assert cli("export", rs_run, "--output", tmp_path / "plain")[0] == 0
+    card = (tmp_path / "plain/README.md").read_text()
+    assert "this one (rsLoRA) would be scaled wrongly" in card and \
+        "lora export path/to/this/folder --portable --output portable" in card and "my-adapter=portable" in card
 
 
 def test_portable_export_pads_mixed_ranks(cli, tiny_llama, tmp_path):
