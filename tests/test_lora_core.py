@@ -218,13 +218,14 @@ def test_peft_layer_selection_and_exclusion_load_in_ours(tmp_path, arch, selecti
 
 
 @pytest.mark.parametrize("arch,saved", [("llama", ["lm_head"]), ("llama-tied", ["lm_head"]),
-                                         ("llama-tied", ["embed_tokens", "lm_head"]), ("qwen2", ["embed_tokens"])])
+                                         ("llama-tied", ["embed_tokens", "lm_head"]), ("qwen2", ["embed_tokens"]),
+                                         ("llama", ["norm"]), ("llama", ["mlp"])])  # PEFT: a plain suffix, blocks
 def test_peft_modules_to_save_load_in_ours_and_unload_cleanly(tmp_path, arch, saved):
     """Layers an adapter saves whole replace the base's (a tied head gets its own weight, as under PEFT);
     unloading puts the originals back, ties included."""
     torch.manual_seed(6)
-    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                                                   modules_to_save=saved, init_lora_weights=False))
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(  # down_proj is in the saved `mlp` block
+        r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], modules_to_save=saved, init_lora_weights=False))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "modules_to_save" in name:

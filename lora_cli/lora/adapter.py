@@ -92,7 +92,7 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def _is_saved(key: str, config: AdapterConfig) -> bool:
     """A whole layer's weight or bias carried by the adapter (modules_to_save)."""
     path, _, leaf = key.rpartition(".")
-    return leaf in ("weight", "bias") and config.saves(path)
+    return leaf in ("weight", "bias") and config.saves(path, within=True)
 
 
 def saved_layers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -54,15 +54,18 @@ class AdapterConfig:
     modules_to_save: list[str] | None = None  # layers saved whole (trained in full), by name
     ensure_weight_tying: bool = False  # PEFT: a saved layer tied to another is saved (and replaced) in both places
 
-    def saves(self, module_path: str) -> bool:
-        """Whether the adapter carries this module whole (PEFT's modules_to_save: a name segment of the path)."""
-        return any(re.match(rf"(^|.*\.){re.escape(m)}$", module_path) for m in self.modules_to_save or ())
+    def saves(self, module_path: str, within: bool = False) -> bool:
+        """Whether the adapter carries this module whole: PEFT's modules_to_save rule, a plain suffix of the path
+        (`norm` catches `input_layernorm`). `within`: or one of the modules holding it (`mlp` saves the block)."""
+        parts = module_path.split(".")
+        paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if within else [module_path]
+        return any(p.endswith(m) for m in self.modules_to_save or () for p in paths)
 
     def targets(self, module_path: str) -> bool:
         """Whether PEFT wraps this module (its check_target_module_exists, for `target_modules` as written;
         the all-linear shorthand is expanded by the caller)."""
         ex = self.exclude_modules
-        if self.saves(module_path):  # a layer saved whole is never also wrapped (PEFT excludes it)
+        if self.saves(module_path, within=True):  # a layer saved whole (or in a block saved whole) is never wrapped
             return False
         if ex and (re.fullmatch(ex, module_path) if isinstance(ex, str) else any(suffix_matches(module_path, e) for e in ex)):
             return False
