@@ -21,6 +21,7 @@ from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_s
 from lora_cli.models import (
     ModelSource,
     ensure_gguf_converted,
+    ensure_pickle_converted,
     model_type_of,
     other_architecture,
     resolve_model,
@@ -29,7 +30,7 @@ from lora_cli.models import (
 INDEX_NAME = "model.safetensors.index.json"
 # Files of a model directory that are not weights and that the merged model keeps.
 _KEEP_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
-_SKIP_NAMES = {INDEX_NAME, "adapter_config.json", "lora_cli_gguf.json"}
+_SKIP_NAMES = {INDEX_NAME, "adapter_config.json", "lora_cli_gguf.json", "lora_cli_pickled.json"}
 
 
 @dataclass
@@ -40,11 +41,14 @@ class MergeResult:
     dtype: str | None
 
 
-def base_directory(source: ModelSource, status=None, flag: str = "--base") -> Path:
-    """A local transformers directory holding the model's safetensors (downloading a Hub id's files);
-    `flag` names the option that gave it."""
+def base_directory(source: ModelSource, status=None, flag: str = "--base", allow_pickle: bool = False) -> Path:
+    """A local transformers directory holding the model's safetensors (downloading a Hub id's files; pickled
+    weights converted once, with `allow_pickle`); `flag` names the option that gave it."""
     if source.kind == "dir":
-        return Path(source.path)
+        d = Path(source.path)
+        if allow_pickle and not any(d.glob("*.safetensors")) and any(d.glob("*.bin")):
+            return ensure_pickle_converted(d, status)
+        return d
     if source.is_gguf:
         return ensure_gguf_converted(source.path, status)
     from huggingface_hub import snapshot_download
@@ -65,7 +69,8 @@ def weight_shards(base_dir: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (base_dir / "model.safetensors").is_file():
         return ["model.safetensors"]
-    raise UserError(f"{base_dir} has no safetensors weights (model.safetensors or {INDEX_NAME})")
+    pickled = " (its weights are pickled: pass --allow-pickle if you trust it)" if any(base_dir.glob("*.bin")) else ""
+    raise UserError(f"{base_dir} has no safetensors weights (model.safetensors or {INDEX_NAME}){pickled}")
 
 
 def _header_keys(path: Path) -> dict[str, list[int]]:
@@ -127,7 +132,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                         "another)", e.exit_code) from None
     check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
     tensors = read_adapter_tensors(adapter_dir)
-    base_dir = base_directory(source, status)
+    base_dir = base_directory(source, status, allow_pickle=allow_pickle)
     if base and status:
         warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
         if warning:

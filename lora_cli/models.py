@@ -146,6 +146,46 @@ def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
     return target
 
 
+def ensure_pickle_converted(directory: str | Path, status=None) -> Path:
+    """A model directory whose weights exist only as pickles (`pytorch_model*.bin`, read only after
+    --allow-pickle) converted once to safetensors shards in the cache (keyed by the directory and its files'
+    sizes and mtimes), its other files copied; returns that directory. Streaming merges read safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    files = sorted(f for f in directory.iterdir() if f.is_file())
+    pickled = [f for f in files if f.name.endswith(PICKLE_SUFFIXES) and not f.name.startswith("training_args")]
+    key = "|".join([str(directory.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files])
+    target = cache_root() / "pickled" / f"{directory.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if (target / "lora_cli_pickled.json").is_file():
+        return target
+    if status:
+        status(f"converting {directory.name}'s pickled weights to safetensors once (cached in {target.parent})…")
+    weight_map = {}
+    with atomic_dir(target) as tmp:
+        for i, f in enumerate(pickled, 1):
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"cannot read {f} as pickled weights: {type(e).__name__}: {e}") from None
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise UserError(f"{f} is not a state dict of tensors")
+            name = f"model-{i:05d}-of-{len(pickled):05d}.safetensors"
+            save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in state})
+        for f in files:
+            if f not in pickled and not f.name.endswith(".index.json"):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                     indent=2))
+        (tmp / "lora_cli_pickled.json").write_text(json.dumps({"source": str(directory.resolve())}, indent=2))
+    return target
+
+
 def torch_dtype(name: str, device_type: str = "cpu"):
     """`auto` → fp32 on CPU, bf16 on a GPU that supports it, else fp16; or the named dtype."""
     import torch

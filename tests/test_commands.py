@@ -389,3 +389,26 @@ def test_the_printed_next_commands_paste_as_they_are(cli, tiny_llama, chat_data,
     lines = (out + err).splitlines()
     merge = next(line for line in lines if line.startswith("lora merge "))
     assert shlex.split(merge) == ["lora", "merge", str(run), "--output", f"{run}-merged"]
+
+
+def test_merge_of_a_run_on_a_pickled_base(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """train and generate take a .bin base with --allow-pickle; merge offered the flag and then said 'no
+    safetensors weights'. It now converts the pickles once (cached) and merges as from safetensors."""
+    import shutil
+
+    monkeypatch.setenv("LORA_CACHE", str(tmp_path / "cache"))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    run = tmp_path / "run"
+    assert cli("train", "--model", pickled, "--data", chat_data, "--output", run, "--max-steps", "2",
+               "--allow-pickle", "--lr", "1e-2")[0] == 0
+    code, _, err = cli("merge", run, "--output", tmp_path / "m")
+    assert code == 1 and "--allow-pickle" in err and not (tmp_path / "m").exists()
+    code, _, err = cli("merge", run, "--output", tmp_path / "m", "--allow-pickle", "--verify")
+    assert code == 0 and "): ok" in err, err
+    assert cli("merge", run, "--output", tmp_path / "ref", "--base", tiny_llama)[0] == 0
+    merged, ref = (AutoModelForCausalLM.from_pretrained(tmp_path / d).eval() for d in ("m", "ref"))
+    assert torch.equal(logits(merged), logits(ref))
+    assert not list((tmp_path / "m").glob("*.bin")) and not (tmp_path / "m" / "lora_cli_pickled.json").exists()
