@@ -146,12 +146,17 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     skeleton = meta_model(base_dir)
     named = model_key_names(skeleton, all_keys)  # the model's name of each checkpoint key → the key
     shapes = {k: all_keys[c] for k, c in named.items()}
-    aliases = _shared_weight_aliases(config, tensors, paths, skeleton, shapes)
-    weight_of = {p: named[k] for p, k in match_weights([p for p in paths if p not in aliases], shapes).items()}
+    aliases, own_heads = _shared_weight_aliases(config, tensors, paths, skeleton, shapes)
+    weight_of = {p: named[k] for p, k in match_weights([p for p in paths if p not in aliases | set(own_heads)],
+                                                       shapes).items()}
     _check_shapes(config, tensors, weight_of, all_keys)
     replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
     kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
+    for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
+        w = _read_tensor(base_dir, keys_by_shard, named.get(key, key))
+        originals[f"{head}.weight"] = _merged_weight(config, head, w, tensors).to(dtype or w.dtype)
+    kept.update({f"{h}.weight": k for h, k in own_heads.items()})
     untie = [k for k in replace.values() if k not in all_keys] + list(originals)  # heads given their own weight
 
     merged = 0
@@ -162,16 +167,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 if key not in state:
                     continue
                 w = state[key]
-                d = delta(config, path, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"])
-                new = w.float() + (d.T if config.fan_in_fan_out else d)
-                if config.use_dora:  # W' = m ⊙ (W + sBA) / ‖W + sBA‖, norms over the input dimension
-                    rows = new.T if config.fan_in_fan_out else new  # (out, in)
-                    m = tensors[f"{path}.lora_magnitude_vector"].float()
-                    rows = rows * (m / torch.linalg.norm(rows, dim=1))[:, None]
-                    new = rows.T if config.fan_in_fan_out else rows
-                if not torch.isfinite(new).all():
-                    raise UserError(f"merging {path} gives non-finite weights; the adapter is broken")
-                state[key] = new.to(dtype or w.dtype)
+                state[key] = _merged_weight(config, path, w, tensors).to(dtype or w.dtype)
                 merged += 1
             for k, key in replace.items():
                 if key in state or (key in untie and shard == shards[-1]):
@@ -189,7 +185,21 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         _write_tokenizer_and_generation(base_dir, tmp, chat_template)
         if check:
             check(tmp)
-    return MergeResult(output, merged, len(shards), str(dtype).replace("torch.", "") if dtype else None)
+    return MergeResult(output, merged + len(own_heads), len(shards), str(dtype).replace("torch.", "") if dtype else None)
+
+
+def _merged_weight(config: AdapterConfig, path: str, w: torch.Tensor, tensors: dict) -> torch.Tensor:
+    """W + scaling · B A in fp32 (DoRA: m ⊙ (W + sBA) / ‖W + sBA‖, norms over the input dimension)."""
+    d = delta(config, path, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"])
+    new = w.float() + (d.T if config.fan_in_fan_out else d)
+    if config.use_dora:
+        rows = new.T if config.fan_in_fan_out else new  # (out, in)
+        m = tensors[f"{path}.lora_magnitude_vector"].float()
+        rows = rows * (m / torch.linalg.norm(rows, dim=1))[:, None]
+        new = rows.T if config.fan_in_fan_out else rows
+    if not torch.isfinite(new).all():
+        raise UserError(f"merging {path} gives non-finite weights; the adapter is broken")
+    return new
 
 
 def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[int]], base_dir: Path) -> dict[str, str]:
@@ -295,28 +305,37 @@ def shared_weight_groups(model) -> list[list[str]]:
 
 
 def _shared_weight_aliases(config: AdapterConfig, tensors: dict, paths: list[str], skeleton,
-                           all_keys: dict) -> set[str]:
+                           all_keys: dict) -> tuple[set[str], dict[str, str]]:
     """Merging into a weight that several modules use changes all of them: only right when every one of
     them has the same update. Then that update is merged once, where the checkpoint holds the weight:
-    the other paths are returned, to be skipped. Otherwise refused."""
-    adapted, aliases = set(paths), set()
+    the other paths are returned, to be skipped. An output head tied to the embeddings with LoRA of its own
+    gets its own weight instead (the merged model is untied): returned as {head: the shared weight's key}.
+    Otherwise refused."""
+    from lora_cli.lora.targets import output_head_names
+
+    adapted, aliases, own_heads = set(paths), set(), {}
+    heads = output_head_names(skeleton) if skeleton is not None else set()
     for group in shared_weight_groups(skeleton):
         if adapted.isdisjoint(group):
             continue
         updates = [delta(config, p, tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"])
                    if p in adapted and f"{p}.lora_A.weight" in tensors else None for p in group]
+        stored = [p for p in group if len(_checkpoint_keys_for(p + ".weight", all_keys)) == 1]
         if all(u is not None and torch.equal(u, updates[0]) for u in updates):
-            stored = [p for p in group if len(_checkpoint_keys_for(p + ".weight", all_keys)) == 1]
             aliases.update(p for p in group if p != (stored or group)[0])
             continue
-        mine = next(p for p in group if p in adapted)
+        mine = [p for p in group if p in adapted]
+        if len(stored) == 1 and stored[0] not in adapted and all(p in heads and p not in stored for p in mine):
+            own_heads.update({p: f"{stored[0]}.weight" for p in mine})
+            continue
+        mine = mine[0]
         others = [p for p in group if p != mine]
         raise UserError(f"cannot merge: {mine} shares its weight with {', '.join(others[:3])}"
                         f"{' …' if len(others) > 3 else ''} (one tensor used in {len(group)} places), and the "
                         f"adapter {'updates them differently' if all(u is not None for u in updates) else 'does not update them all'}; "
                         "a merged checkpoint holds that tensor once. Use the base with the adapter instead "
                         "(lora generate --adapter, PEFT, vLLM)")
-    return aliases
+    return aliases, own_heads
 
 
 def _untie(out: Path, keys: list[str], shard: str) -> None:

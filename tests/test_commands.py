@@ -412,3 +412,31 @@ def test_merge_of_a_run_on_a_pickled_base(cli, tiny_llama, chat_data, tmp_path, 
     merged, ref = (AutoModelForCausalLM.from_pretrained(tmp_path / d).eval() for d in ("m", "ref"))
     assert torch.equal(logits(merged), logits(ref))
     assert not list((tmp_path / "m").glob("*.bin")) and not (tmp_path / "m" / "lora_cli_pickled.json").exists()
+
+
+def test_lora_on_a_head_tied_to_the_embeddings(cli, chat_data, tmp_path):
+    """PEFT puts LoRA on a tied lm_head (a branch beside the shared weight); lora refused to train or load it and
+    merge sent the user to `lora generate`, which refused it too. Now: trained, loaded as PEFT loads it, and
+    merged with the head untied (merging into the shared tensor would change the embeddings too)."""
+    from lora_cli.lora.inject import merge_lora
+
+    base_dir = save_tiny(tmp_path / "base", "llama-tied")
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", base_dir, "--data", chat_data, "--output", run, "--targets", "q_proj,lm_head",
+                       "--max-steps", "3", "--lr", "5e-2", "--dropout", "0")
+    assert code == 0, err
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run).eval()
+    ours = AutoModelForCausalLM.from_pretrained(base_dir)
+    load_adapter(ours, run)
+    want = logits(theirs)
+    assert rel_diff(logits(ours.eval()), want) < 1e-5
+    assert rel_diff(want, logits(AutoModelForCausalLM.from_pretrained(base_dir).eval())) > 1e-4  # the head learned
+    embeddings = ours.get_input_embeddings().weight.detach().clone()
+    merge_lora(ours)  # in memory: the embeddings are left as they were
+    assert torch.equal(ours.get_input_embeddings().weight, embeddings) and rel_diff(logits(ours), want) < 1e-5
+    code, _, err = cli("merge", run, "--output", tmp_path / "m", "--verify")
+    assert code == 0 and "): ok" in err, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), want) < 1e-5
+    code, _, err = cli("generate", "--model", base_dir, "--adapter", run, "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 0, err

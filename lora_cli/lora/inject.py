@@ -42,11 +42,7 @@ def inject_lora(
     """
     if lora_layers(model):
         raise UserError("the model already has LoRA layers; refusing to wrap it twice")
-    tied = _tied_output_paths(model)
-    bad = [p for p in paths if p in tied]
-    if bad:
-        raise UserError(f"cannot put LoRA on {', '.join(bad)}: its weight is tied to the input embeddings")
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # a head tied to the embeddings stays tied: its LoRA is a branch beside it
     layers = {}
     groups: dict[str, dict] = {}  # one per parent module: siblings reading one input share its mask and matmul
     for path in paths:
@@ -58,20 +54,19 @@ def inject_lora(
     return layers
 
 
-def _tied_output_paths(model: nn.Module) -> set[str]:
-    get_in = getattr(model, "get_input_embeddings", None)
-    get_out = getattr(model, "get_output_embeddings", None)
-    if not (callable(get_in) and callable(get_out)):
-        return set()
-    emb, head = get_in(), get_out()
-    if emb is None or head is None or emb.weight is not head.weight:
-        return set()
-    return {name for name, m in model.named_modules() if m is head}
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put the plain base modules back. Returns `model`."""
-    for path, layer in lora_layers(model).items():
+    """Fold every LoRA update into its base weight and put the plain base modules back. Returns `model`.
+    A head tied to the input embeddings gets its own weight first (merging must not change the embeddings)."""
+    layers = lora_layers(model)
+    get_in = getattr(model, "get_input_embeddings", None)
+    embeddings = get_in() if callable(get_in) else None
+    for layer in layers.values():
+        head = layer.base_layer
+        if embeddings is not None and getattr(head, "weight", None) is embeddings.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            for config in (model.config, model.config.get_text_config()):
+                config.tie_word_embeddings = False
+    for path, layer in layers.items():
         _set_submodule(model, path, layer.to_base())
     return model
 
