@@ -155,13 +155,14 @@ OWN_NAMES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*
              "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", ".lock", ".*.tmp", ".*.old")
 
 
-def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: bool = False,
+def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: tuple[bytes, str] | None = None,
                  reads: tuple = ()) -> None:
     """Raise unless we may write `path`: it is absent, or --force was given and it is something we wrote.
 
     --force never deletes what lora did not make: not a folder holding other files, not a plain file where a
     folder goes, not the current folder or one that holds it, not what this command reads (`reads`: the
-    adapter, the base)."""
+    adapter, the base). `file`: the output is one file, whose kind ((its first bytes, a name for it)) an
+    existing file must be."""
     import fnmatch
 
     path = Path(path)
@@ -171,16 +172,21 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
         raise UserError(f"{flag} {path} exists; pass --force to overwrite it")
     if path.is_dir() and file:
         raise UserError(f"{flag} {path} is a folder; name the file to write")
-    if not path.is_dir():
-        if not file:
-            raise UserError(f"{flag} {path} is a file, and a folder goes there; --force will not replace it")
-        return
-    here, out = Path.cwd().resolve(), path.resolve()
-    if out in (here, *here.parents):
-        raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
+    out = path.resolve()
     for r in reads:
         if r and Path(r).expanduser().exists() and out in (q := Path(r).expanduser().resolve(), *q.parents):
             raise UserError(f"{flag} {path} is {r} or holds it, which this command reads; choose another {flag}")
+    if not path.is_dir():
+        if not file:
+            raise UserError(f"{flag} {path} is a file, and a folder goes there; --force will not replace it")
+        with open(path, "rb") as f:
+            if f.read(len(file[0])) != file[0]:
+                raise UserError(f"{flag} {path} is not {file[1]}; --force replaces only lora's own output: "
+                                "choose another file name")
+        return
+    here = Path.cwd().resolve()
+    if out in (here, *here.parents):
+        raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
     foreign = [p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in OWN_NAMES)]
     if foreign:
         raise UserError(f"{flag} {path} is a folder lora did not write (it holds {foreign[0]}); --force replaces "

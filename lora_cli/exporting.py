@@ -182,12 +182,14 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     from lora_cli.models import resolve_model
 
     output = Path(output)
-    check_output(output, force, file=True)
     config, factors = portable_factors(adapter_dir)
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    hp = json.loads((base_directory(resolve_model(ref)) / "config.json").read_text())
+    source = resolve_model(ref)
+    check_output(output, force, file=(b"GGUF", "a GGUF file"),
+                 reads=(adapter_dir, source.path if source.kind != "hub" else None))
+    hp = json.loads((base_directory(source) / "config.json").read_text())
     model_type = hp.get("model_type")
     if model_type not in GGUF_ARCHS:
         raise UserError(f"--format gguf supports {', '.join(sorted(GGUF_ARCHS))} bases; this base is "

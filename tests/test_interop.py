@@ -106,6 +106,28 @@ def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
                 assert torch.allclose(b, f.b)
 
 
+def test_gguf_export_force_replaces_only_a_gguf_and_never_what_it_reads(cli, rs_run, tiny_llama, tmp_path):
+    """--force overwrote any file: notes, the base's weights, the adapter being read."""
+    import shutil
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    run = tmp_path / "run"
+    shutil.copytree(rs_run, run)
+    for target in (notes, run / "adapter_model.safetensors", tiny_llama / "model.safetensors"):
+        before = target.read_bytes()
+        code, _, err = cli("export", run, "--format", "gguf", "--output", target, "--force")
+        assert code == 1 and "is not a GGUF file; --force replaces only lora's own output" in err, err
+        assert target.read_bytes() == before
+    assert cli("export", run, "--format", "gguf", "--output", tmp_path / "a.gguf")[0] == 0
+    code, _, err = cli("export", run, "--format", "gguf", "--output", tmp_path / "a.gguf", "--force")
+    assert code == 0, err  # its own earlier output
+    base = tmp_path / "base.gguf"  # a GGUF base is never overwritten
+    base.write_bytes(b"GGUF" + bytes(64))
+    code, _, err = cli("export", run, "--format", "gguf", "--output", base, "--force", "--base", base)
+    assert code == 1 and "which this command reads" in err and base.read_bytes() == b"GGUF" + bytes(64), err
+
+
 def test_gguf_export_refuses_unmapped_architectures(cli, tiny_gpt2, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"hello {i}"}) + "\n" for i in range(4)))
