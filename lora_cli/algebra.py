@@ -166,14 +166,14 @@ def exact_targets(modules: list[str]) -> str:
 def write_factors(out_dir: Path, config: AdapterConfig, factors: dict[str, Factors], dtype=torch.float32,
                   force: bool = False, reads: tuple = ()) -> None:
     """Write an adapter directory (PEFT format) from folded factors, atomically; `reads`: what it came from."""
-    from lora_cli.errors import atomic_dir
+    from lora_cli.errors import atomic_dir, cast_finite
     from lora_cli.lora.adapter import write_adapter
 
     check_output(out_dir, force, reads=reads)
     tensors = {}
     for m, f in factors.items():
-        tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = f.a.to(dtype).contiguous()
-        tensors[f"{KEY_PREFIX}{m}.lora_B.weight"] = f.b.to(dtype).contiguous()
+        tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = cast_finite(f.a, dtype, f"{m} lora_A").contiguous()
+        tensors[f"{KEY_PREFIX}{m}.lora_B.weight"] = cast_finite(f.b, dtype, f"{m} lora_B").contiguous()
     with atomic_dir(out_dir) as tmp:
         write_adapter(tmp, config, tensors)
 

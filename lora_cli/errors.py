@@ -193,6 +193,17 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
                         "only lora's own output (a run, an adapter, a merged model): choose a new or empty folder")
 
 
+def cast_finite(t, dtype, what: str):
+    """`t` (a torch tensor) in `dtype`, or a clear error where its values do not fit there (float16 ends at
+    65504: larger values become inf, and a file of them is broken)."""
+    out = t.to(dtype)
+    if out.is_floating_point() and not out.isfinite().all() and t.isfinite().all():
+        name = str(dtype).replace("torch.", "")
+        raise UserError(f"{what} holds values up to {t.abs().max().item():.3g}, beyond {name}'s range: nothing was "
+                        "written; use --dtype bfloat16 or float32")
+    return out
+
+
 @contextlib.contextmanager
 def creating(path: Path) -> Iterator[None]:
     """Name the user's path, not our temporary one, when the file system refuses to create it."""

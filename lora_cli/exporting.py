@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.errors import UserError, atomic_dir, check_output
+from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output
 from lora_cli.inspection import adapter_facts, eval_loss_text
 from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
@@ -31,7 +31,7 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
     output = Path(output)
     check_output(output, force, reads=(adapter_dir,))
     config = read_adapter_config(adapter_dir)
-    tensors = {KEY_PREFIX + k: v.to(dtype).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
+    tensors = {KEY_PREFIX + k: cast_finite(v, dtype, k).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
     facts = adapter_facts(adapter_dir)
     meta = {GGUF_BASE_KEY: str(config.base_model_name_or_path)} if facts["base_is_gguf"] else {}
     with atomic_dir(output) as tmp:
@@ -210,7 +210,8 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
             b = llama_permute(b, n_head)
         elif permute and module.endswith("k_proj"):
             b = llama_permute(b, n_kv)
-        tensors += [(name + ".lora_a", f.a), (name + ".lora_b", b)]
+        tensors += [(name + ".lora_a", cast_finite(f.a, dtype, f"{module} lora_A")),
+                    (name + ".lora_b", cast_finite(b, dtype, f"{module} lora_B (scaling folded in)"))]
     with atomic_path(output) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_cli.errors import UserError, atomic_dir, check_output
+from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output
 from lora_cli.lora.layer import lora_scaling
 from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_safetensors_header
 from lora_cli.models import (
@@ -155,7 +155,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
     for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
         w = _read_tensor(base_dir, keys_by_shard, named.get(key, key))
-        originals[f"{head}.weight"] = _merged_weight(config, head, w, tensors).to(dtype or w.dtype)
+        originals[f"{head}.weight"] = cast_finite(_merged_weight(config, head, w, tensors), dtype or w.dtype, head)
     kept.update({f"{h}.weight": k for h, k in own_heads.items()})
     untie = [k for k in replace.values() if k not in all_keys] + list(originals)  # heads given their own weight
 
@@ -167,16 +167,16 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 if key not in state:
                     continue
                 w = state[key]
-                state[key] = _merged_weight(config, path, w, tensors).to(dtype or w.dtype)
+                state[key] = cast_finite(_merged_weight(config, path, w, tensors), dtype or w.dtype, f"merged {path}")
                 merged += 1
             for k, key in replace.items():
                 if key in state or (key in untie and shard == shards[-1]):
                     like = state[key] if key in state else next(v for v in state.values() if v.is_floating_point())
-                    state[key] = whole[k].to(dtype or like.dtype)
+                    state[key] = cast_finite(whole[k], dtype or like.dtype, k)
             if shard == shards[-1]:
                 state.update(originals)
             if dtype is not None:
-                state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+                state = {k: cast_finite(v, dtype, k) if v.is_floating_point() else v for k, v in state.items()}
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt"})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)

@@ -298,3 +298,22 @@ def test_algebra_refuses_non_finite_numbers_and_keeps_ranks_tight(cli, two, base
                  ("export", broken, "--output", tmp_path / "g", "--format", "gguf"), ("inspect", broken)):
         code, _, err = cli(*args)
         assert code == 1 and "hold NaN or inf; the adapter is broken" in err, err
+
+
+def test_values_beyond_float16_are_refused_not_written_as_inf(cli, base, tmp_path):
+    """A finite adapter with values past float16's 65504 exported (float16 by default) and merged with
+    --dtype float16 into files of inf, exit 0, which every command then refused as broken."""
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    peft_adapter(base, big, 0, r=2, target_modules=["q_proj"])
+    t = load_file(str(big / "adapter_model.safetensors"))
+    next(v for k, v in t.items() if "lora_B" in k)[0, 0] = 3e5
+    save_file(t, str(big / "adapter_model.safetensors"))
+    for args, out in ((("export", big), "x"), (("export", big, "--format", "gguf"), "g.gguf"),
+                      (("merge", big, "--dtype", "float16"), "m")):
+        code, _, err = cli(*args, "--output", tmp_path / out)
+        assert code == 1 and "holds values up to " in err and "beyond float16's range: nothing was written; use " \
+            "--dtype bfloat16 or float32" in " ".join(err.split()), err
+        assert not (tmp_path / out).exists()
+    assert cli("export", big, "--output", tmp_path / "x", "--dtype", "bfloat16")[0] == 0
