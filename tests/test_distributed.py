@@ -166,8 +166,16 @@ def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(
         "main(sys.argv[1:])\n")
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
            *args(tiny_llama, chat_data, tmp_path / "run", 2)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    said = " ".join(r.stderr.split())
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # the deadlock: take the workers down too, not torchrun alone
+        import signal
+
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("the processes did not stop (a deadlock)")
+    said = " ".join(stderr.split())
     assert "error: stopped by SIGINT after step 3; checkpoint saved. Resume with: lora train --output" in said, said[-3000:]
     assert "(launched as this run was, on 2 processes)" in said and "internal error" not in said
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
