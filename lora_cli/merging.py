@@ -156,7 +156,6 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
         w = _read_tensor(base_dir, keys_by_shard, named.get(key, key))
         originals[f"{head}.weight"] = cast_finite(_merged_weight(config, head, w, tensors), dtype or w.dtype, head)
-    kept.update({f"{h}.weight": k for h, k in own_heads.items()})
     untie = [k for k in replace.values() if k not in all_keys] + list(originals)  # heads given their own weight
 
     merged = 0
