@@ -19,6 +19,7 @@ from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output
 from lora_cli.lora.layer import lora_scaling
 from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_safetensors_header
 from lora_cli.models import (
+    PICKLE_SUFFIXES,
     ModelSource,
     ensure_gguf_converted,
     ensure_pickle_converted,
@@ -46,7 +47,7 @@ def base_directory(source: ModelSource, status=None, flag: str = "--base", allow
     weights converted once, with `allow_pickle`); `flag` names the option that gave it."""
     if source.kind == "dir":
         d = Path(source.path)
-        if allow_pickle and not any(d.glob("*.safetensors")) and any(d.glob("*.bin")):
+        if allow_pickle and not any(d.glob("*.safetensors")) and _pickled(d):
             return ensure_pickle_converted(d, status)
         return d
     if source.is_gguf:
@@ -69,8 +70,12 @@ def weight_shards(base_dir: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (base_dir / "model.safetensors").is_file():
         return ["model.safetensors"]
-    pickled = " (its weights are pickled: pass --allow-pickle if you trust it)" if any(base_dir.glob("*.bin")) else ""
+    pickled = " (its weights are pickled: pass --allow-pickle if you trust it)" if _pickled(base_dir) else ""
     raise UserError(f"{base_dir} has no safetensors weights (model.safetensors or {INDEX_NAME}){pickled}")
+
+
+def _pickled(directory: Path) -> bool:
+    return any(f.name.endswith(PICKLE_SUFFIXES) for f in directory.iterdir())
 
 
 def _header_keys(path: Path) -> dict[str, list[int]]:

@@ -99,13 +99,12 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         if warning:
             console.print(warning)
     variants = ([None] if compare or not adapters else []) + adapters
-    own = {a: None if no_chat else chat_template_for(tok, [a]) for a in adapters}  # each as its run trained
-    if len(set(own.values())) > 1:
+    template = {a: None if no_chat else chat_template_for(tok, [a]) for a in adapters}  # each as its run trained
+    kinds = set(template.values())
+    if len(kinds) > 1:
         console.print("note: the adapters were trained with different chat templates; each is prompted with its "
                       "own" + (", the base with the tokenizer's" if None in variants else ""))
-    template = {a: own[a] for a in adapters}
-    template[None] = None if no_chat else (own[adapters[0]] if len(set(own.values())) == 1
-                                           else chat_template_for(tok, []))
+    template[None] = None if no_chat else kinds.pop() if len(kinds) == 1 else chat_template_for(tok, [])
     encodings = {t: [prompt_ids(tok, p, t, system) for p in prompts] for t in {template[v] for v in variants}}
     check_token_ids(model, tok, max(int(ids.max()) if ids.numel() else -1 for e in encodings.values() for ids in e))
     answers: dict[str, list[str]] = {}
