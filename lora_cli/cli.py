@@ -15,7 +15,8 @@ from lora_cli.errors import UserError
 
 app = typer.Typer(
     name="lora",
-    help="Fine-tune Hugging Face causal language models with LoRA: train, merge, export, generate, inspect.",
+    help="Fine-tune Hugging Face causal language models with LoRA: train, merge, export, generate, inspect; "
+         "combine, resize and extract adapters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

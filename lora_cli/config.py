@@ -118,15 +118,14 @@ class TrainConfig:
         return cls(**clean)
 
     def resolved(self, now: float | None = None) -> TrainConfig:
-        """Normalise aliases and fill the defaults that depend on other values (alpha, output)."""
+        """Normalise aliases and fill the default output. alpha stays None when not given: it follows the rank
+        (2 × rank), also when the saved train_config.yaml is run again with another --rank."""
         c = dataclasses.replace(self)
         c.dtype = DTYPE_ALIASES.get(c.dtype, c.dtype)
         for k in LOCAL_PATH_FIELDS:  # the run directory names local files absolutely: it is read from anywhere
             v = getattr(c, k)
             if v and Path(v).expanduser().exists():
                 setattr(c, k, os.path.abspath(Path(v).expanduser()))
-        if c.alpha is None:
-            c.alpha = 2.0 * c.rank if isinstance(c.rank, int) and c.rank >= 1 else None  # no second error for rank < 1
         if c.output is None and c.model:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             c.output = f"runs/{model_short_name(c.model)}-{stamp}"
@@ -195,7 +194,10 @@ class TrainConfig:
     def to_yaml(self) -> str:
         import yaml
 
-        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False, allow_unicode=True)
+        text = yaml.safe_dump(dataclasses.asdict(self), sort_keys=False, allow_unicode=True)
+        if self.alpha is None and isinstance(self.rank, int):  # say what the default comes to
+            text = text.replace("\nalpha: null\n", f"\nalpha: null  # 2 × rank = {2 * self.rank}\n", 1)
+        return text
 
 
 def model_short_name(model: str) -> str:

@@ -186,7 +186,7 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    source = resolve_model(ref)
+    source = resolve_model(ref, allow_pickle=True)  # its config.json is all that is read: nothing is unpickled
     check_output(output, force, file=(b"GGUF", "a GGUF file"),
                  reads=(adapter_dir, source.path if source.kind != "hub" else None))
     hp = json.loads((base_directory(source) / "config.json").read_text())

@@ -54,6 +54,18 @@ def test_inspect_table_and_json(cli, trained_run):
     assert code == 0 and "q_proj ×2" in out and "trainable params" in out
 
 
+def test_inspect_says_a_truncated_adapter_is_truncated(cli, trained_run, tmp_path):
+    """inspect read the header only and showed a half-copied adapter as fine; merge then refused it."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(trained_run, cut)
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = cli("inspect", cut)
+    assert code == 1 and "the file is truncated" in err and "cut short while written or copied" in err, err
+
+
 def test_inspect_counts_embedding_adapters_and_names_dora_and_alpha_patterns(cli, tiny_llama, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], use_dora=True,
                              alpha_pattern={"q_proj": 16})
@@ -402,8 +414,11 @@ def test_merge_of_a_run_on_a_pickled_base(cli, tiny_llama, chat_data, tmp_path, 
     torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
     run = tmp_path / "run"
-    assert cli("train", "--model", pickled, "--data", chat_data, "--output", run, "--max-steps", "2",
-               "--allow-pickle", "--lr", "1e-2")[0] == 0
+    code, out, err = cli("train", "--model", pickled, "--data", chat_data, "--output", run, "--max-steps", "2",
+                         "--allow-pickle", "--lr", "1e-2")
+    assert code == 0 and f"lora merge {run} --output {run}-merged --allow-pickle" in out + err  # as printed, it runs
+    code, _, err = cli("export", run, "--format", "gguf", "--output", tmp_path / "a.gguf")  # reads config.json only
+    assert code == 0, err
     code, _, err = cli("merge", run, "--output", tmp_path / "m")
     assert code == 1 and "--allow-pickle" in err and not (tmp_path / "m").exists()
     code, _, err = cli("merge", run, "--output", tmp_path / "m", "--allow-pickle", "--verify")

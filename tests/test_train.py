@@ -102,6 +102,9 @@ def test_train_config_yaml_reruns_the_run(cli, tiny_llama, chat_data, tmp_path):
     assert cli("train", "--config", a / "train_config.yaml", "--output", b)[0] == 0
     ta, tb = adapter(a), adapter(b)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    # with another rank, the default alpha follows it (2 × rank), as for a fresh run: it kept the old 2 × 16
+    code, stdout, _ = cli("train", "--config", a / "train_config.yaml", "--rank", "4", "--dry-run")
+    assert code == 0 and "\nalpha: null  # 2 × rank = 8\n" in stdout
 
 
 def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
@@ -115,7 +118,8 @@ def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     assert resolved["model"] == "m" and resolved["output"] == str(out)
     assert resolved["rank"] == 4  # flag beats YAML
     assert resolved["lr"] == 0.001 and resolved["batch_size"] == 2  # YAML beats default
-    assert resolved["dropout"] == 0.05 and resolved["alpha"] == 8.0  # defaults (alpha = 2 × rank)
+    assert resolved["dropout"] == 0.05 and resolved["alpha"] is None  # defaults (alpha follows the rank)
+    assert "\nalpha: null  # 2 × rank = 8\n" in stdout
     assert resolved["targets"] == "q_proj,v_proj"  # a YAML list of modules reads as the comma list
     assert not out.exists()
 

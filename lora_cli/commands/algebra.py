@@ -10,7 +10,7 @@ import typer
 
 
 def combine_command(
-    adapters: list[str] = typer.Argument(..., help="Two or more adapter directories (same base)."),
+    adapters: list[str] = typer.Argument(..., metavar="ADAPTER...", help="Two or more adapter directories (same base)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the combined adapter."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Comma list of weights [default: 1 each]."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Compress to this rank by SVD [default: exact, Σ ranks]."),
@@ -37,7 +37,7 @@ def combine_command(
 
 
 def resize_command(
-    adapter: str = typer.Argument(..., help="Adapter directory."),
+    adapter: str = typer.Argument(..., metavar="ADAPTER", help="Adapter directory."),
     rank: float = typer.Option(..., "--rank", help="New rank (a whole number >= 1), or a fraction of energy to keep per layer (< 1)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the resized adapter."),
     force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),

@@ -8,7 +8,7 @@ import typer
 
 
 def export_command(
-    adapter: str = typer.Argument(..., help="Run directory, checkpoint, or adapter directory."),
+    adapter: str = typer.Argument(..., metavar="ADAPTER", help="Run directory, checkpoint, or adapter directory."),
     output: str = typer.Option(..., "--output", "-o", help="Directory to write."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32."),
     fmt: str = typer.Option("peft", "--format", help="peft (a directory) | gguf (a llama.cpp LoRA file)."),

@@ -22,8 +22,10 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: each answer draws from it afresh (with --temperature > 0)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code "
+                                           "(models that need it): only from sources you trust."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled weights (*.bin, *.pt): only "
+                                      "from sources you trust."),
 ) -> None:
     """Generate an answer (streamed), with the chat template when the model has one."""
     import math

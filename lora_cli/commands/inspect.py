@@ -8,7 +8,7 @@ import typer
 
 
 def inspect_command(
-    adapter: str = typer.Argument(..., help="Run directory or adapter directory."),
+    adapter: str = typer.Argument(..., metavar="ADAPTER", help="Run directory or adapter directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object on stdout."),
 ) -> None:
     """Rank, alpha, targets, trainable parameters, size, dtype and base model of an adapter."""

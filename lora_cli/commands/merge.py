@@ -8,7 +8,7 @@ import typer
 
 
 def merge_command(
-    adapter: str = typer.Argument(..., help="Run directory, checkpoint, or any PEFT LoRA adapter directory."),
+    adapter: str = typer.Argument(..., metavar="ADAPTER", help="Run directory, checkpoint, or any PEFT LoRA adapter directory."),
     output: str = typer.Option(..., "--output", "-o", help="Directory for the merged model."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model [default: the adapter's "
                                        "base_model_name_or_path]."),

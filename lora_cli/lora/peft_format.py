@@ -295,4 +295,8 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a valid safetensors file ({e})") from None
     meta = header.pop("__metadata__", None) or {}
+    end = max((info["data_offsets"][1] for info in header.values() if isinstance(info, dict)), default=0)
+    if 8 + n + end > path.stat().st_size:
+        raise UserError(f"{path}: the file is truncated ({path.stat().st_size:,} bytes; its header says "
+                        f"{8 + n + end:,}): it was cut short while written or copied")
     return header, meta
