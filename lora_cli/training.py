@@ -432,6 +432,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                             state.update(best_eval_loss=ev, best_eval_step=done)
                             new_best = True  # saved below, or the best could not be kept
                         loss_model.train()
+                        state["wall_time_s"] = time.perf_counter() - t_start  # evaluation is part of the run's time
                     if done % cfg.log_every == 0 or is_last or "eval_loss" in row:
                         state["window"] = EMPTY_WINDOW
                         if main:
