@@ -35,8 +35,12 @@ def merge_command(
     if run_settings(adapter).get("load_in_4bit"):
         console.print("the run trained on a 4-bit (NF4) base: merging into the base's original unquantized weights, "
                       "never into 4-bit ones")
+    verify_s = []
+
     def check(merged):
+        t = time.perf_counter()
         v = verify_merge(adapter, merged, base, allow_pickle=allow_pickle)
+        verify_s.append(time.perf_counter() - t)
         explained = f"rounding to {v.dtype} explains {v.rounding:.3g}; " if v.rounding else ""
         said = f"max |logits(merged) − logits(base + adapter)| = {v.diff:.3g} ({explained}allowed {v.allowed:.3g})"
         if not v.ok:
@@ -48,7 +52,8 @@ def merge_command(
     result = merge_to_directory(adapter, output, base, getattr(torch, dtype) if dtype else None, force, allow_pickle,
                                 run_chat_template(adapter), status=console.print, check=check if verify else None)
     console.print(f"merged {result.merged_modules} weights into {result.output} ({result.shards} shard(s), "
-                  f"{result.dtype or 'base dtype'}) in {time.perf_counter() - t0:.1f} s")
+                  f"{result.dtype or 'base dtype'}) in {time.perf_counter() - t0 - sum(verify_s):.1f} s"
+                  + (f", verified in {verify_s[0]:.1f} s" if verify_s else ""))
 
 
 def register(app: typer.Typer) -> None:
