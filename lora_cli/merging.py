@@ -154,13 +154,15 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     aliases, own_heads = _shared_weight_aliases(config, tensors, paths, skeleton, shapes)
     weight_of = {p: named[k] for p, k in match_weights([p for p in paths if p not in aliases | set(own_heads)],
                                                        shapes).items()}
-    _check_shapes(config, tensors, weight_of, all_keys)
+    transposed = _conv1d_paths(skeleton, config)  # Conv1D weights are stored (in, out): per module, as in PEFT
+    _check_shapes(tensors, weight_of, all_keys, transposed)
     replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
     kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
     for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
         w = _read_tensor(base_dir, keys_by_shard, named.get(key, key))
-        originals[f"{head}.weight"] = cast_finite(_merged_weight(config, head, w, tensors), dtype or w.dtype, head)
+        originals[f"{head}.weight"] = cast_finite(_merged_weight(config, head, w, tensors, transposed(head)),
+                                                  dtype or w.dtype, head)
     untie = [k for k in replace.values() if k not in all_keys] + list(originals)  # heads given their own weight
 
     merged = 0
@@ -171,7 +173,8 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 if key not in state:
                     continue
                 w = state[key]
-                state[key] = cast_finite(_merged_weight(config, path, w, tensors), dtype or w.dtype, f"merged {path}")
+                state[key] = cast_finite(_merged_weight(config, path, w, tensors, transposed(path)), dtype or w.dtype,
+                                         f"merged {path}")
                 merged += 1
             for k, key in replace.items():
                 if key in state or (key in untie and shard == shards[-1]):
@@ -192,15 +195,26 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     return MergeResult(output, merged + len(own_heads), len(shards), str(dtype).replace("torch.", "") if dtype else None)
 
 
-def _merged_weight(config: AdapterConfig, path: str, w: torch.Tensor, tensors: dict) -> torch.Tensor:
+def _conv1d_paths(skeleton, config: AdapterConfig):
+    """module path → whether its weight is stored (in, out) (a Conv1D: GPT-2's attention and MLP, not its
+    lm_head): from the model's modules, as PEFT decides it; without them (remote code), the config's flag."""
+    from lora_cli.lora.layer import is_conv1d
+
+    if skeleton is None:
+        return lambda path: config.fan_in_fan_out
+    conv = {n for n, m in skeleton.named_modules() if is_conv1d(m)}
+    return lambda path: path in conv
+
+
+def _merged_weight(config: AdapterConfig, path: str, w: torch.Tensor, tensors: dict, transposed: bool) -> torch.Tensor:
     """W + scaling · B A in fp32 (DoRA: m ⊙ (W + sBA) / ‖W + sBA‖, norms over the input dimension)."""
     d = delta(config, path, tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"])
-    new = w.float() + (d.T if config.fan_in_fan_out else d)
+    new = w.float() + (d.T if transposed else d)
     if config.use_dora:
-        rows = new.T if config.fan_in_fan_out else new  # (out, in)
+        rows = new.T if transposed else new  # (out, in)
         m = tensors[f"{path}.lora_magnitude_vector"].float()
         rows = rows * (m / torch.linalg.norm(rows, dim=1))[:, None]
-        new = rows.T if config.fan_in_fan_out else rows
+        new = rows.T if transposed else rows
     if not torch.isfinite(new).all():
         raise UserError(f"merging {path} gives non-finite weights; the adapter is broken")
     return new
@@ -357,12 +371,12 @@ def _untie(out: Path, keys: list[str], shard: str) -> None:
         index.write_text(json.dumps(data, indent=2))
 
 
-def _check_shapes(config, tensors, weight_of, all_keys) -> None:
+def _check_shapes(tensors, weight_of, all_keys, transposed) -> None:
     problems = []
     for path, key in weight_of.items():
         a, b = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
         want = [b.shape[0], a.shape[1]]
-        if config.fan_in_fan_out:
+        if transposed(path):
             want = want[::-1]
         if list(all_keys[key]) != want:
             problems.append(f"{path}: base weight {list(all_keys[key])}, adapter gives {want}")

@@ -455,3 +455,26 @@ def test_lora_on_a_head_tied_to_the_embeddings(cli, chat_data, tmp_path):
     assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), want) < 1e-5
     code, _, err = cli("generate", "--model", base_dir, "--adapter", run, "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 0, err
+
+
+def test_conv1d_and_linear_targets_in_one_adapter(cli, tiny_gpt2, tmp_path):
+    """GPT-2's attention is Conv1D (weights stored (in, out)), its lm_head Linear: one fan_in_fan_out flag
+    cannot say both. lora's own run failed to merge (internal error) and to load; PEFT's (which writes the flag
+    of the last module it wrapped) was refused as not fitting. The layout is now each module's, as in PEFT."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello number {i}"}) + "\n" for i in range(8)))
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_gpt2, "--data", data, "--output", run, "--targets", "c_attn,lm_head",
+               "--max-steps", "3", "--lr", "5e-2", "--dropout", "0")[0] == 0
+    torch.manual_seed(0)
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gpt2), peft.LoraConfig(
+        r=2, target_modules=["c_attn", "lm_head"], init_lora_weights=False)).save_pretrained(tmp_path / "theirs")
+    for adapter in (run, tmp_path / "theirs"):
+        want = logits(peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), adapter).eval())
+        ours = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+        load_adapter(ours, adapter)
+        assert rel_diff(logits(ours.eval()), want) < 1e-5
+        merged = tmp_path / f"{adapter.name}-merged"
+        code, _, err = cli("merge", adapter, "--output", merged, "--base", tiny_gpt2, "--verify")
+        assert code == 0 and "): ok" in err, err
+        assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(merged).eval()), want) < 1e-5

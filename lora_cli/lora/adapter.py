@@ -14,7 +14,7 @@ from torch import nn
 
 from lora_cli.errors import UserError, atomic_path, atomic_write_text
 from lora_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
-from lora_cli.lora.layer import is_conv1d, linear_shape
+from lora_cli.lora.layer import linear_shape
 from lora_cli.lora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -162,8 +162,6 @@ def check_adapter_fits(
                             f"needs ({n_out},)")
         if not config.use_dora and mag is not None:
             problems.append(f"{path} has a DoRA magnitude but the config says use_dora=false")
-        if config.fan_in_fan_out != is_conv1d(modules[path]):
-            problems.append(f"fan_in_fan_out={config.fan_in_fan_out} does not fit {path} ({type(modules[path]).__name__})")
     if wanted and not wanted & modules.keys():
         raise UserError(f"adapter {source} does not fit this base model: none of its {len(wanted)} modules (e.g. "
                         f"{min(wanted)}) is in it; it was trained on {config.base_model_name_or_path or 'another model'}")
