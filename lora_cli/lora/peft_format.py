@@ -254,6 +254,9 @@ def check_ranks(config: AdapterConfig, shapes: dict[str, list[int]], weights: Pa
 # (inspect answers fast): per dtype, (byte of the little-endian element, the exponent bits it holds).
 _EXPONENT_BYTES = {"F64": [(7, 0x7F), (6, 0xF0)], "F32": [(3, 0x7F), (2, 0x80)], "F16": [(1, 0x7C)],
                    "BF16": [(1, 0x7F), (0, 0x80)]}
+# byte → 1 where all of a mask's bits are set, per mask (bytes.translate tables, built once)
+_ALL_SET = {mask: bytes(int(b & mask == mask) for b in range(256))
+            for parts in _EXPONENT_BYTES.values() for _, mask in parts}
 
 
 def nonfinite_tensors(path: str | Path, header: dict[str, dict]) -> list[str]:
@@ -271,8 +274,7 @@ def nonfinite_tensors(path: str | Path, header: dict[str, dict]) -> list[str]:
         size = {"F64": 8, "F32": 4}.get(info["dtype"], 2)
         hits = -1  # per element: 1 where every exponent byte has all its exponent bits set (bytes ops run in C)
         for i, mask in parts:
-            table = bytes(int(b & mask == mask) for b in range(256))
-            hits &= int.from_bytes(data[start + i:end:size].translate(table), "little")
+            hits &= int.from_bytes(data[start + i:end:size].translate(_ALL_SET[mask]), "little")
         if hits:
             broken.append(name)
     return sorted(broken)
