@@ -17,6 +17,7 @@ from lora_cli.lora.peft_format import (
     nonfinite_tensors,
     read_adapter_config,
     read_safetensors_header,
+    tied_copies,
 )
 
 
@@ -33,11 +34,12 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     ranks = Counter()
     params = 0
     dtypes = Counter()
+    copies = tied_copies(weights, header, config)  # one tensor saved twice: trained once
     for key, info in header.items():
         n = 1
         for d in info["shape"]:
             n *= d
-        if ".base_layer." not in key:  # PEFT saves a targeted embedding's frozen weight too: not trained
+        if ".base_layer." not in key and key not in copies:  # PEFT saves a targeted embedding's frozen weight too: not trained
             params += n
         dtypes[info["dtype"]] += 1
         a = next((s for s in (".lora_A.weight", ".lora_embedding_A") if key.endswith(s)), None)
@@ -64,7 +66,8 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "size_bytes": weights.stat().st_size,
         "dtype": _dtype_name(dtypes.most_common(1)[0][0]) if dtypes else None,
         "fan_in_fan_out": config.fan_in_fan_out,
-        **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save")
+        **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save",
+                          "ensure_weight_tying")
            if (v := getattr(config, k))},
     }
     summary, state = path / "train_summary.json", path / "trainer_state.json"  # a run; a checkpoint of one

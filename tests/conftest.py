@@ -53,6 +53,7 @@ def cli(capsys):
     from lora_cli.cli import main
 
     def run(*args):
+        capsys.readouterr()  # only this command's output (not what the test printed before, e.g. library warnings)
         try:
             main([str(a) for a in args])
             code = 0

@@ -178,6 +178,9 @@ def test_merge_of_a_replaced_embedding_keeps_the_tied_heads_weights(cli, tmp_pat
     with torch.no_grad():
         theirs.get_input_embeddings().weight.add_(0.3 * torch.randn_like(theirs.get_input_embeddings().weight))
     theirs.eval().save_pretrained(tmp_path / "adapter")
+    code, out, err = cli("inspect", tmp_path / "adapter", "--json")  # the tied pair trains once (PEFT counts it once)
+    assert code == 0, err + out
+    assert json.loads(out)["trainable_params"] == theirs.get_nb_trainable_parameters()[0]
     code, _, err = cli("merge", tmp_path / "adapter", "--output", tmp_path / "m", "--verify")
     assert code == 0, err
     assert "verify: max |logits(merged) − logits(base + adapter)| = " in err and "): ok" in err, err

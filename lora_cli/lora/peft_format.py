@@ -280,6 +280,25 @@ def nonfinite_tensors(path: str | Path, header: dict[str, dict]) -> list[str]:
     return sorted(broken)
 
 
+def tied_copies(path: str | Path, header: dict[str, dict], config: AdapterConfig) -> set[str]:
+    """The tensors PEFT's `ensure_weight_tying` saved a second time: a layer tied to a saved one (modules_to_save),
+    under its own name, holding the same bytes."""
+    if not config.ensure_weight_tying:
+        return set()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        data = f.read()
+
+    def raw(name: str) -> bytes:
+        start, end = header[name]["data_offsets"]
+        return data[start:end]
+
+    saved = [k for k in header if config.saves(k.removeprefix(KEY_PREFIX).rpartition(".")[0], within=True)]
+    return {k for k in header if k not in saved and ".lora_" not in k
+            and any(header[s]["shape"] == header[k]["shape"] and raw(s) == raw(k) for s in saved)}
+
+
 def broken_adapter_error(weights: str | Path, broken: list[str]) -> UserError:
     return UserError(f"{weights}: {broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''} "
                      "hold NaN or inf; the adapter is broken")
