@@ -79,8 +79,6 @@ def _pickled(directory: Path) -> bool:
 
 
 def _header_keys(path: Path) -> dict[str, list[int]]:
-    from lora_cli.lora.peft_format import read_safetensors_header
-
     header, _ = read_safetensors_header(path)
     return {k: v["shape"] for k, v in header.items()}
 
@@ -391,14 +389,19 @@ def _copy_side_files(base_dir: Path, out: Path, shards: list[str], dtype) -> Non
     index = base_dir / INDEX_NAME
     if index.is_file():
         data = json.loads(index.read_text())
-        data.setdefault("metadata", {})["total_size"] = sum((out / s).stat().st_size for s in shards)
+        data.setdefault("metadata", {})["total_size"] = sum(  # the tensors' bytes, as transformers counts them
+            end - start for s in shards for t in read_safetensors_header(out / s)[0].values()
+            for start, end in [t["data_offsets"]])
         (out / INDEX_NAME).write_text(json.dumps(data, indent=2))
     cfg_path = out / "config.json"
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)
-        if dtype is not None:
-            cfg["dtype"] = str(dtype).replace("torch.", "")
+        if dtype is not None:  # (and a transformers-4 config's torch_dtype, which would contradict the weights)
+            for c in (cfg, cfg.get("text_config")):
+                if isinstance(c, dict):
+                    c.update({k: str(dtype).replace("torch.", "") for k in ("dtype", "torch_dtype")
+                              if k in c or (k == "dtype" and c is cfg)})
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 

@@ -299,6 +299,9 @@ def test_merge_sharded_in_sharded_out(cli, tmp_path):
     tiny_tokenizer().save_pretrained(base)
     shards = sorted(p.name for p in base.glob("*.safetensors"))
     assert len(shards) > 1
+    config = json.loads((base / "config.json").read_text())  # as transformers 4 wrote it: torch_dtype, not dtype
+    config["torch_dtype"] = config.pop("dtype")
+    (base / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
@@ -309,8 +312,11 @@ def test_merge_sharded_in_sharded_out(cli, tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == shards
     assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["dtype"], config["torch_dtype"]) == ("bfloat16", "bfloat16")  # the old key would contradict it
     assert rel_diff(logits(merged), logits(theirs)) < 2e-2  # bf16 weights
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(p.numel() * p.element_size() for p in merged.state_dict().values()) // 2
 
 
 def test_merge_onto_the_wrong_base_names_the_problem(cli, trained_run, tmp_path):
