@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lora_cli.errors import UserError, check_output
-from lora_cli.lora.layer import lora_scaling
+from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import KEY_PREFIX, AdapterConfig, read_adapter_config
 
 
@@ -83,8 +83,6 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
         raise UserError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
     loaded = [read_factors(a) for a in adapters]
     configs = [c for c, _ in loaded]
-    if len({c.fan_in_fan_out for c in configs}) > 1:
-        raise UserError("the adapters were made for different layer layouts (fan_in_fan_out differs)")
     bases = {str(Path(b).resolve()) if b and Path(b).exists() else b for b in (c.base_model_name_or_path for c in configs)}
     if len(bases) > 1 and warn:
         warn(f"warning: the adapters were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
@@ -122,7 +120,9 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
                               torch.cat([fac.b, torch.zeros(n_out, rank - fac.b.shape[1])], dim=1))
         out[m] = fac
     r_out = rank if rank is not None else total
-    return _folded_config(configs[0], dict.fromkeys(modules, r_out)), out, kept
+    # the factors are (r, in), (out, r) whatever the layout: adapters of GPT-2's Conv1D layers and Linear ones add
+    like = replace(configs[0], fan_in_fan_out=any(c.fan_in_fan_out for c in configs))  # PEFT: per module anyway
+    return _folded_config(like, dict.fromkeys(modules, r_out)), out, kept
 
 
 def resize(adapter: str, rank: float, warn=None) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
@@ -206,7 +206,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
     if base_type and model_type and base_type != model_type:
         raise UserError(f"--tuned is a {model_type} model and --base a {base_type} one; a fine-tune keeps its "
                         "base's architecture")
-    is_conv1d = _conv1d_test(skeleton, model_type)
+    is_conv1d = conv1d_paths(skeleton, lambda module: model_type == "gpt2")  # remote code: GPT-2's are
     wanted = _target_test(skeleton, targets)
     factors, kept, ranks, left_out = {}, {}, {}, []
     for key in sorted(saved[1]):
@@ -239,11 +239,8 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         status(f"warning: {_listed(left_out)} differ between the two models but are not in the adapter (LoRA "
                "holds the targeted linear layers only: not norms, embeddings, biases, routers or fused experts); "
                "base + adapter will not be the tuned model there")
-    layouts = {is_conv1d(m) for m in factors}
-    if len(layouts) > 1:  # one adapter holds one layout (PEFT's fan_in_fan_out)
-        raise UserError("the changed layers mix Conv1D and Linear ones; extract each kind with --targets")
-    fan_in_fan_out = layouts.pop()
-    like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=fan_in_fan_out,
+    # PEFT takes the layout of each module from the module itself; the flag says whether any is a Conv1D
+    like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=any(map(is_conv1d, factors)),
                          base_model_name_or_path=sources[0].path)  # a local base named absolutely
     return _folded_config(like, ranks), factors, kept  # a layer smaller than --rank keeps its own rank
 
@@ -274,17 +271,6 @@ def _target_test(model, targets: str):
 def _listed(keys: list[str], most: int = 4) -> str:
     shown = ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
     return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({shown})"
-
-
-def _conv1d_test(model, model_type: str | None):
-    """module → whether it is a Conv1D, whose weight is stored (in, out): GPT-2, GPT-1, … From the model's
-    modules on the meta device; without them (remote code), GPT-2's are."""
-    from lora_cli.lora.layer import is_conv1d
-
-    if model is None:
-        return lambda module: model_type == "gpt2"
-    conv = [n for n, m in model.named_modules() if is_conv1d(m)]
-    return lambda module: any(n == module or n.endswith("." + module) for n in conv)
 
 
 def _keys(path: Path) -> list[str]:

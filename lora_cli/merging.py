@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output
-from lora_cli.lora.layer import lora_scaling
+from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_safetensors_header
 from lora_cli.models import (
     PICKLE_SUFFIXES,
@@ -152,7 +152,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     aliases, own_heads = _shared_weight_aliases(config, tensors, paths, skeleton, shapes)
     weight_of = {p: named[k] for p, k in match_weights([p for p in paths if p not in aliases | set(own_heads)],
                                                        shapes).items()}
-    transposed = _conv1d_paths(skeleton, config)  # Conv1D weights are stored (in, out): per module, as in PEFT
+    transposed = conv1d_paths(skeleton, lambda path: config.fan_in_fan_out)  # Conv1D weights are (in, out)
     _check_shapes(tensors, weight_of, all_keys, transposed)
     replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
     kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
@@ -191,17 +191,6 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         if check:
             check(tmp)
     return MergeResult(output, merged + len(own_heads), len(shards), str(dtype).replace("torch.", "") if dtype else None)
-
-
-def _conv1d_paths(skeleton, config: AdapterConfig):
-    """module path → whether its weight is stored (in, out) (a Conv1D: GPT-2's attention and MLP, not its
-    lm_head): from the model's modules, as PEFT decides it; without them (remote code), the config's flag."""
-    from lora_cli.lora.layer import is_conv1d
-
-    if skeleton is None:
-        return lambda path: config.fan_in_fan_out
-    conv = {n for n, m in skeleton.named_modules() if is_conv1d(m)}
-    return lambda path: path in conv
 
 
 def _merged_weight(config: AdapterConfig, path: str, w: torch.Tensor, tensors: dict, transposed: bool) -> torch.Tensor:

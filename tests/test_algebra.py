@@ -317,3 +317,21 @@ def test_values_beyond_float16_are_refused_not_written_as_inf(cli, base, tmp_pat
             "--dtype bfloat16 or float32" in " ".join(err.split()), err
         assert not (tmp_path / out).exists()
     assert cli("export", big, "--output", tmp_path / "x", "--dtype", "bfloat16")[0] == 0
+
+
+def test_combine_adds_conv1d_and_linear_adapters(cli, tmp_path):
+    """GPT-2's attention is a Conv1D (fan_in_fan_out) and its lm_head a Linear: combine refused the two adapters as
+    'different layer layouts', though the factors are (r, in), (out, r) in both and PEFT lays out each module
+    by its own type."""
+    gpt2 = save_tiny(tmp_path / "gpt2", "gpt2")
+    peft_adapter(gpt2, tmp_path / "attn", 0, r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    peft_adapter(gpt2, tmp_path / "head", 1, r=2, lora_alpha=4, target_modules=["lm_head"])
+    code, _, err = cli("combine", tmp_path / "attn", tmp_path / "head", "--weights", "0.5,2", "--output", tmp_path / "c")
+    assert code == 0, err
+    da, db, dc = deltas(tmp_path / "attn"), deltas(tmp_path / "head"), deltas(tmp_path / "c")
+    assert set(dc) == set(da) | set(db)
+    for m in dc:
+        assert (dc[m] - 0.5 * da.get(m, 0) - 2 * db.get(m, 0)).abs().max() < 1e-6, m
+    assert_peft_matches_ours(gpt2, tmp_path / "c")
+    code, _, err = cli("merge", tmp_path / "c", "--base", gpt2, "--output", tmp_path / "m", "--verify")
+    assert code == 0 and "): ok" in err, err

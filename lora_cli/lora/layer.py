@@ -52,6 +52,16 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def conv1d_paths(model: nn.Module | None, fallback):
+    """module path → whether its weight is stored (in, out), a Conv1D (GPT-2's attention and MLP, not its
+    lm_head): decided per module from the model's modules (on the meta device), as PEFT decides it; without
+    them (a remote-code model), `fallback(path)`. The LoRA factors are (r, in) and (out, r) either way."""
+    if model is None:
+        return fallback
+    conv = {n for n, m in model.named_modules() if is_conv1d(m)}
+    return lambda path: path in conv
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an `nn.Linear` or a `Conv1D`."""
     if is_conv1d(module):
