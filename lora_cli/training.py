@@ -570,8 +570,12 @@ def gathered_lora_tensors(acc, loss_model) -> dict[str, torch.Tensor]:
         tensors = {k.removeprefix("model."): v for k, v in acc.get_state_dict(loss_model).items()
                    if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
         return {KEY_PREFIX + k: v.to("cpu", torch.float32, copy=True) for k, v in tensors.items()}
-    # one process: nothing wraps it (and Accelerate's unwrap_model imports DeepSpeed, where installed, to check)
-    model = (loss_model if acc.distributed_type == DistributedType.NO else acc.unwrap_model(loss_model)).model
+    # one process: nothing wraps it; DDP: its .module. (Accelerate's unwrap_model imports DeepSpeed, where installed,
+    # to check for it, which on a CPU prints "Setting accelerator to CPU" on stdout: only FSDP and DeepSpeed need it)
+    wrapper = getattr(loss_model, "_orig_mod", loss_model)  # torch.compile's
+    model = (loss_model if acc.distributed_type == DistributedType.NO
+             else wrapper.module if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel)
+             else acc.unwrap_model(loss_model)).model
     gathered = contextlib.nullcontext()
     if acc.distributed_type == DistributedType.DEEPSPEED:  # ZeRO-3 partitions parameters; else a no-op
         import deepspeed
