@@ -5,6 +5,7 @@ Nothing heavy is imported here: `lora --help` must answer without importing torc
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -27,8 +28,16 @@ for module in (train, merge, export, generate, inspect, algebra):
     module.register(app)
 
 
+def _not_deepspeeds_cpu_notice(record: logging.LogRecord) -> bool:
+    """Where DeepSpeed is installed, transformers' save_pretrained and Accelerate import it to check for its
+    wrappers, and on a machine without a GPU it prints "Setting accelerator to CPU…" on stdout, where
+    `lora generate` writes its text and `--dry-run` its YAML: nothing DeepSpeed does here needs a GPU."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `--debug` (anywhere) or LORA_DEBUG=1 shows tracebacks instead of one-line errors."""
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeeds_cpu_notice)  # (added once: the same function)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORA_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

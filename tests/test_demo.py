@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,17 @@ def test_demo_improves_by_a_wide_margin_and_merge_is_exact(tmp_path, smollm2_ggu
                                       capture_output=True, text=True, check=True).stdout)
     assert facts["base_is_gguf"] and facts["r"] == 16
     assert "dequantized" in (tmp_path / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_generate_on_the_gguf_writes_only_the_answer_on_stdout(tmp_path, smollm2_gguf):
+    """The first use converts the GGUF (transformers' save_pretrained, which imports DeepSpeed where it is installed:
+    on a CPU it printed 'Setting accelerator to CPU' on stdout, before the answer); the second reads the cache."""
+    env = {**os.environ, "LORA_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "lora_cli", "generate", "--model", str(smollm2_gguf),
+           "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]
+    first, again = (subprocess.run(cmd, capture_output=True, text=True, env=env) for _ in range(2))
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert first.stdout == again.stdout == "The capital of France is Paris.\n"
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf to safetensors once" in first.stderr
+    assert "converting" not in again.stderr
