@@ -576,6 +576,9 @@ class Encoder:
                                 "system) turn it answers")
             prompt = self.render(messages[:i], add_generation_prompt=True, where=where, tools=tools)
             full = self.render(messages[: i + 1], add_generation_prompt=False, where=where, tools=tools)
+            if spans and (cut := self._closing(previous, prompt)):  # the EOS closed only the conversation so far
+                previous = previous[:-cut]
+                spans[-1] = (spans[-1][0], min(spans[-1][1], len(previous)))
             if not (prompt.startswith(previous) and full.startswith(prompt)):
                 raise UserError(f"{where}: the chat template rewrites earlier turns when the conversation "
                                 "grows, so loss masks cannot be derived safely; use --chat-template FILE with "
@@ -583,6 +586,9 @@ class Encoder:
             spans.append((len(prompt), len(full)))
             previous = full
         text = self.render(messages, add_generation_prompt=False, where=where, tools=tools)
+        if spans and (cut := self._closing(previous, text)):  # a user turn follows the last assistant one
+            previous = previous[:-cut]
+            spans[-1] = (spans[-1][0], min(spans[-1][1], len(previous)))
         if not text.startswith(previous):
             raise UserError(f"{where}: the chat template rewrites earlier turns; use --chat-template FILE")
         ids, offsets = self._tokenize_with_offsets(text, spans)
@@ -594,6 +600,18 @@ class Encoder:
             labels = [t if any((s < b and e > a) if e > s else a <= s < b for a, b in spans) else IGNORE
                       for t, (s, e) in zip(ids, offsets)]
         return self._truncate(Example(ids, labels), stats)
+
+    def _closing(self, previous: str, longer: str) -> int:
+        """How many characters at the end of `previous` (a conversation rendered up to an assistant turn) only
+        close the conversation: templates such as Phi-3's put the EOS after the last turn alone
+        (`{% else %}{{ eos_token }}`), so it is not there once the conversation goes on. 0 if none."""
+        eos = getattr(self.tok, "eos_token", None)
+        if not eos or longer.startswith(previous):
+            return 0
+        body = previous.rstrip()
+        if not body.endswith(eos) or not longer.startswith(body[: -len(eos)]):
+            return 0
+        return len(previous) - len(body) + len(eos)
 
     def _tagged_chat(self, messages: list[dict], where: str, stats: EncodeStats, tools: list | None,
                      first_loss: int) -> Example:

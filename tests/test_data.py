@@ -140,6 +140,25 @@ def test_template_that_rewrites_earlier_turns_is_refused(tok):
         Encoder(tok, 512, chat_template=rewriting).encode_all([{"messages": msgs}])
 
 
+PHI3 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.mark.parametrize("last", ["assistant", "user"])
+def test_an_eos_that_closes_only_the_whole_conversation_is_not_a_rewrite(tok, last):
+    """Phi-3's template puts the EOS after the last turn only: every multi-turn record was refused as
+    'rewrites earlier turns'. The EOS is learned where the conversation ends on the assistant's turn."""
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Paris is red"},
+            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Berlin is blue"}]
+    msgs += [{"role": "user", "content": "what"}] if last == "user" else []
+    (ex,), _ = Encoder(tok, 512, chat_template=PHI3).encode_all([{"messages": msgs}])
+    assert ex.input_ids == tok(tok.apply_chat_template(msgs, chat_template=PHI3, tokenize=False),
+                               add_special_tokens=False)["input_ids"]
+    want = "Paris is red<|end|>\nBerlin is blue<|end|>\n" + ("<|im_end|>" if last == "assistant" else "")
+    assert labelled_text(tok, ex) == want
+    assert masked_text(tok, ex).startswith("<|user|>\nhello<|end|>\n<|assistant|>\n")
+
+
 def test_template_that_raises_names_the_record(tok):
     no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
                  "{% for m in messages %}{{ m['content'] }}|{% endfor %}")
