@@ -253,3 +253,9 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
     if not force:
         raise UserError(f"--output {run_dir} exists and is not empty; pass --force to overwrite it, "
                         "or --resume to continue it")
+    from lora_cli.training import CONFIG_FILE, RUN_FILES
+
+    theirs = [n for n in RUN_FILES if (run_dir / n).exists()] if not (run_dir / CONFIG_FILE).is_file() else []
+    if theirs:  # --force replaces a run's files: these are another tool's (a PEFT adapter), not a run's
+        raise UserError(f"--output {run_dir} holds {theirs[0]} but is not a lora run (no {CONFIG_FILE}); --force "
+                        "replaces only an earlier run's files: choose a new or empty folder")

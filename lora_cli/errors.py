@@ -148,6 +148,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Every weights file lora writes says so (safetensors metadata, a GGUF key): --force replaces only what carries it
+# (a downloaded model or another tool's adapter holds the same file names).
+MARK = "lora_cli.version"
+
+
+def mark() -> dict[str, str]:
+    from lora_cli import __version__
+
+    return {MARK: __version__}
+
+
 # What lora's outputs hold (a run, an adapter, a merged model): --force replaces a folder of only these.
 OWN_NAMES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*.jinja", "train_config.yaml",
              "metrics.jsonl", "train_summary.json", "loss.png", "checkpoints", "config.json",
@@ -156,22 +167,22 @@ OWN_NAMES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*
 
 
 def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: tuple[bytes, str] | None = None,
-                 reads: tuple = ()) -> None:
+                 reads: tuple = (), ours=None) -> None:
     """Raise unless we may write `path`: it is absent, or --force was given and it is something we wrote.
 
-    --force never deletes what lora did not make: not a folder holding other files, not a plain file where a
-    folder goes, not the current folder or one that holds it, not what this command reads (`reads`: the
-    adapter, the base). `file`: the output is one file, whose kind ((its first bytes, a name for it)) an
-    existing file must be."""
+    --force never deletes what lora did not make: not a folder holding other files or weights without lora's
+    mark (a downloaded model), not a plain file where a folder goes, not the current folder or one that holds
+    it, not what this command reads (`reads`: the adapter, the base). `file`: the output is one file, whose kind
+    ((its first bytes, a name for it)) an existing file must be, and which `ours(path)` must say lora wrote."""
     import fnmatch
 
     path = Path(path)
     if not path.exists():
         return
+    if path.is_dir() and file:  # (--force would not help)
+        raise UserError(f"{flag} {path} is a folder; name the file to write")
     if not force:
         raise UserError(f"{flag} {path} exists; pass --force to overwrite it")
-    if path.is_dir() and file:
-        raise UserError(f"{flag} {path} is a folder; name the file to write")
     out = path.resolve()
     for r in reads:
         if r and Path(r).expanduser().exists() and out in (q := Path(r).expanduser().resolve(), *q.parents):
@@ -183,14 +194,39 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
             if f.read(len(file[0])) != file[0]:
                 raise UserError(f"{flag} {path} is not {file[1]}; --force replaces only lora's own output: "
                                 "choose another file name")
+        if ours is not None and not ours(path):
+            raise UserError(f"{flag} {path} is {file[1]} lora did not write; --force replaces only lora's own "
+                            "output: choose another file name")
         return
     here = Path.cwd().resolve()
     if out in (here, *here.parents):
         raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
     foreign = [p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in OWN_NAMES)]
+    if not foreign:
+        foreign = _unmarked_weights(path)
     if foreign:
         raise UserError(f"{flag} {path} is a folder lora did not write (it holds {foreign[0]}); --force replaces "
                         "only lora's own output (a run, an adapter, a merged model): choose a new or empty folder")
+
+
+def _unmarked_weights(folder: Path) -> list[str]:
+    """What in a folder of lora's file names says lora did not write it: weights without lora's mark, or, where
+    there are no weights, any visible file (a model's config and tokenizer alone). A run is known by its
+    train_config.yaml; an empty folder or one of leftovers (.lock, temporary files) is nobody's."""
+    from lora_cli.lora.peft_format import read_safetensors_header
+
+    visible = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if not visible or (folder / "train_config.yaml").is_file():
+        return []
+    weights = [p for p in visible if p.suffix == ".safetensors"]
+    unmarked = []
+    for w in weights:
+        try:
+            if MARK not in read_safetensors_header(w)[1]:
+                unmarked.append(w.name)
+        except UserError:  # unreadable: not known to be ours
+            unmarked.append(w.name)
+    return unmarked if weights else [visible[0].name]
 
 
 def cast_finite(t, dtype, what: str):

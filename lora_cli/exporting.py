@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output
+from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, mark
 from lora_cli.inspection import adapter_facts, eval_loss_text
 from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
@@ -187,13 +187,14 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
     source = resolve_model(ref, allow_pickle=True)  # its config.json is all that is read: nothing is unpickled
-    check_output(output, force, file=(b"GGUF", "a GGUF file"),
+    check_output(output, force, file=(b"GGUF", "a GGUF file"), ours=_gguf_we_wrote,
                  reads=(adapter_dir, source.path if source.kind != "hub" else None))
     hp = json.loads((base_directory(source) / "config.json").read_text())
     model_type = hp.get("model_type")
     if model_type not in GGUF_ARCHS:
         raise UserError(f"--format gguf supports {', '.join(sorted(GGUF_ARCHS))} bases; this base is "
                         f"{model_type!r}. Merge instead (`lora merge`) and convert the merged model with llama.cpp")
+    _check_fits(factors, base_directory(source))
     arch, permute = GGUF_ARCHS[model_type]
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
     names = gguf.get_tensor_name_map(_arch_enum(gguf, arch), hp["num_hidden_layers"])
@@ -216,6 +217,8 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        for key, value in mark().items():  # (what --force may replace)
+            w.add_string(key, value)
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.lora_alpha))
         for name, t in tensors:
             w.add_tensor(name, t.to(torch.float32).numpy().astype(np_dtype))
@@ -224,6 +227,38 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
         w.write_tensors_to_file()
         w.close()
     return {"output": str(output), "size_bytes": output.stat().st_size, "base_size_bytes": base_size_bytes(ref)}
+
+
+def _check_fits(factors: dict, base_dir: Path) -> None:
+    """The adapter's (out, in) per module against the base's layers (built from its config on the meta device:
+    no weights read), as merge and generate check them; llama.cpp would only fail on load."""
+    from lora_cli.lora.layer import is_linear_like, linear_shape
+    from lora_cli.merging import meta_model
+
+    skeleton = meta_model(base_dir)
+    if skeleton is None:
+        return
+    layers, problems = dict(skeleton.named_modules()), []
+    for module, f in sorted(factors.items()):
+        layer = layers.get(module)
+        want = [f.b.shape[0], f.a.shape[1]]
+        if layer is None or not is_linear_like(layer):
+            problems.append(f"{module}: no such linear layer in the base")
+        elif (have := list(linear_shape(layer))[::-1]) != want:
+            problems.append(f"{module}: base weight {have}, adapter gives {want}")
+    if problems:
+        raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
+
+
+def _gguf_we_wrote(path: Path) -> bool:
+    import gguf
+
+    from lora_cli.errors import MARK
+
+    try:
+        return MARK in gguf.GGUFReader(str(path)).fields
+    except Exception:  # not a readable GGUF
+        return False
 
 
 def _arch_enum(gguf, arch: str):

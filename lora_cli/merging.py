@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output
+from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, mark
 from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_safetensors_header
 from lora_cli.models import (
@@ -182,7 +182,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 state.update(originals)
             if dtype is not None:
                 state = {k: cast_finite(v, dtype, k) if v.is_floating_point() else v for k, v in state.items()}
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt"})
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt", **mark()})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)
         if untie or kept:

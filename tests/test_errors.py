@@ -7,8 +7,10 @@ import shutil
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from lora_cli.errors import atomic_write_text
 
@@ -287,10 +289,34 @@ def test_force_never_deletes_what_lora_did_not_write(cli, run_dir, tiny_llama, c
     (merged / "NOTES.md").write_text("my notes")  # a model folder with the user's own files
     assert_user_error(cli("merge", run_dir, "--output", merged, "--force"), "lora did not write (it holds NOTES.md)")
     (merged / "NOTES.md").unlink()
+    assert cli("merge", run_dir, "--output", merged, "--force")[0] == 0  # its own output: replaced
     monkeypatch.chdir(merged)
     for out in (".", "..", str(merged)):
         assert_user_error(cli("merge", run_dir, "--output", out, "--force"), "is the current folder or holds it")
     assert (merged / "config.json").is_file()
+
+
+def test_force_never_replaces_a_model_or_adapter_another_tool_wrote(cli, run_dir, tiny_llama, chat_data, tmp_path):
+    """A downloaded model or a PEFT adapter holds the very file names lora writes: export/merge --force replaced
+    any such folder (even the base the adapter names), train --force deleted a PEFT adapter's files. What lora
+    writes carries its mark (safetensors metadata), and --force replaces only that."""
+    model, adapter = tmp_path / "model", tmp_path / "peft"
+    shutil.copytree(tiny_llama, model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (model, adapter)}
+    for command in ("merge", "export"):
+        assert_user_error(cli(command, run_dir, "--output", model, "--force"),
+                          f"--output {model} is a folder lora did not write (it holds model.safetensors)")
+        assert_user_error(cli(command, run_dir, "--output", adapter, "--force"),
+                          f"--output {adapter} is a folder lora did not write (it holds adapter_model.safetensors)")
+    assert_user_error(cli(*train_args(tiny_llama, chat_data, adapter, "--force")),
+                      f"--output {adapter} holds adapter_config.json but is not a lora run")
+    assert before == {d: sorted(p.name for p in d.iterdir()) for d in (model, adapter)}
+    exported = tmp_path / "exported"  # lora's own outputs are replaced, as before
+    for _ in range(2):
+        code, _, err = cli("export", run_dir, "--output", exported, "--force")
+        assert code == 0, err
 
 
 def test_a_system_message_for_a_model_without_a_chat_template(cli, tiny_gpt2):

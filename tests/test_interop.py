@@ -122,10 +122,39 @@ def test_gguf_export_force_replaces_only_a_gguf_and_never_what_it_reads(cli, rs_
     assert cli("export", run, "--format", "gguf", "--output", tmp_path / "a.gguf")[0] == 0
     code, _, err = cli("export", run, "--format", "gguf", "--output", tmp_path / "a.gguf", "--force")
     assert code == 0, err  # its own earlier output
+    theirs = tmp_path / "theirs.gguf"  # another tool's GGUF (a model, say): lora's mark is not in it
+    reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))
+    writer = gguf.GGUFWriter(str(theirs), "llama")
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    before = theirs.read_bytes()
+    code, _, err = cli("export", run, "--format", "gguf", "--output", tmp_path)  # (--force would not help)
+    assert code == 1 and f"--output {tmp_path} is a folder; name the file to write" in " ".join(err.split()), err
+    code, _, err = cli("export", run, "--format", "gguf", "--output", theirs, "--force")
+    assert code == 1 and "is a GGUF file lora did not write" in err and theirs.read_bytes() == before, err
     base = tmp_path / "base.gguf"  # a GGUF base is never overwritten
     base.write_bytes(b"GGUF" + bytes(64))
     code, _, err = cli("export", run, "--format", "gguf", "--output", base, "--force", "--base", base)
     assert code == 1 and "which this command reads" in err and base.read_bytes() == b"GGUF" + bytes(64), err
+
+
+def test_gguf_export_checks_the_adapter_fits_the_base(cli, rs_run, tmp_path):
+    """export --format gguf --base wrote an adapter for a base of other shapes (llama.cpp fails only on load)."""
+    from tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("llama")
+    config.hidden_size, config.head_dim = 64, 16
+    wider = tmp_path / "wider"
+    AutoModelForCausalLM.from_config(config).save_pretrained(wider)
+    tiny_tokenizer().save_pretrained(wider)
+    code, _, err = cli("export", rs_run, "--format", "gguf", "--output", tmp_path / "a.gguf", "--base", wider)
+    assert code == 1 and "the adapter does not fit this base model: model.layers.0.self_attn.k_proj: base weight " \
+        "[32, 64], adapter gives [16, 32]" in " ".join(err.split()), err
+    assert not (tmp_path / "a.gguf").exists()
 
 
 def test_gguf_export_refuses_unmapped_architectures(cli, tiny_gpt2, tmp_path):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_cli.errors import UserError, atomic_path, atomic_write_text
+from lora_cli.errors import UserError, atomic_path, atomic_write_text, mark
 from lora_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
 from lora_cli.lora.layer import linear_shape
 from lora_cli.lora.peft_format import (
@@ -50,7 +50,7 @@ def write_adapter(
 ) -> None:
     """Write PEFT-keyed tensors and their config; weights first, so a config never names missing weights."""
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        save_file(tensors, str(tmp), metadata={"format": "pt", **mark(), **(metadata or {})})
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2) + "\n")
 
 
