@@ -29,8 +29,8 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
                    force: bool = False) -> dict:
     """Write adapter_config.json, adapter_model.safetensors (in `dtype`) and README.md to `output`."""
     output = Path(output)
-    check_output(output, force, reads=(adapter_dir,))
     config = read_adapter_config(adapter_dir)
+    check_output(output, force, reads=(adapter_dir, config.base_model_name_or_path))  # (the card sizes the base)
     tensors = {KEY_PREFIX + k: cast_finite(v, dtype, k).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
     facts = adapter_facts(adapter_dir)
     meta = {GGUF_BASE_KEY: str(config.base_model_name_or_path)} if facts["base_is_gguf"] else {}

@@ -281,7 +281,8 @@ def test_force_never_deletes_what_lora_did_not_write(cli, run_dir, tiny_llama, c
     shutil.copytree(run_dir, copy)
     for args in (("export", copy, "--output", copy, "--force"), ("merge", copy, "--output", copy, "--force"),
                  ("resize", copy, "--rank", "2", "--output", copy, "--force"),
-                 ("merge", copy, "--output", tiny_llama, "--force")):  # the adapter read, or its base
+                 ("merge", copy, "--output", tiny_llama, "--force"),  # the adapter read, or its base
+                 ("export", copy, "--output", tiny_llama, "--force")):
         assert_user_error(cli(*args), "which this command reads")
     assert (copy / "checkpoints").is_dir() and (tiny_llama / "model.safetensors").is_file()
     merged = tmp_path / "work" / "merged"
