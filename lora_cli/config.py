@@ -30,6 +30,9 @@ def _opt(default: Any, help: str, group: str = "Training") -> Any:
     return field(default=default, metadata={"help": help, "group": group})
 
 
+INT_MAX = 2**31 - 1
+
+
 @dataclass
 class TrainConfig:
     """Everything `lora train` needs; saved as train_config.yaml in the run directory."""
@@ -157,6 +160,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "epochs", "max_steps", "save_total_limit"):
+            if (getattr(self, name) or 0) > INT_MAX:  # (torch sizes are 64-bit: beyond, an internal error)
+                p.append(f"--{name.replace('_', '-')} is too large (got {getattr(self, name)})")
         if self.max_length == 1:
             p.append("--max-length must be >= 2 (a token is learned from the ones before it)")
         if self.max_steps is not None and self.max_steps < 1:

@@ -148,6 +148,11 @@ class Plan:
 
 
 def make_plan(cfg: TrainConfig, n_train: int, world: int) -> Plan:
+    if cfg.grad_accum > 1 and world * cfg.grad_accum > n_train:  # every micro-batch past the data would run as padding, for nothing
+        processes = f" × {world} processes" if world > 1 else ""
+        raise UserError(f"--grad-accum {cfg.grad_accum}{processes} makes {world * cfg.grad_accum} micro-batches per "
+                        f"step, but the training data is {n_train} sequences; use --grad-accum "
+                        f"{max(1, n_train // world)} or less (and a larger --batch-size)")
     size = cfg.batch_size * world * cfg.grad_accum
     per_epoch = math.ceil(n_train / size)
     total = cfg.max_steps or cfg.epochs * per_epoch

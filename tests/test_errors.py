@@ -80,6 +80,10 @@ CASES = {
     "unknown hub model": (lambda d, m, c: train_args("nobody-xyz/no-such-model", c, d / "o"), ["cannot load"]),
     "missing data": (lambda d, m, c: train_args(m, d / "nope.jsonl", d / "o"), ["does not exist"]),
     "rank 0": (lambda d, m, c: train_args(m, c, d / "o", "--rank", "0"), ["--rank must be >= 1"]),
+    "rank beyond 64 bits": (lambda d, m, c: train_args(m, c, d / "o", "--rank", str(10**20)),  # was a C++ backtrace
+                            ["--rank is too large (got 100000000000000000000)"]),
+    "grad-accum beyond the data": (lambda d, m, c: train_args(m, c, d / "o", "--grad-accum", "1000"),  # ate all RAM
+                                   ["--grad-accum 1000 makes 1000 micro-batches per step, but the training data is"]),
     "alpha <= 0": (lambda d, m, c: train_args(m, c, d / "o", "--alpha", "-1"), ["--alpha must be a finite number > 0"]),
     "alpha inf": (lambda d, m, c: train_args(m, c, d / "o", "--alpha", "inf"), ["--alpha must be a finite number > 0"]),
     "weight decay inf": (lambda d, m, c: train_args(m, c, d / "o", "--weight-decay", "inf"),
