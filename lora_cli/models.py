@@ -123,6 +123,7 @@ def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
     target = gguf_cache_dir(gguf_path)
     if (target / "lora_cli_gguf.json").is_file():
         return target
+    _check_cache_writable(target.parent, "the GGUF's dequantized weights")
     if status:
         status(f"converting {gguf_path.name} to safetensors once (cached in {target.parent})…")
     d, name = str(gguf_path.parent), gguf_path.name
@@ -146,6 +147,18 @@ def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
     return target
 
 
+def _check_cache_writable(folder: Path, what: str) -> None:
+    """Before a long conversion: its result must be storable (a read-only home failed only at the end)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write the cache {folder} ({e.strerror or e}), which keeps {what}; set LORA_CACHE "
+                        "to a writable folder") from None
+
+
 def ensure_pickle_converted(directory: str | Path, status=None) -> Path:
     """A model directory whose weights exist only as pickles (`pytorch_model*.bin`, read only after
     --allow-pickle) converted once to safetensors shards in the cache (keyed by the directory and its files'
@@ -162,6 +175,7 @@ def ensure_pickle_converted(directory: str | Path, status=None) -> Path:
     target = cache_root() / "pickled" / f"{directory.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if (target / "lora_cli_pickled.json").is_file():
         return target
+    _check_cache_writable(target.parent, "the converted weights")
     if status:
         status(f"converting {directory.name}'s pickled weights to safetensors once (cached in {target.parent})…")
     weight_map = {}

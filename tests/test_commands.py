@@ -430,6 +430,12 @@ def test_merge_of_a_run_on_a_pickled_base(cli, tiny_llama, chat_data, tmp_path, 
     assert code == 0, err
     code, _, err = cli("merge", run, "--output", tmp_path / "m")
     assert code == 1 and "--allow-pickle" in err and not (tmp_path / "m").exists()
+    (tmp_path / "afile").write_text("")  # a cache that cannot be written is said before converting, with the way out
+    monkeypatch.setenv("LORA_CACHE", str(tmp_path / "afile" / "cache"))
+    code, _, err = cli("merge", run, "--output", tmp_path / "m", "--allow-pickle")
+    assert code == 1 and f"cannot write the cache {tmp_path / 'afile' / 'cache' / 'pickled'}" in " ".join(err.split())
+    assert "set LORA_CACHE to a writable folder" in " ".join(err.split()), err
+    monkeypatch.setenv("LORA_CACHE", str(tmp_path / "cache"))
     code, _, err = cli("merge", run, "--output", tmp_path / "m", "--allow-pickle", "--verify")
     assert code == 0 and "): ok" in err, err
     assert cli("merge", run, "--output", tmp_path / "ref", "--base", tiny_llama)[0] == 0
