@@ -114,20 +114,21 @@ def epoch_batches(lengths: list[int], size: int, seed: int, epoch: int, group: b
     """The global batches of one epoch: a seeded permutation cut into `size` pieces.
 
     With `group`, each span of GROUP_SPAN batches is sorted by length before cutting, and the batch order
-    is shuffled again: batches hold records of similar length (little padding) yet stay random.
+    is shuffled again: batches hold records of similar length (little padding) yet stay random. A short
+    batch (n not a multiple of `size`) comes last and holds records drawn at random, not the shortest ones
+    (sorted, they would be the same few every epoch, each time a whole step to themselves).
     """
     n = len(lengths)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    if group:
-        span = size * GROUP_SPAN
-        order = [i for s in range(0, n, span) for i in sorted(order[s : s + span], key=lambda i: (-lengths[i], i))]
-    batches = [order[k : k + size] for k in range(0, n, size)]
-    if group:
-        full = batches[:-1] if len(batches[-1]) < size else batches  # a short batch stays last
-        perm = torch.randperm(len(full), generator=g).tolist()
-        batches = [full[p] for p in perm] + batches[len(full):]
-    return batches
+    if not group:
+        return [order[k : k + size] for k in range(0, n, size)]
+    short, order = order[: n % size], order[n % size :]
+    span = size * GROUP_SPAN
+    order = [i for s in range(0, len(order), span) for i in sorted(order[s : s + span], key=lambda i: (-lengths[i], i))]
+    full = [order[k : k + size] for k in range(0, len(order), size)]
+    perm = torch.randperm(len(full), generator=g).tolist()
+    return [full[p] for p in perm] + ([short] if short else [])
 
 
 def micro_slots(indices: list[int], lengths: list[int], n_slots: int) -> list[list[int]]:
