@@ -288,6 +288,9 @@ def test_resume_finishes_a_run_stopped_while_writing_its_last_files(cli, tiny_ll
     adapter_before = adapter(run)
     for name in ("adapter_model.safetensors", "train_summary.json", "loss.png"):
         (run / name).unlink(missing_ok=True)
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")  # below the checkpoint: it was
+    assert code == 1 and "last checkpoint is at step 4, past the 3 steps asked" in " ".join(err.split())  # "done"
+    assert "max_steps: 4" in (run / "train_config.yaml").read_text()  # and the run's length was lost
     code, _, err = cli("train", "--output", run, "--resume")
     assert code == 0, err
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 4
