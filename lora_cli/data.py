@@ -39,6 +39,14 @@ BUILTIN_CHAT_TEMPLATE = (
 )
 
 
+def builtin_template(tokenizer) -> str:
+    """The plain template for a tokenizer without one; it starts with BOS where the tokenizer puts one before
+    text (Llama, Mistral bases), as `text` and plain prompt/completion records get it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    starts = bos is not None and list(tokenizer("a", add_special_tokens=True)["input_ids"][:1]) == [bos]
+    return ("{{ bos_token }}" if starts else "") + BUILTIN_CHAT_TEMPLATE
+
+
 @dataclass
 class Example:
     """One training sequence: token ids and labels (IGNORE where there is no loss).
@@ -474,7 +482,7 @@ class Encoder:
         self.has_template = bool(chat_template or getattr(tokenizer, "chat_template", None))
         own = getattr(tokenizer, "chat_template", None)
         # one template, or None: the tokenizer holds named ones ({"default": …, "tool_use": …}), picked per record
-        self.template = chat_template or (own if isinstance(own, str) else None) or (None if own else BUILTIN_CHAT_TEMPLATE)
+        self.template = chat_template or (own if isinstance(own, str) else None) or (None if own else builtin_template(tokenizer))
         self.train_on_prompt = train_on_prompt
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:

@@ -90,6 +90,23 @@ def test_messages_without_template_use_the_builtin_one():
     assert labelled_text(tok, ex) == " world<|im_end|>\n"
 
 
+def test_the_builtin_template_starts_with_bos_where_the_tokenizer_adds_one():
+    """A Llama-style base (BOS before every text) got BOS on text and prompt/completion records but not on chat
+    records rendered with the built-in template; the template (saved with the run) now starts with it."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer(chat_template=None)
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.bos_token_id)])
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    enc = Encoder(tok, 512)
+    (chat,), stats = enc.encode_all([{"messages": msgs}])
+    (text,), _ = enc.encode_all([{"text": "hello world"}])
+    assert chat.input_ids[0] == text.input_ids[0] == tok.bos_token_id and chat.labels[0] == -100
+    assert chat.input_ids.count(tok.bos_token_id) == 1 and stats.template.startswith("{{ bos_token }}")
+    assert labelled_text(tok, chat) == " world<|im_end|>\n"
+
+
 def test_token_straddling_the_prompt_boundary_is_labelled(tok):
     # a generation prompt ending in a space: the token " w…" starts in the prompt but predicts the answer
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
