@@ -76,6 +76,7 @@ class EncodeStats:
     loss_tokens: int = 0
     shape: str = ""
     packed: int = 0  # sequences after --packing (0 = not packed)
+    empty_answers: int = 0  # records whose answer (an assistant turn with loss) is empty: an empty CSV cell, often
     template: str | None = None  # the chat template rendered with, if not the tokenizer's own (custom, built-in)
 
 
@@ -524,6 +525,9 @@ class Encoder:
         if shape == "text":
             return self._text(_str(rec["text"], where, "text"), stats)
         messages, first_loss, plain_pair = to_chat(rec, shape, where)
+        stats.empty_answers += any(m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS)
+                                   and not m.get("tool_calls") and not str(m.get("content") or "").strip()
+                                   for i, m in enumerate(messages))
         if plain_pair and not self.has_template:
             return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
         if self.template != getattr(self.tok, "chat_template", None):

@@ -762,6 +762,10 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engin
     if tstats.dropped_no_loss or tstats.truncated or tstats.chunked:
         rows.append(("", f"dropped {tstats.dropped_no_loss} with nothing to learn · truncated {tstats.truncated} · "
                          f"chunked {tstats.chunked} (max length {cfg.max_length})"))
+    if tstats.empty_answers:
+        rows.append(("warning", f"{tstats.empty_answers} record{'s' if tstats.empty_answers > 1 else ''} answer with "
+                                "nothing (an empty completion, output or assistant turn: an empty CSV cell?); the "
+                                "model learns to say nothing there"))
     if estats:
         rows.append(("eval", f"{estats.examples} sequences, {estats.loss_tokens:,} loss tokens"))
     rows.append(("steps", f"{plan.total_steps} (global batch {plan.global_size} = {cfg.batch_size} × {world} × "

@@ -78,6 +78,22 @@ def test_csv_cells_are_text_as_written(tmp_path):
     assert [r["completion"] for r in records] == ["None", "42", "007", "NA", ""]
 
 
+def test_records_that_answer_with_nothing_are_counted_in_a_warning(cli, tiny_llama, tmp_path):
+    """An empty CSV cell in the answer column trained the model to say nothing there, without a word."""
+    (tmp_path / "d.csv").write_text("prompt,completion\nhello,world\ncolor,\nsize, \nname,Ann\n")
+    code, out, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "d.csv", "--output", tmp_path / "r",
+                         *RUN)
+    said = " ".join((out + err).split())
+    assert code == 0 and "warning 2 records answer with nothing (an empty completion" in said, said
+    code, out, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "d.csv", "--output", tmp_path / "r2",
+                         *RUN, "--train-on-prompt")
+    assert code == 0 and "answer with nothing" in " ".join((out + err).split())
+    (tmp_path / "ok.csv").write_text("prompt,completion\nhello,world\n")
+    code, out, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "ok.csv", "--output", tmp_path / "r3",
+                         *RUN)
+    assert code == 0 and "answer with nothing" not in out + err
+
+
 def test_txt_paragraphs_split_at_lines_of_only_spaces(tmp_path):
     from lora_cli.data import load_records
 
