@@ -278,7 +278,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     with run_lock(run_dir) if main else contextlib.nullcontext():
         with acc.main_process_first():  # one process converts a GGUF / fills the caches, the others reuse them
             tokenizer = load_tokenizer(source, cfg.trust_remote_code, status=say)
-            cfg.max_length = fit_max_length(cfg, source, "max_length" in given, say)
+            # the default, also as written back by --dry-run (a YAML value counts as given), is capped with a note
+            explicit = "max_length" in given and cfg.max_length != DEFAULT_MAX_LENGTH
+            cfg.max_length = fit_max_length(cfg, source, explicit, say)
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer, console if main else None)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}
@@ -489,6 +491,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             acc.wait_for_everyone()
             acc.end_training()
     return summary
+
+
+DEFAULT_MAX_LENGTH = TrainConfig.max_length
 
 
 def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:

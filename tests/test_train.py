@@ -200,6 +200,14 @@ def test_default_max_length_is_capped_to_the_context_with_a_note(cli, tiny_llama
     code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "r", *FAST)
     assert code == 0 and "max length 1024 → 256" in err
     assert yaml.safe_load((tmp_path / "r/train_config.yaml").read_text())["max_length"] == 256
+    # --dry-run's YAML writes the default down (1024): run from it, it is still the default, capped (it was refused
+    # as an explicit --max-length beyond the context); a value of one's own beyond it still is refused
+    code, yaml_text, _ = cli("train", "--model", tiny_llama, "--data", chat_data, *FAST, "--dry-run")
+    (tmp_path / "dry.yaml").write_text(yaml_text)
+    code, _, err = cli("train", "--config", tmp_path / "dry.yaml", "--output", tmp_path / "r2")
+    assert code == 0 and "max length 1024 → 256" in err, err
+    code, _, err = cli("train", "--config", tmp_path / "dry.yaml", "--output", tmp_path / "r3", "--max-length", "300")
+    assert code == 1 and "--max-length 300 exceeds the model's context of 256 tokens" in err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator setting")
