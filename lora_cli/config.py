@@ -51,7 +51,7 @@ class TrainConfig:
     train_on_prompt: bool = _opt(False, "Put the loss on every token, prompts included.", "Model and data")
     rank: int = _opt(16, "LoRA rank r.", "LoRA")
     alpha: float | None = _opt(None, "LoRA alpha [default: 2 × rank]; scaling = alpha / rank.", "LoRA")
-    dropout: float = _opt(0.05, "Dropout on the LoRA branch input.", "LoRA")
+    dropout: float = _opt(0.05, "Dropout on the LoRA branch input (the base model's own dropout, if its config has any, stays as it is, as with Trainer + PEFT).", "LoRA")
     targets: str = _opt("attention", "attention | all-linear | comma list of module names | re:PATTERN.", "LoRA")
     rslora: bool = _opt(False, "rsLoRA scaling: alpha / √rank.", "LoRA")
     dora: bool = _opt(False, "DoRA: also learn a per-row magnitude. Loads in PEFT; vLLM and llama.cpp cannot serve "
