@@ -259,12 +259,17 @@ _ALL_SET = {mask: bytes(int(b & mask == mask) for b in range(256))
             for parts in _EXPONENT_BYTES.values() for _, mask in parts}
 
 
-def nonfinite_tensors(path: str | Path, header: dict[str, dict]) -> list[str]:
-    """Names of the safetensors file's float tensors that hold a NaN or an inf."""
+def _tensor_bytes(path: str | Path) -> bytes:
+    """A safetensors file's data section (what its header's data_offsets index)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         f.seek(8 + n)
-        data = f.read()
+        return f.read()
+
+
+def nonfinite_tensors(path: str | Path, header: dict[str, dict]) -> list[str]:
+    """Names of the safetensors file's float tensors that hold a NaN or an inf."""
+    data = _tensor_bytes(path)
     broken = []
     for name, info in header.items():
         parts = _EXPONENT_BYTES.get(info["dtype"])
@@ -285,10 +290,7 @@ def tied_copies(path: str | Path, header: dict[str, dict], config: AdapterConfig
     under its own name, holding the same bytes."""
     if not config.ensure_weight_tying:
         return set()
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + n)
-        data = f.read()
+    data = _tensor_bytes(path)
 
     def raw(name: str) -> bytes:
         start, end = header[name]["data_offsets"]
