@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import typer
@@ -41,6 +42,24 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORA_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    terminated: list[int] = []
+
+    def on_sigterm(signum, frame):  # unwound as Ctrl-C is (temporary files removed), not killed where it stands
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)  # (training's loop installs its own while it runs)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        _run(args, debug, terminated)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str], debug: bool, terminated: list[int]) -> None:
     try:
         app(args=args, prog_name="lora", standalone_mode=True)
     except UserError as e:
@@ -52,10 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if debug:
             raise
-        _fail("interrupted", code=130)
+        _fail(*stopped(terminated))
     except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
         if e.code == 130 and not debug:
-            _fail("interrupted", code=130)
+            _fail(*stopped(terminated))
         raise
     except MemoryError:
         if debug:
@@ -72,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             # the OS's, safetensors' and torch.save's words for a write that failed (a full disk)
             _fail("no space left on device: a file could not be written whole (nothing half-written was kept)")
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+
+
+def stopped(terminated: list[int]) -> tuple[str, int]:
+    """The message and exit code of a run stopped by Ctrl-C or by SIGTERM (128 + N, as a shell reports it)."""
+    return ("terminated", 128 + terminated[0]) if terminated else ("interrupted", 130)
 
 
 def _fail(message: str, code: int = 1) -> None:

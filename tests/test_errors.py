@@ -590,3 +590,38 @@ def test_temp_files_of_a_killed_process_are_swept_and_no_others(tmp_path):
     sweep_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["alive"], names["elsewhere"],
                                                                  names["not ours"], "config.json"])
+
+
+def test_sigterm_unwinds_like_ctrl_c(cli, run_dir, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's, `timeout`'s) outside the training loop killed the process where it stood: a merge
+    left its temporary folder, a run stopped before its first step left an empty folder, and nothing was said.
+    It now unwinds as Ctrl-C does: exit 143, `error: terminated`, nothing half-written left behind."""
+    import os
+    import signal
+
+    import lora_cli.merging as merging
+
+    def killed(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(merging, "_write_tokenizer_and_generation", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = cli("merge", run_dir, "--output", tmp_path / "m")
+    assert code == 143 and err.strip().splitlines()[-1] == "error: terminated" and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler is back
+
+
+def test_a_run_still_training_is_named_as_such(cli, run_dir, tmp_path):
+    """export/merge of a run that is still training said 'resume it', which then said 'in use'."""
+    import fcntl
+
+    run = tmp_path / "training"
+    shutil.copytree(run_dir, run)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()
+    with open(run / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_user_error(cli("export", run, "--output", tmp_path / "x"), "is a run still training (a lora train "
+                          "holds it): wait for it to finish, or use one of its checkpoints")
+    assert_user_error(cli("export", run, "--output", tmp_path / "x"), "is a run that has not finished", "--resume")

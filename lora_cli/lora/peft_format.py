@@ -185,6 +185,20 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def _training_now(run_dir: Path) -> bool:
+    """Whether a `lora train` holds the run directory's lock at this moment."""
+    import fcntl
+
+    try:
+        with open(run_dir / ".lock", "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: never a run, or one that has not started
+        return False
+    return False
+
+
 def adapter_files(path: str | Path) -> tuple[Path, Path]:
     """(config, weights) of an adapter directory, or a UserError saying what is wrong with it."""
     path = Path(path)
@@ -195,6 +209,9 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
     config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config.is_file():
         saved = sorted(path.glob(f"checkpoints/step-*/{CONFIG_NAME}"))
+        if _training_now(path):
+            raise UserError(f"{str(path)!r} is a run still training (a lora train holds it): wait for it to finish"
+                            + (f", or use one of its checkpoints (the newest now: {saved[-1].parent})" if saved else ""))
         if saved:  # a run stopped before its end
             raise UserError(f"{str(path)!r} is a run that has not finished (no {CONFIG_NAME} yet): resume it with "
                             f"lora train --output {shlex.quote(str(path))} --resume, or use its newest checkpoint, "
