@@ -162,8 +162,10 @@ def load_checkpoint_state(ckpt: Path, model, optimizer, scheduler, rank: int = 0
         load_optimizer_state(model, optimizer, optimizer_sd, engine)
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         rng_file = ckpt / f"rng_state_{rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        if not rng_file.is_file():  # (every checkpoint holds one per process: without it, dropout would differ)
+            raise UserError(f"checkpoint {ckpt} lacks {rng_file.name}, so the run cannot continue exactly; delete "
+                            "the checkpoint to resume from an earlier one")
+        set_rng_state(torch.load(rng_file, weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise _unreadable(ckpt, e) from None
     return state

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -87,8 +88,9 @@ def _run(args: list[str], debug: bool, terminated: list[int]) -> None:
             _fail(f"{e.strerror}: {e.filename}" if e.filename else e.strerror)  # a full disk, permissions
         if "out of memory" in str(e).lower():
             _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")
-        if any(m in str(e) for m in ("o space left on device", "unexpected pos", "basic_ios::clear")):
-            # the OS's, safetensors' and torch.save's words for a write that failed (a full disk)
+        if any(m in str(e) for m in ("o space left on device", "unexpected pos", "basic_ios::clear")) \
+                or re.search(r"\d+ requested and \d+ written", str(e)):
+            # the OS's, safetensors', torch.save's and numpy's (GGUF) words for a write that failed (a full disk)
             _fail("no space left on device: a file could not be written whole (nothing half-written was kept)")
         _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
 

@@ -309,7 +309,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
         ckpt = list_checkpoints(run_dir)[-1][1] if resume else None
         if ckpt:  # into the plain model, before any wrapper (DDP/FSDP) shards or copies it
-            load_lora_weights(model, ckpt)
+            try:
+                load_lora_weights(model, ckpt)
+            except UserError as e:
+                raise UserError(f"{e}; delete the checkpoint {ckpt} to resume from an earlier one") from None
 
         plan = make_plan(cfg, len(train_ex), world)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -237,6 +237,13 @@ def test_a_damaged_checkpoint_is_named_without_torchs_unsafe_advice(cli, tiny_ll
     code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
     assert code == 1 and err.startswith(f"error: checkpoint {opt.parent} is unreadable ("), err
     assert "the file is damaged" in err and "weights_only" not in err and len(err.splitlines()) == 1
+    opt.write_bytes(data)  # a missing RNG state (resumed without it, silently: the dropout masks would differ)
+    (opt.parent / "rng_state_0.pt").unlink()
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
+    assert code == 1 and f"checkpoint {opt.parent} lacks rng_state_0.pt, so the run cannot continue exactly" in err
+    (opt.parent / "adapter_model.safetensors").write_bytes(b"broken")  # its adapter: the same advice
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
+    assert code == 1 and f"delete the checkpoint {opt.parent} to resume from an earlier one" in err, err
 
 
 def test_the_best_eval_is_kept_when_evals_and_saves_do_not_line_up(cli, tiny_llama, chat_data, tmp_path):

@@ -472,6 +472,7 @@ def test_without_a_network_hub_ids_are_read_from_the_cache_at_once(cli, tiny_lla
 @pytest.mark.parametrize("raised", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16192 vs 16080"),
                                     RuntimeError("Error while serializing: IoError(No space left on device (os error 28))"),
                                     RuntimeError("basic_ios::clear: iostream error"),  # torch.save, another moment
+                                    OSError("3072 requested and 2624 written"),  # numpy's tofile (GGUF export)
                                     OSError(28, "No space left on device", "/run/x.safetensors")])
 def test_a_full_disk_is_said_plainly(monkeypatch, capsys, raised):
     """torch.save and safetensors report a full disk in their own words (not OSError): one plain line."""
