@@ -40,6 +40,9 @@ def _not_deepspeeds_cpu_notice(record: logging.LogRecord) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `--debug` (anywhere) or LORA_DEBUG=1 shows tracebacks instead of one-line errors."""
     logging.getLogger("DeepSpeed").addFilter(_not_deepspeeds_cpu_notice)  # (added once: the same function)
+    if sys.stdout.encoding and sys.stdout.encoding.lower().replace("-", "") != "utf8" \
+            and hasattr(sys.stdout, "reconfigure"):  # (an ASCII terminal: é printed as \xe9, never a crash)
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LORA_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]

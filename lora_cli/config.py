@@ -236,7 +236,7 @@ def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
     p = Path(path)
     what = what or f"--config {path!r}"
     if not p.is_file():
-        raise UserError(f"{what}: no such file")
+        raise UserError(f"{what}: {'a folder, not a YAML file' if p.is_dir() else 'no such file'}")
     import yaml
 
     try:

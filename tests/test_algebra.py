@@ -277,6 +277,8 @@ def test_algebra_refuses_non_finite_numbers_and_keeps_ranks_tight(cli, two, base
     for w in ("nan,1", "inf,1", "1e400,1"):
         code, _, err = cli("combine", *two, "--weights", w, "--output", tmp_path / "c")
         assert code == 1 and "--weights must be finite numbers" in err and not (tmp_path / "c").exists()
+    code, _, err = cli("combine", *two, "--weights", "", "--output", tmp_path / "c")  # was read as "1 each"
+    assert code == 1 and "--weights must be a comma list of numbers, got ''" in err
     code, _, err = cli("resize", two[0], "--rank", "inf", "--output", tmp_path / "r")
     assert code == 1 and "--rank must be a whole rank >= 1 or a fraction of energy below 1, got inf" in err
     code, _, err = cli("combine", *two, "--rank", "100", "--output", tmp_path / "up")

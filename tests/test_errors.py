@@ -103,6 +103,9 @@ CASES = {
     "max-length 0": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "0"), ["--max-length must be >= 1"]),
     "batch-size 0": (lambda d, m, c: train_args(m, c, d / "o", "--batch-size", "0"), ["--batch-size must be >= 1"]),
     "missing yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "nope.yaml"), ["no such file"]),
+    "resume and force": (lambda d, m, c: train_args(m, c, d / "o", "--resume", "--force"),
+                         ["--resume continues the run and --force starts it over; give one of them"]),
+    "a folder as yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d), ["a folder, not a YAML file"]),
     "broken yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "broken.yaml"), ["not valid YAML"]),
     "yaml key given twice": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "twice.yaml"),
                              ["not valid YAML ('rank' is given twice (line 3))"]),
@@ -626,3 +629,15 @@ def test_a_run_still_training_is_named_as_such(cli, run_dir, tmp_path):
         assert_user_error(cli("export", run, "--output", tmp_path / "x"), "is a run still training (a lora train "
                           "holds it): wait for it to finish, or use one of its checkpoints")
     assert_user_error(cli("export", run, "--output", tmp_path / "x"), "is a run that has not finished", "--resume")
+
+
+def test_an_ascii_terminal_gets_escapes_not_a_crash(run_dir, tmp_path):
+    """stdout in ASCII (PYTHONIOENCODING, LANG=C on old systems): a path or answer with é was an internal error."""
+    import os
+
+    odd = tmp_path / "dir ü"
+    shutil.copytree(run_dir, odd)
+    r = subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(odd)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0, r.stderr
+    assert "dir \\xfc" in " ".join(r.stdout.split()) and "rank" in r.stdout

@@ -21,7 +21,7 @@ def combine_command(
     from lora_cli.errors import UserError
 
     try:
-        w = [float(x) for x in weights.split(",")] if weights else [1.0] * len(adapters)
+        w = [float(x) for x in weights.split(",")] if weights is not None else [1.0] * len(adapters)
     except ValueError:
         raise UserError(f"--weights must be a comma list of numbers, got {weights!r}") from None
     if not all(math.isfinite(x) for x in w):

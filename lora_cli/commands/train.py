@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from lora_cli.config import TrainConfig
+from lora_cli.errors import UserError
 
 EXTRA_FLAGS = {
     "config": (Optional[str], typer.Option(None, "--config", "-c", help="YAML file with option values "
@@ -53,6 +54,8 @@ def train_command(**kwargs) -> None:
     from lora_cli.display import stderr_console
 
     config_path, dry_run, resume, force = (kwargs.pop(k) for k in EXTRA_FLAGS)
+    if resume and force:
+        raise UserError("--resume continues the run and --force starts it over; give one of them")
     cfg, given = TrainConfig.from_sources({k: v for k, v in kwargs.items() if v is not None}, config_path)
     if dry_run:
         from lora_cli.training import resolve_run_config
