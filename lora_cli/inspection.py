@@ -24,7 +24,7 @@ from lora_cli.lora.peft_format import (
 def adapter_facts(path: str | Path) -> dict[str, Any]:
     """r, alpha, scaling, targets, trainable params, size, dtype, base, training summary (if a run)."""
     path = Path(path)
-    config = read_adapter_config(path)
+    config = read_adapter_config(path, lenient=True)  # an adapter lora cannot use is still described
     _, weights = adapter_files(path)
     header, meta = read_safetensors_header(weights)
     check_ranks(config, {k.removeprefix(KEY_PREFIX): v["shape"] for k, v in header.items()}, weights)
@@ -39,7 +39,8 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         n = 1
         for d in info["shape"]:
             n *= d
-        if ".base_layer." not in key and key not in copies:  # PEFT saves a targeted embedding's frozen weight too: not trained
+        # PEFT saves a targeted embedding's or head's frozen weight too (not trained; its bias with bias= is)
+        if not key.endswith(".base_layer.weight") and key not in copies:
             params += n
         dtypes[info["dtype"]] += 1
         a = next((s for s in (".lora_A.weight", ".lora_embedding_A") if key.endswith(s)), None)
@@ -67,7 +68,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "dtype": _dtype_name(dtypes.most_common(1)[0][0]) if dtypes else None,
         "fan_in_fan_out": config.fan_in_fan_out,
         **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save",
-                          "ensure_weight_tying")
+                          "ensure_weight_tying", "unsupported")
            if (v := getattr(config, k))},
     }
     summary, state = path / "train_summary.json", path / "trainer_state.json"  # a run; a checkpoint of one

@@ -203,6 +203,24 @@ def test_merge_of_a_replaced_embedding_keeps_the_tied_heads_weights(cli, tmp_pat
     assert not (tmp_path / "wrong").exists() and not list(tmp_path.glob(".wrong*"))
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_inspect_describes_an_adapter_lora_cannot_use(cli, tmp_path, bias):
+    """inspect refused a PEFT adapter that trains biases (as the other commands do) instead of describing it."""
+    base_dir = save_tiny(tmp_path / "base", "gpt2", chat_template=None)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True, bias=bias, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, out, err = cli("inspect", tmp_path / "adapter", "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["trainable_params"] == theirs.get_nb_trainable_parameters()[0]
+    assert facts["unsupported"] == [f"bias={bias!r} (bias training)"]
+    code, out, _ = cli("inspect", tmp_path / "adapter")
+    assert code == 0 and "unsupported" in out and "its other commands refuse it" in " ".join(out.split())
+    code, _, err = cli("export", tmp_path / "adapter", "--output", tmp_path / "x")
+    assert code == 1 and "uses features lora does not implement: bias=" in err
+
+
 def test_an_adapter_with_modules_to_save_through_every_command(cli, tmp_path):
     """PEFT's modules_to_save on a tied base: merge writes the head as its own weight and unties it, export
     keeps the layers, inspect names them, and what cannot hold them (resize) says so."""

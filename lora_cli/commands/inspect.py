@@ -36,6 +36,8 @@ def inspect_command(
                     + f"  ({facts['num_modules']} modules)"),
         *([("saved whole", ", ".join(facts["modules_to_save"]) + " (modules_to_save: trained in full)")]
           if facts.get("modules_to_save") else []),
+        *([("unsupported", ", ".join(facts["unsupported"]) + " (lora describes it; its other commands refuse it)")]
+          if facts.get("unsupported") else []),
         ("trainable params", f"{facts['trainable_params']:,}"),
         ("size", f"{size_text(facts['size_bytes'])} ({facts['dtype']})"),
     ]

@@ -53,6 +53,7 @@ class AdapterConfig:
     exclude_modules: list[str] | str | None = None  # suffixes, or a full-match regex
     modules_to_save: list[str] | None = None  # layers saved whole (trained in full), by name
     ensure_weight_tying: bool = False  # PEFT: a saved layer tied to another is saved (and replaced) in both places
+    unsupported: list[str] = field(default_factory=list)  # what lora does not implement (read with lenient=True)
 
     def saves(self, module_path: str, within: bool = False) -> bool:
         """Whether the adapter carries this module whole: PEFT's modules_to_save rule, a plain suffix of the path
@@ -120,8 +121,10 @@ class AdapterConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json") -> AdapterConfig:
-        """Validate a PEFT config: features we do not implement are refused by name, all at once."""
+    def from_peft_dict(cls, d: dict[str, Any], source: str = "adapter_config.json", lenient: bool = False
+                       ) -> AdapterConfig:
+        """Validate a PEFT config: features we do not implement are refused by name, all at once (`lenient`:
+        listed in `unsupported` instead, for a description of the adapter)."""
         problems = []
         peft_type = d.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
@@ -136,7 +139,7 @@ class AdapterConfig:
         if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             problems.append(f"init_lora_weights={init!r} (it changes the base weights)")
         missing = [k for k in ("r", "lora_alpha", "target_modules") if d.get(k) in (None, "", [])]
-        if problems:
+        if problems and not lenient:
             raise UserError(f"{source} uses features lora does not implement: {', '.join(problems)}")
         if missing:
             raise UserError(f"{source} lacks {', '.join(missing)}; is this a LoRA adapter?")
@@ -159,6 +162,7 @@ class AdapterConfig:
                 exclude_modules=d.get("exclude_modules") or None,
                 modules_to_save=[str(m) for m in d["modules_to_save"]] if d.get("modules_to_save") else None,
                 ensure_weight_tying=bool(d.get("ensure_weight_tying", False)),
+                unsupported=problems,
             )
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: malformed value ({e})") from None
@@ -232,8 +236,8 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
     return config, weights
 
 
-def read_adapter_config(path: str | Path) -> AdapterConfig:
-    """Parse and validate the adapter_config.json of an adapter directory."""
+def read_adapter_config(path: str | Path, lenient: bool = False) -> AdapterConfig:
+    """Parse and validate the adapter_config.json of an adapter directory (`lenient`: see from_peft_dict)."""
     config_path, _ = adapter_files(path)
     try:
         d = json.loads(config_path.read_text(encoding="utf-8"))
@@ -241,7 +245,7 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         raise UserError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise UserError(f"{config_path}: expected a JSON object")
-    return AdapterConfig.from_peft_dict(d, source=str(config_path))
+    return AdapterConfig.from_peft_dict(d, source=str(config_path), lenient=lenient)
 
 
 def check_ranks(config: AdapterConfig, shapes: dict[str, list[int]], weights: Path) -> None:
