@@ -83,10 +83,15 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
         raise UserError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
     loaded = [read_factors(a) for a in adapters]
     configs = [c for c, _ in loaded]
-    bases = {str(Path(b).resolve()) if b and Path(b).exists() else b for b in (c.base_model_name_or_path for c in configs)}
+    bases = {str(Path(b).resolve()) if b and Path(b).exists() else b for b in (c.base_model_name_or_path for c in configs)
+             if b}
     if len(bases) > 1 and warn:
         warn(f"warning: the adapters were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
              "their sum is only meaningful on one of them")
+    stacks = [s for s in map(_layer_stacks, (f for _, f in loaded)) if s]  # `model.layers` (Llama), `transformer.h`
+    if any(not (a & b) for a in stacks for b in stacks):  # (GPT-2): a sum of two models' adapters fits neither
+        raise UserError(f"the adapters are for different models (their layers are {', '.join(sorted(set().union(*stacks)))}"
+                        "); combine adds adapters of one base model")
     modules = sorted(set().union(*(f for _, f in loaded)))
     ranks = [max(x.a.shape[0] for x in f.values()) for _, f in loaded]
     total = sum(ranks)
@@ -123,6 +128,17 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
     # the factors are (r, in), (out, r) whatever the layout: adapters of GPT-2's Conv1D layers and Linear ones add
     like = replace(configs[0], fan_in_fan_out=any(c.fan_in_fan_out for c in configs))  # PEFT: per module anyway
     return _folded_config(like, dict.fromkeys(modules, r_out)), out, kept
+
+
+def _layer_stacks(modules) -> set[str]:
+    """Where an adapter's numbered layers live: `model.layers.3.self_attn.q_proj` → `model.layers`."""
+    stacks = set()
+    for m in modules:
+        parts = m.split(".")
+        at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if at:
+            stacks.add(".".join(parts[:at]))
+    return stacks
 
 
 def resize(adapter: str, rank: float, warn=None) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:

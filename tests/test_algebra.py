@@ -121,6 +121,11 @@ def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
     peft_adapter(tmp_path / "wide", tmp_path / "y", 0, r=2, lora_alpha=4, target_modules=["q_proj"])
     code, _, err = cli("combine", two[0], tmp_path / "y", "--output", tmp_path / "o")
     assert code == 1 and "different shapes" in err and not (tmp_path / "o").exists()
+    gpt2 = save_tiny(tmp_path / "gpt2", "gpt2")  # another architecture: modules of its own, nothing shared
+    peft_adapter(gpt2, tmp_path / "g", 0, r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    code, _, err = cli("combine", two[0], tmp_path / "g", "--output", tmp_path / "o")  # was written: fit neither
+    assert code == 1 and "the adapters are for different models (their layers are model.layers, transformer.h)" in err
+    assert not (tmp_path / "o").exists()
     code, _, err = cli("combine", two[0], "--output", tmp_path / "o")
     assert code == 1 and "at least two" in err
     code, _, err = cli("combine", *two, "--weights", "1", "--output", tmp_path / "o")
