@@ -63,13 +63,14 @@ def fit_new_tokens(model, ids: torch.Tensor, max_new_tokens: int, say) -> int:
 
 
 def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, streamer=None, seed: int = 0) -> str:
+             top_p: float = 1.0, streamer=None, seed: int = 0, top_k: int | None = None) -> str:
     """Greedy unless temperature > 0 (then sampled from `seed`, so every model and prompt draws from the
     same stream); stops at EOS / end of turn. Returns the new text."""
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p,
+                      **({"top_k": top_k} if top_k is not None else {}))  # else the generation config's (50)
         torch.manual_seed(seed)  # transformers samples from the global generator
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -411,6 +411,22 @@ def test_sampling_is_reproducible_from_its_seed(cli, tiny_llama):
     assert first == sample(1) and first != sample(2)
 
 
+def test_top_k_chooses_from_the_k_likeliest(cli, tiny_llama):
+    """Sampling used transformers' top-k of 50 with no way to say otherwise; --top-k 1 is greedy decoding."""
+    common = ("generate", "--model", tiny_llama, "--prompt", "hello", "--max-new-tokens", "12", "--no-chat")
+    code, greedy, err = cli(*common)
+    assert code == 0, err
+    for seed in ("1", "2"):
+        code, out, err = cli(*common, "--temperature", "2", "--top-k", "1", "--seed", seed)
+        assert code == 0 and out == greedy, err
+    code, _, err = cli(*common, "--top-k", "5")
+    assert code == 1 and "--top-p and --top-k sample, and --temperature 0 decodes greedily" in err
+    code, _, err = cli(*common, "--temperature", "1", "--top-k", "-1")
+    assert code == 1 and "--top-k must be >= 0" in err
+    code, _, err = cli("generate", "--model", tiny_llama, "--prompt", " ")
+    assert code == 1 and "--prompt is empty" in err
+
+
 def test_sizes_read_in_the_unit_that_fits():
     from lora_cli.display import size_text
 

@@ -20,12 +20,15 @@ def generate_command(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Maximum tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k likeliest tokens (with --temperature "
+                                        "> 0); 0 = all [default: the model's generation config, else 50, as in "
+                                        "transformers]."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: each answer draws from it afresh (with --temperature > 0)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code "
                                            "(models that need it): only from sources you trust."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled weights (*.bin, *.pt): only "
-                                      "from sources you trust."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow the model's pickled weights (*.bin, "
+                                      "*.pt): only from sources you trust. (Adapters are read as safetensors only.)"),
 ) -> None:
     """Generate an answer (streamed), with the chat template when the model has one."""
     import math
@@ -41,14 +44,18 @@ def generate_command(
         if not from_file:
             raise UserError(f"--prompt-file {prompt_file!r} holds no prompts (one per line)")
         prompts += from_file
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty")
     if not prompts:
         raise UserError("give --prompt TEXT or --prompt-file FILE")
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     if not (temperature >= 0 and math.isfinite(temperature)) or not 0 < top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if top_p < 1 and temperature == 0:
-        raise UserError("--top-p samples, and --temperature 0 decodes greedily: give --temperature > 0 too")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = all tokens), got {top_k}")
+    if (top_p < 1 or top_k is not None) and temperature == 0:
+        raise UserError("--top-p and --top-k sample, and --temperature 0 decodes greedily: give --temperature > 0 too")
     if system is not None and no_chat:
         raise UserError("--system is a chat turn and --no-chat sends raw text: drop one of them")
     from lora_cli.lora.peft_format import adapter_files
@@ -62,11 +69,11 @@ def generate_command(
     dtype = dtype_name(dtype, ("auto", "float32", "bfloat16", "float16"))
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32) (got {seed})")
-    _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, seed, dtype,
+    _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
          trust_remote_code, allow_pickle)
 
 
-def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, seed, dtype,
+def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
          trust_remote_code, allow_pickle) -> None:
     import sys
     import time
@@ -124,7 +131,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
-            answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed))
+            answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k))
             sys.stdout.flush()
     if len(variants) > 1:
         table = Table(title="answers", show_lines=True)

@@ -228,8 +228,8 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
             raise UserError(
-                f"{str(path)!r} holds only adapter_model.bin (pickle, never unpickled here); if you trust its "
-                f"source, convert it once: python -c \"import torch, safetensors.torch as s; s.save_file(torch.load("
+                f"{str(path)!r} holds only adapter_model.bin (pickle: lora reads adapters as safetensors only, "
+                f"--allow-pickle is for base models); if you trust its source, convert it once: python -c \"import torch, safetensors.torch as s; s.save_file(torch.load("
                 f"'{path}/adapter_model.bin', weights_only=True), '{path}/{WEIGHTS_NAME}')\""
             )
         raise UserError(f"{str(path)!r} is not a complete adapter: it has no {WEIGHTS_NAME}")
