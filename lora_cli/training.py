@@ -83,6 +83,7 @@ CONFIG_FILE = "train_config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"
 LOSS_PLOT = "loss.png"
+DEFAULT_MAX_LENGTH = TrainConfig.max_length  # lowered to the model's context when that is shorter
 # what a run writes: --force removes these, and only these
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHAT_TEMPLATE_FILE, CONFIG_NAME, WEIGHTS_NAME,
              CHECKPOINTS)
@@ -149,7 +150,7 @@ class Plan:
 
 
 def make_plan(cfg: TrainConfig, n_train: int, world: int) -> Plan:
-    if cfg.grad_accum > 1 and world * cfg.grad_accum > n_train:  # every micro-batch past the data would run as padding, for nothing
+    if cfg.grad_accum > 1 and world * cfg.grad_accum > n_train:  # micro-batches past the data would run as padding
         processes = f" × {world} processes" if world > 1 else ""
         raise UserError(f"--grad-accum {cfg.grad_accum}{processes} makes {world * cfg.grad_accum} micro-batches per "
                         f"step, but the training data is {n_train} sequences; use --grad-accum "
@@ -494,9 +495,6 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             acc.wait_for_everyone()
             acc.end_training()
     return summary
-
-
-DEFAULT_MAX_LENGTH = TrainConfig.max_length
 
 
 def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
