@@ -342,3 +342,24 @@ def test_combine_adds_conv1d_and_linear_adapters(cli, tmp_path):
     assert_peft_matches_ours(gpt2, tmp_path / "c")
     code, _, err = cli("merge", tmp_path / "c", "--base", gpt2, "--output", tmp_path / "m", "--verify")
     assert code == 0 and "): ok" in err, err
+
+
+def test_outputs_keep_their_inputs_dtype(cli, two, tmp_path):
+    """combine / resize of float16 adapters (export's default) wrote float32, twice the size."""
+    from lora_cli.lora.peft_format import read_safetensors_header
+
+    def dtypes(d):
+        return {t["dtype"] for t in read_safetensors_header(d / "adapter_model.safetensors")[0].values()}
+
+    for name, src in zip("ab", two):
+        assert cli("export", src, "--output", tmp_path / name)[0] == 0 and dtypes(tmp_path / name) == {"F16"}
+    code, _, err = cli("resize", tmp_path / "a", "--rank", "2", "--output", tmp_path / "r")
+    assert code == 0 and dtypes(tmp_path / "r") == {"F16"} and "float16, as its input" in err, err
+    code, _, err = cli("combine", tmp_path / "a", tmp_path / "b", "--output", tmp_path / "c")
+    assert code == 0 and dtypes(tmp_path / "c") == {"F16"}
+    da, db, dc = deltas(tmp_path / "a"), deltas(tmp_path / "b"), deltas(tmp_path / "c")
+    for m in dc:
+        want = da.get(m, 0) + db.get(m, 0)
+        assert (dc[m] - want).abs().max() < 2e-3 * want.abs().max(), m  # float16's rounding of the factors
+    code, _, err = cli("combine", tmp_path / "a", two[1], "--output", tmp_path / "mixed")
+    assert code == 0 and dtypes(tmp_path / "mixed") == {"F32"}

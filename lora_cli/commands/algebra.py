@@ -32,8 +32,9 @@ def combine_command(
     from lora_cli.display import stderr_console
 
     config, factors, kept = combine(adapters, w, rank, warn=stderr_console().print)
-    write_factors(Path(output), config, factors, force=force, reads=tuple(adapters))
-    _report(output, config.r, kept)
+    dtype = _stored_dtype(adapters)
+    write_factors(Path(output), config, factors, dtype, force=force, reads=tuple(adapters))
+    _report(output, config.r, kept, dtype=dtype)
 
 
 def resize_command(
@@ -47,8 +48,9 @@ def resize_command(
     from lora_cli.display import stderr_console
 
     config, factors, kept = resize(adapter, rank, warn=stderr_console().print)
-    write_factors(Path(output), config, factors, force=force, reads=(adapter,))
-    _report(output, config.r, kept, {m: f.a.shape[0] for m, f in factors.items()})
+    dtype = _stored_dtype([adapter])
+    write_factors(Path(output), config, factors, dtype, force=force, reads=(adapter,))
+    _report(output, config.r, kept, {m: f.a.shape[0] for m, f in factors.items()}, dtype)
 
 
 def extract_command(
@@ -70,7 +72,19 @@ def extract_command(
     _report(output, config.r, kept)
 
 
-def _report(output: str, r: int, kept: dict[str, tuple[float, float]], ranks: dict[str, int] | None = None) -> None:
+def _stored_dtype(adapters: list[str]):
+    """The adapters' own float dtype when they share one (an export's float16 stays float16), else float32."""
+    import torch
+
+    from lora_cli.lora.peft_format import adapter_files, read_safetensors_header
+
+    names = {t["dtype"] for a in adapters for t in read_safetensors_header(adapter_files(a)[1])[0].values()}
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(names.pop(), torch.float32) if len(names) == 1 \
+        else torch.float32
+
+
+def _report(output: str, r: int, kept: dict[str, tuple[float, float]], ranks: dict[str, int] | None = None,
+            dtype=None) -> None:
     """Retained energy (Σ s² kept / Σ s²) per layer and overall."""
     from rich.table import Table
 
@@ -88,7 +102,9 @@ def _report(output: str, r: int, kept: dict[str, tuple[float, float]], ranks: di
         console.print(table)
         k_all, t_all = sum(k for k, _ in kept.values()), sum(t for _, t in kept.values())
         console.print(f"overall: {100 * k_all / t_all if t_all else 100:.2f}% of the energy kept")
-    console.print(f"wrote {output} (r={r}, scaling folded into B: lora_alpha = r)")
+    name = str(dtype).replace("torch.", "")
+    console.print(f"wrote {output} (r={r}, scaling folded into B: lora_alpha = r"
+                  + (f"; {name}, as its input" if dtype is not None and name != "float32" else "") + ")")
 
 
 def register(app: typer.Typer) -> None:
