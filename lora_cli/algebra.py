@@ -169,9 +169,15 @@ def _folded_config(like: AdapterConfig, ranks: dict[str, int]) -> AdapterConfig:
     r = max(ranks.values())
     return AdapterConfig(r=r, lora_alpha=float(r), target_modules=exact_targets(list(ranks)), lora_dropout=0.0,
                          use_rslora=False, fan_in_fan_out=like.fan_in_fan_out,
-                         base_model_name_or_path=like.base_model_name_or_path,
+                         base_model_name_or_path=_absolute(like.base_model_name_or_path),
                          rank_pattern={re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
                          alpha_pattern={re.escape(m): float(k) for m, k in sorted(ranks.items()) if k != r})
+
+
+def _absolute(base: str | None) -> str | None:
+    """A local base named relative to here (as PEFT writes what it was given) is written absolute, so the new
+    adapter finds its base from anywhere; a Hub id stays as it is."""
+    return str(Path(base).resolve()) if base and Path(base).expanduser().exists() else base
 
 
 def exact_targets(modules: list[str]) -> str:

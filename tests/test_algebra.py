@@ -101,7 +101,7 @@ def test_resize_to_rank_and_to_energy(cli, two, base, tmp_path):
         assert (d - deltas(a)[m]).abs().max() < 1e-6
 
 
-def test_combine_warns_when_the_adapters_name_different_bases(cli, two, base, tmp_path):
+def test_combine_warns_when_the_adapters_name_different_bases(cli, two, base, tmp_path, monkeypatch):
     """Same shapes, other base (a base and its instruct variant, say): allowed, but said."""
     import shutil
 
@@ -111,6 +111,14 @@ def test_combine_warns_when_the_adapters_name_different_bases(cli, two, base, tm
     assert code == 0 and "warning: the adapters were trained on different bases" in err
     code, _, err = cli("combine", *two, "--output", tmp_path / "same")
     assert code == 0 and "warning" not in err
+    config = json.loads((two[0] / "adapter_config.json").read_text())  # a base named relative to the folder it
+    config["base_model_name_or_path"] = base.name  # was saved from: written absolute, found from anywhere
+    (tmp_path / "rel").mkdir()
+    shutil.copy(two[0] / "adapter_model.safetensors", tmp_path / "rel")
+    (tmp_path / "rel/adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(base.parent)
+    assert cli("resize", tmp_path / "rel", "--rank", "2", "--output", tmp_path / "abs")[0] == 0
+    assert json.loads((tmp_path / "abs/adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
 
 
 def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
