@@ -609,12 +609,16 @@ def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, 
     count = torch.zeros((), device=acc.device, dtype=torch.float64)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rounds = -(-len(batches) // acc.num_processes)
     with torch.no_grad():
-        for bi in range(acc.process_index, len(batches), acc.num_processes):
-            b = _to(collate([examples[i] for i in batches[bi]], pad_id), acc.device)
+        for bi in range(acc.process_index, rounds * acc.num_processes, acc.num_processes):
+            # every process runs as many forwards as the others (DDP's and FSDP's forwards are collectives: one
+            # process skipping its last waited forever); past the batches, one is run again and not counted
+            b = _to(collate([examples[i] for i in batches[min(bi, len(batches) - 1)]], pad_id), acc.device)
             s, n = loss_model(**b)
-            total += s.double()
-            count += n.double()
+            if bi < len(batches):
+                total += s.double()
+                count += n.double()
     total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
     return float(total / count)
 

@@ -41,9 +41,14 @@ def test_accelerate_launch_runs_the_cli(tmp_path, tiny_llama, chat_data):
 
 
 def test_two_processes_give_the_same_adapter(tmp_path, tiny_llama, chat_data):
-    run([sys.executable, "-m", "lora_cli", *args(tiny_llama, chat_data, tmp_path / "one", 4)])
+    # one eval record for two processes: the one without an eval batch skipped its forward, and the other waited
+    # in DDP's forward for it forever
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(Path(chat_data).read_text().splitlines()[0] + "\n")
+    more = ["--eval-data", str(evals), "--eval-every", "2"]
+    run([sys.executable, "-m", "lora_cli", *args(tiny_llama, chat_data, tmp_path / "one", 4), *more])
     launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "lora_cli"]
-    r = run([*launch, *args(tiny_llama, chat_data, tmp_path / "two", 2)])
+    r = run([*launch, *args(tiny_llama, chat_data, tmp_path / "two", 2), *more])
     a, b = load_file(str(tmp_path / "one/adapter_model.safetensors")), load_file(str(tmp_path / "two/adapter_model.safetensors"))
     for k in a:
         assert ((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) < 1e-4, k
@@ -52,6 +57,7 @@ def test_two_processes_give_the_same_adapter(tmp_path, tiny_llama, chat_data):
     assert s1["world_size"] == 1 and s2["world_size"] == 2
     assert s2["loss_tokens_seen"] == s1["loss_tokens_seen"]
     assert s2["final_loss"] == pytest.approx(s1["final_loss"], rel=1e-4)
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
     assert r.stderr.count("lora train") == 1  # only the main process talks
     assert r.stdout == ""  # (unwrapping the DDP model through Accelerate had DeepSpeed print its CPU warning there)
     ckpt = list_checkpoints(tmp_path / "two")[-1][1]
