@@ -620,7 +620,18 @@ def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, 
                 total += s.double()
                 count += n.double()
     total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+    _reshard(loss_model)
     return float(total / count)
+
+
+def _reshard(model) -> None:
+    """FSDP2 leaves the root module's parameters gathered after a forward with no backward (an eval): the model's
+    parameters were then not the optimizer's, and saving the optimizer state failed (KeyError). Shard them again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _truncate_metrics(path: Path, step: int) -> list[int]:

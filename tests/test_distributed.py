@@ -116,7 +116,8 @@ def test_sharded_training_gives_the_same_adapter_and_resumes_exactly(config, eng
     """FSDP2 and DeepSpeed ZeRO-2/3 with the shipped configs on 2 CPU processes: the adapter is gathered whole
     (not rank 0's shard: under ZeRO-3 that is an empty tensor), equals 1 process × batch 4 (here 2 × batch 1 ×
     2 accumulation steps), and a resume gives every rank its own optimizer shard back."""
-    run([sys.executable, "-m", "lora_cli", *args(tiny_llama, chat_data, tmp_path / "one", 4)])
+    evals = ["--eval-split", "0.25", "--eval-every", "2"]  # (an eval left FSDP2's parameters gathered: saving failed)
+    run([sys.executable, "-m", "lora_cli", *args(tiny_llama, chat_data, tmp_path / "one", 4), *evals])
     env = launch_env(config)
     if config == "deepspeed-zero3":  # partition even these tiny weights (ZeRO-3 keeps those < 1e5 whole)
         ds = tmp_path / "ds.json"
@@ -126,10 +127,12 @@ def test_sharded_training_gives_the_same_adapter_and_resumes_exactly(config, eng
         env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(ds)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    r = run([*SHARDED, *args(tiny_llama, chat_data, tmp_path / "sharded", 1), "--grad-accum", "2"])
+    r = run([*SHARDED, *args(tiny_llama, chat_data, tmp_path / "sharded", 1), "--grad-accum", "2", *evals])
     assert f"2 processes ({engine})" in r.stderr
     summary = json.loads((tmp_path / "sharded/train_summary.json").read_text())
     assert summary["parallelism"] == engine and summary["world_size"] == 2
+    assert summary["eval_loss"] == pytest.approx(json.loads((tmp_path / "one/train_summary.json").read_text())
+                                                 ["eval_loss"], rel=1e-4)
     one = load_file(str(tmp_path / "one/adapter_model.safetensors"))
     sharded = load_file(str(tmp_path / "sharded/adapter_model.safetensors"))
     adapters_close(one, sharded, 1e-4)
