@@ -620,7 +620,8 @@ def evaluate(loss_model, examples: list[Example], batch_size: int, pad_id: int, 
                 total += s.double()
                 count += n.double()
     total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
-    _reshard(loss_model)
+    if acc.distributed_type == "FSDP":
+        _reshard(loss_model)
     return float(total / count)
 
 
