@@ -457,8 +457,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                                f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
                     stopping = stop.signal  # decided here: a signal during the save below waits for the next step
                     if world > 1:  # every process must agree to stop at the same step (collectives follow)
-                        flag = acc.reduce(torch.tensor(float(bool(stopping)), device=device), "sum")
-                        stopping = stopping or ("SIGNAL" if float(flag) > 0 else None)
+                        kinds = ("SIGINT", "SIGTERM")  # (which one: the message and the exit code name it)
+                        flags = acc.reduce(torch.tensor([float(stopping == k) for k in kinds], device=device), "sum")
+                        stopping = stopping or next((k for k, f in zip(kinds, flags.tolist()) if f > 0), None)
                     if stopping or done % plan.save_every == 0 or is_last or new_best:
                         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                         tensors = gathered_lora_tensors(acc, loss_model)  # a collective under FSDP / ZeRO-3

@@ -158,20 +158,25 @@ def test_sharded_training_gives_the_same_adapter_and_resumes_exactly(config, eng
     assert not (tmp_path / "cut1/adapter_model.safetensors").exists()
 
 
-def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(tmp_path, tiny_llama, chat_data):
+@pytest.mark.parametrize("rank,sig,hook", [("0", "SIGINT", "save_checkpoint"), ("1", "SIGTERM", "rng_state")])
+def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(tmp_path, tiny_llama, chat_data,
+                                                                                rank, sig, hook):
     """Ctrl-C landing on rank 0 while it wrote a periodic checkpoint: rank 0 re-read its own flag after the save
     and stopped alone, rank 1 went on into the next step: a deadlock, then an internal error. The processes
-    now stop at the step they agreed on (the next one), with a checkpoint and the resume line."""
+    now stop at the step they agreed on (the next one), with a checkpoint and the resume line. A signal to
+    another process is named too (rank 0 said 'stopped by SIGNAL' and exited 1)."""
     script = tmp_path / "signal_in_save.py"
     script.write_text(
         "import os, signal, sys\n"
         "import lora_cli.training as t\n"
-        "real = t.save_checkpoint\n"
-        "def save(run_dir, step, *a, **k):\n"
-        "    if step == 2 and os.environ['RANK'] == '0':\n"
-        "        os.kill(os.getpid(), signal.SIGINT)  # arrives while this process is saving\n"
-        "    return real(run_dir, step, *a, **k)\n"
-        "t.save_checkpoint = save\n"
+        f"real = t.{hook}\n"
+        "calls = []\n"
+        "def hooked(*a, **k):\n"
+        "    calls.append(1)\n"
+        f"    if len(calls) == 1 and os.environ['RANK'] == '{rank}':  # at step 2's save\n"
+        f"        os.kill(os.getpid(), signal.{sig})  # arrives while this process is saving\n"
+        "    return real(*a, **k)\n"
+        f"t.{hook} = hooked\n"
         "from lora_cli.cli import main\n"
         "main(sys.argv[1:])\n")
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
@@ -186,6 +191,6 @@ def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(
         os.killpg(p.pid, signal.SIGKILL)
         pytest.fail("the processes did not stop (a deadlock)")
     said = " ".join(stderr.split())
-    assert "error: stopped by SIGINT after step 3; checkpoint saved. Resume with: lora train --output" in said, said[-3000:]
+    assert f"error: stopped by {sig} after step 3; checkpoint saved. Resume with: lora train --output" in said, said[-3000:]
     assert "(launched as this run was, on 2 processes)" in said and "internal error" not in said
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
