@@ -55,7 +55,9 @@ def generate_command(
     if top_k is not None and top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = all tokens), got {top_k}")
     if (top_p < 1 or top_k is not None) and temperature == 0:
-        raise UserError("--top-p and --top-k sample, and --temperature 0 decodes greedily: give --temperature > 0 too")
+        given = [f for f, on in (("--top-p", top_p < 1), ("--top-k", top_k is not None)) if on]
+        raise UserError(f"{' and '.join(given)} sample{'' if len(given) > 1 else 's'}, and --temperature 0 decodes "
+                        "greedily: give --temperature > 0 too")
     if system is not None and no_chat:
         raise UserError("--system is a chat turn and --no-chat sends raw text: drop one of them")
     from lora_cli.lora.peft_format import adapter_files
