@@ -243,9 +243,9 @@ class StopFlag:
             signal.signal(s, old)
 
 
-def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
+def check_run_dir(run_dir: Path, force: bool, resume: bool, run_files: tuple[str, ...]) -> None:
     """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force:
-    an earlier run's files are removed, nothing else)."""
+    an earlier run's files are removed, nothing else). `run_files`: what a run writes, its config first."""
     if resume or not run_dir.exists():
         return
     if run_dir.is_file():
@@ -255,9 +255,7 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool) -> None:
     if not force:
         raise UserError(f"--output {run_dir} exists and is not empty; pass --force to overwrite it, "
                         "or --resume to continue it")
-    from lora_cli.training import CONFIG_FILE, RUN_FILES
-
-    theirs = [n for n in RUN_FILES if (run_dir / n).exists()] if not (run_dir / CONFIG_FILE).is_file() else []
+    theirs = [n for n in run_files if (run_dir / n).exists()] if not (run_dir / run_files[0]).is_file() else []
     if theirs:  # --force replaces a run's files: these are another tool's (a PEFT adapter), not a run's
-        raise UserError(f"--output {run_dir} holds {theirs[0]} but is not a lora run (no {CONFIG_FILE}); --force "
+        raise UserError(f"--output {run_dir} holds {theirs[0]} but is not a lora run (no {run_files[0]}); --force "
                         "replaces only an earlier run's files: choose a new or empty folder")

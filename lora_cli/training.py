@@ -253,7 +253,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     cfg = resolve_run_config(cfg, resume, given).resolved()
     cfg.validate()
     run_dir = Path(cfg.output)
-    check_run_dir(run_dir, force, resume)
+    check_run_dir(run_dir, force, resume, RUN_FILES)
     if resume and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from (the run stopped before its "
                         "first); start it again with --force")
