@@ -123,11 +123,21 @@ def param_report(model: nn.Module) -> ParamReport:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += _numel(p)
         if p.requires_grad:
-            trainable += p.numel()
-            nbytes += p.numel() * p.element_size()
+            trainable += _numel(p)
+            nbytes += _numel(p) * p.element_size()
     return ParamReport(trainable, total, nbytes)
+
+
+def _numel(p: nn.Parameter) -> int:
+    """Elements of the parameter as the model defines it: ZeRO-3 leaves a process an empty tensor and keeps the
+    real count in `ds_numel`; bitsandbytes packs two 4-bit values per byte of its storage dtype."""
+    if hasattr(p, "ds_numel"):
+        return p.ds_numel
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
 
 
 def expected_trainable(model: nn.Module) -> int:
