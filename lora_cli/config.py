@@ -193,6 +193,11 @@ class TrainConfig:
                 re.compile(self.targets[3:])
             except re.error as e:
                 p.append(f"--targets: invalid regular expression ({e})")
+        from lora_cli.data import names_missing_file
+
+        for name in ("data", "eval_data"):  # (a dry run says so too, before a run loads the model)
+            if getattr(self, name) and names_missing_file(getattr(self, name)):
+                p.append(f"--{name.replace('_', '-')} {getattr(self, name)!r} does not exist")
         if self.chat_template and not Path(self.chat_template).is_file():
             p.append(f"--chat-template {self.chat_template!r} is not a file")
         check(p, "invalid configuration")

@@ -96,9 +96,15 @@ def load_records(spec: str, split: str = "train") -> tuple[list[dict], list[dict
         return read_file(train), (read_file(valid) if valid else None)
     if p.exists():
         return read_file(p), None
-    if p.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if names_missing_file(spec):
         raise UserError(f"data file {spec!r} does not exist")
     return _read_hub(spec, split), None
+
+
+def names_missing_file(spec: str) -> bool:
+    """Whether DATA names a local file that is not there (rather than a Hub dataset id, `owner/name`)."""
+    p = Path(spec).expanduser()
+    return not p.exists() and (p.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1)
 
 
 def _split_file(directory: Path, names: tuple[str, ...]) -> Path | None:

@@ -111,7 +111,8 @@ def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("rank: 8\nlr: 0.001\nbatch_size: 2\ntargets: [q_proj, v_proj]\n")
     out = tmp_path / "never"
-    code, stdout, _ = cli("train", "-m", "m", "--data", "d.jsonl", "--config", cfg, "--rank", "4",
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    code, stdout, _ = cli("train", "-m", "m", "--data", tmp_path / "d.jsonl", "--config", cfg, "--rank", "4",
                           "-o", out, "--dry-run")  # -m / -o as in the other commands
     assert code == 0
     resolved = yaml.safe_load(stdout)
@@ -122,6 +123,15 @@ def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     assert "\nalpha: null  # 2 × rank = 8\n" in stdout
     assert resolved["targets"] == "q_proj,v_proj"  # a YAML list of modules reads as the comma list
     assert not out.exists()
+
+
+def test_dry_run_says_a_data_file_is_missing(cli, tmp_path):
+    """It printed a config for a file that is not there: the run it describes fails at once."""
+    code, stdout, err = cli("train", "-m", "m", "--data", tmp_path / "nope.jsonl", "--eval-data", "./held.csv",
+                            "--dry-run")
+    assert code == 1 and stdout == ""
+    assert f"--data '{tmp_path / 'nope.jsonl'}' does not exist; --eval-data './held.csv' does not exist" in err
+    assert cli("train", "-m", "m", "--data", "org/dataset", "--dry-run")[0] == 0  # a Hub id is not a file
 
 
 def test_unknown_yaml_key_is_an_error(cli, tmp_path):
@@ -171,8 +181,10 @@ def test_shipped_configs_load_and_validate(path):
 
     from lora_cli.config import TrainConfig, read_yaml_config
 
-    cfg = TrainConfig.from_dict(read_yaml_config(str(Path(__file__).parents[1] / "configs" / path)))
-    cfg.resolved().validate()
+    values = read_yaml_config(str(Path(__file__).parents[1] / "configs" / path))
+    if values["data"] == "chats.jsonl":  # the placeholder the comment next to it says to replace
+        values["data"] = str(Path(__file__).parents[1] / "data/demo")
+    TrainConfig.from_dict(values).resolved().validate()
 
 
 def test_epoch_batches_cover_each_record_once_and_group_by_length():
