@@ -22,6 +22,9 @@ from typing import Any
 from lora_cli.errors import UserError, read_text
 
 IGNORE = -100
+REWRITES = ("the chat template rewrites earlier turns when the conversation grows, so loss masks cannot be derived "
+            "safely; use --chat-template FILE with a template that only appends, or one that marks the assistant's "
+            "text with {% generation %} … {% endgeneration %}")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 EVAL_SPLIT_NAMES = ("valid", "validation", "val", "test")
 SHARE_GPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -598,9 +601,7 @@ class Encoder:
                 previous = previous[:-cut]
                 spans[-1] = (spans[-1][0], min(spans[-1][1], len(previous)))
             if not (prompt.startswith(previous) and full.startswith(prompt)):
-                raise UserError(f"{where}: the chat template rewrites earlier turns when the conversation "
-                                "grows, so loss masks cannot be derived safely; use --chat-template FILE with "
-                                "a template that only appends")
+                raise UserError(f"{where}: {REWRITES}")
             spans.append((len(prompt), len(full)))
             previous = full
         text = self.render(messages, add_generation_prompt=False, where=where, tools=tools)
@@ -608,7 +609,7 @@ class Encoder:
             previous = previous[:-cut]
             spans[-1] = (spans[-1][0], min(spans[-1][1], len(previous)))
         if not text.startswith(previous):
-            raise UserError(f"{where}: the chat template rewrites earlier turns; use --chat-template FILE")
+            raise UserError(f"{where}: {REWRITES}")
         ids, offsets = self._tokenize_with_offsets(text, spans)
         if self.train_on_prompt:
             labels = list(ids)
