@@ -18,7 +18,7 @@ import resource
 import shlex
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -177,15 +177,28 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     what = f"--resume: the run's {saved_path}"
     saved = TrainConfig.from_dict(read_yaml_config(str(saved_path), what), source=what)
     asked, kept = cfg.resolved(), saved.resolved()  # paths compared absolute, aliases spelled out
-    changed = [k for k in given if k not in RESUMABLE_OVERRIDES + ("output",) and getattr(asked, k) != getattr(kept, k)]
+    changed = [k for k in given if k not in RESUMABLE_OVERRIDES + ("output",) and getattr(asked, k) != getattr(kept, k)
+               and not (k == "max_length" and _lowered_default(asked.max_length, kept.max_length))]
     if changed:
-        raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
-                        f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may change)")
+        raise cannot_change(changed)
     for k in RESUMABLE_OVERRIDES:
         if given.get(k) is not None:
             setattr(saved, k, given[k])
+    if given.get("epochs") is not None and given.get("max_steps") is None:
+        saved.max_steps = None  # a run started with --max-steps now counts in the epochs asked for
     saved.output = cfg.output  # the directory being resumed, even if it was moved or copied
     return saved
+
+
+def _lowered_default(asked: int, kept: int) -> bool:
+    """The default max length (as a --dry-run YAML writes it down) against a run that saved a shorter one: the same
+    value if the run lowered it to the model's context, which `train` checks once the model is known."""
+    return asked == DEFAULT_MAX_LENGTH > kept
+
+
+def cannot_change(keys: list[str]) -> UserError:
+    return UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in keys)} "
+                     f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may change)")
 
 
 def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Example], list[Example] | None,
@@ -282,6 +295,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             # the default, also as written back by --dry-run (a YAML value counts as given), is capped with a note
             explicit = "max_length" in given and cfg.max_length != DEFAULT_MAX_LENGTH
             cfg.max_length = fit_max_length(cfg, source, explicit, say)
+            if resume and _lowered_default(given.get("max_length"), cfg.max_length) and cfg.max_length != \
+                    fit_max_length(replace(cfg, max_length=DEFAULT_MAX_LENGTH), source, False, lambda _: None):
+                raise cannot_change(["max_length"])  # the run's shorter length was asked for, not the context's
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer, console if main else None)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}

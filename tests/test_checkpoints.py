@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -348,3 +349,36 @@ def test_a_checkpoint_says_which_step_its_eval_loss_is_from(cli, tiny_llama, cha
     card = (tmp_path / "x/README.md").read_text()
     assert "| eval loss |" in card and "(at step 3)" in card
     assert cli("inspect", run)[0] == 0 and "(at step" not in cli("inspect", run)[1]  # the run's own: its last step
+
+
+def test_resume_takes_the_command_or_dry_run_yaml_that_started_the_run(cli, tiny_llama, chat_data, tmp_path):
+    """The dry-run YAML writes max_length 1024 down; the run lowered it to the model's context (256) and saved
+    that: resuming from the same YAML was refused as a change of --max-length. A length the run was given
+    (below the context) is still not changed by the default."""
+    out = tmp_path / "run"
+    code, yaml_text, _ = cli("train", "-m", tiny_llama, "--data", chat_data, "--max-steps", "2", "-o", out,
+                             "--dry-run")
+    assert code == 0 and "max_length: 1024" in yaml_text
+    (tmp_path / "run.yaml").write_text(yaml_text)
+    assert cli("train", "--config", tmp_path / "run.yaml")[0] == 0
+    code, _, err = cli("train", "--config", tmp_path / "run.yaml", "--resume", "--max-steps", "3")
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 3
+
+    assert cli("train", "-m", tiny_llama, "--data", chat_data, "--max-steps", "2", "--max-length", "128",
+               "-o", tmp_path / "short")[0] == 0
+    code, _, err = cli("train", "-m", tiny_llama, "--data", chat_data, "--max-length", "1024", "-o",
+                       tmp_path / "short", "--resume", "--max-steps", "3")
+    assert code == 1 and err.startswith("error: --resume cannot change --max-length"), err
+
+
+def test_resume_with_epochs_extends_a_run_started_with_max_steps(cli, tiny_llama, chat_data, tmp_path):
+    """--epochs is a resume override, and the message at a run's end says to raise it: the saved --max-steps
+    won over it, so nothing could extend such a run by epochs."""
+    out = tmp_path / "run"
+    assert cli("train", "-m", tiny_llama, "--data", chat_data, "--batch-size", "4", "--max-steps", "3", "-o",
+               out)[0] == 0
+    code, _, err = cli("train", "-o", out, "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 8  # 16 records / 4 × 2 epochs
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["max_steps"] is None
