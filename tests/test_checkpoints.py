@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lora_cli.checkpoints import list_checkpoints
