@@ -371,3 +371,18 @@ def test_outputs_keep_their_inputs_dtype(cli, two, tmp_path):
         assert (dc[m] - want).abs().max() < 2e-3 * want.abs().max(), m  # float16's rounding of the factors
     code, _, err = cli("combine", tmp_path / "a", two[1], "--output", tmp_path / "mixed")
     assert code == 0 and dtypes(tmp_path / "mixed") == {"F32"}
+
+
+def test_tensors_the_config_does_not_target_are_refused_by_every_command(cli, base, tmp_path):
+    """PEFT loads only what target_modules names and merge refused the rest, but resize, combine and the GGUF
+    export took the other tensors along: a derived adapter that means something else (6.06 off in PEFT)."""
+    peft_adapter(base, tmp_path / "a", 0, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    cfg = json.loads((tmp_path / "a/adapter_config.json").read_text())
+    (tmp_path / "a/adapter_config.json").write_text(json.dumps(cfg | {"target_modules": ["q_proj"]}))
+    for command in (["resize", tmp_path / "a", "--rank", "2"], ["combine", tmp_path / "a", tmp_path / "a"],
+                    ["export", tmp_path / "a", "--format", "gguf"], ["export", tmp_path / "a", "--portable"],
+                    ["export", tmp_path / "a"], ["merge", tmp_path / "a"]):
+        code, _, err = cli(*command, "--output", tmp_path / "out")
+        assert code == 1 and "holds LoRA weights for model.layers.0.self_attn.v_proj, model.layers.1.self_attn" \
+            ".v_proj, which its target_modules does not name (PEFT ignores them)" in " ".join(err.split()), command
+        assert not (tmp_path / "out").exists()

@@ -82,11 +82,26 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
                 else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
+    ignored = sorted({m["path"] for k in tensors if (m := _KEY_RX.match(k))} - _targeted(config, tensors))
+    if ignored:  # PEFT loads without them: a resize, combine or GGUF export with them would be another adapter
+        raise UserError(f"{weights} holds LoRA weights for {_few(ignored)}, which its target_modules does not name "
+                        f"(PEFT ignores them); add {'them' if len(ignored) > 1 else 'it'} to target_modules in "
+                        f"{CONFIG_NAME}, or remove the tensors")
     check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
     broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:  # merge, export, combine and resize would pass them on
         raise broken_adapter_error(weights, broken)
     return tensors
+
+
+def _targeted(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The module paths of `tensors` that the config targets (all of them for all-linear, which needs the model)."""
+    paths = {m["path"] for k in tensors if (m := _KEY_RX.match(k))}
+    return paths if config.target_modules == ALL_LINEAR else {p for p in paths if config.targets(p)}
+
+
+def _few(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _is_saved(key: str, config: AdapterConfig) -> bool:
