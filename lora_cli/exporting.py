@@ -104,6 +104,10 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub_bas
 {_serving(facts, hub_base)}"""
 
 
+# the values vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks; 1 only in recent versions)
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
 def _serving(facts: dict, hub_base: str) -> str:
     """How to serve the adapter with vLLM, or what to do first where vLLM would refuse it or scale it wrongly."""
     if facts["use_dora"] or facts.get("modules_to_save"):
@@ -111,8 +115,12 @@ def _serving(facts: dict, hub_base: str) -> str:
         return (f"vLLM cannot serve an adapter with {what}: merge it into the base and serve the merged model.\n\n"
                 "```bash\nlora merge path/to/this/folder --output merged\nvllm serve merged\n```\n")
     rank = max(int(k) for k in facts["ranks"]) if facts["ranks"] else facts["r"]
+    slot = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if slot is None:
+        return (f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]} and this adapter's is {rank}: merge it into "
+                "the base and serve the merged model, or lower its rank (`lora resize`).\n")
     serve = (f"```bash\nvllm serve {hub_base} --enable-lora --lora-modules my-adapter=path/to/this/folder "
-             f"--max-lora-rank {rank}\n```\n")
+             f"--max-lora-rank {slot}\n```\n")
     if facts["use_rslora"] or facts["rank_pattern"] or facts["alpha_pattern"]:
         why = "rsLoRA" if facts["use_rslora"] else "per-layer ranks or alphas"
         return (f"vLLM computes one alpha / r for the whole adapter, so this one ({why}) would be scaled wrongly: "
@@ -194,7 +202,14 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     if model_type not in GGUF_ARCHS:
         raise UserError(f"--format gguf supports {', '.join(sorted(GGUF_ARCHS))} bases; this base is "
                         f"{model_type!r}. Merge instead (`lora merge`) and convert the merged model with llama.cpp")
-    _check_fits(factors, base_directory(source))
+    skeleton = _check_fits(factors, base_directory(source))
+    head = skeleton.get_output_embeddings() if skeleton is not None else None
+    tied = head is not None and head.weight is skeleton.get_input_embeddings().weight
+    on_head = [m for m in factors if tied and skeleton.get_submodule(m) is head]
+    if on_head:  # llama.cpp finds no tensor for them: the GGUF of a tied base has token_embd and no output
+        raise UserError(f"the adapter has LoRA on {on_head[0]}, which this base ties to its embeddings; llama.cpp "
+                        "loads such a base without an output tensor, so it cannot apply the adapter. Merge instead "
+                        "(`lora merge`, which unties the head) and convert the merged model with llama.cpp")
     arch, permute = GGUF_ARCHS[model_type]
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
     names = gguf.get_tensor_name_map(_arch_enum(gguf, arch), hp["num_hidden_layers"])
@@ -229,9 +244,10 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     return {"output": str(output), "size_bytes": output.stat().st_size, "base_size_bytes": base_size_bytes(ref)}
 
 
-def _check_fits(factors: dict, base_dir: Path) -> None:
+def _check_fits(factors: dict, base_dir: Path):
     """The adapter's (out, in) per module against the base's layers (built from its config on the meta device:
-    no weights read), as merge and generate check them; llama.cpp would only fail on load."""
+    no weights read), as merge and generate check them; llama.cpp would only fail on load. Returns that
+    skeleton (None where it cannot be built without remote code)."""
     from lora_cli.lora.layer import is_linear_like, linear_shape
     from lora_cli.merging import meta_model
 
@@ -248,6 +264,7 @@ def _check_fits(factors: dict, base_dir: Path) -> None:
             problems.append(f"{module}: base weight {have}, adapter gives {want}")
     if problems:
         raise UserError("the adapter does not fit this base model: " + "; ".join(problems[:6]))
+    return skeleton
 
 
 def _gguf_we_wrote(path: Path) -> bool:

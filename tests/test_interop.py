@@ -45,7 +45,8 @@ def test_portable_export_gives_identical_logits(cli, rs_run, tiny_llama, tmp_pat
     ours = AutoModelForCausalLM.from_pretrained(tiny_llama)
     load_adapter(ours, rs_run)
     assert (logits(theirs) - logits(ours)).abs().max() < 1e-5
-    assert "vllm serve BASE_MODEL --enable-lora --lora-modules my-adapter=path/to/this/folder --max-lora-rank 4" \
+    # rank 4 → vLLM's smallest slot that holds it: its --max-lora-rank takes 8, 16, 32… only (4 was refused)
+    assert "vllm serve BASE_MODEL --enable-lora --lora-modules my-adapter=path/to/this/folder --max-lora-rank 8" \
         in (tmp_path / "p/README.md").read_text()
     # the plain export's card says vLLM would scale it wrongly, and how to serve it (it gave the vLLM line as is)
     assert cli("export", rs_run, "--output", tmp_path / "plain")[0] == 0
@@ -157,6 +158,24 @@ def test_gguf_export_checks_the_adapter_fits_the_base(cli, rs_run, tmp_path):
     assert not (tmp_path / "a.gguf").exists()
 
 
+def test_gguf_export_refuses_lora_on_a_tied_head(cli, tmp_path, chat_data):
+    """A tied base's GGUF has token_embd and no output tensor: llama.cpp would refuse `output.weight.lora_*`.
+    The same head untied (its own weight) exports."""
+    for arch in ("llama-tied", "llama"):
+        base = save_tiny(tmp_path / arch, arch)
+        run = tmp_path / f"run-{arch}"
+        assert cli("train", "--model", base, "--data", chat_data, "--output", run, "--max-steps", "1",
+                   "--targets", "q_proj,lm_head")[0] == 0
+        code, _, err = cli("export", run, "--format", "gguf", "--output", tmp_path / f"{arch}.gguf")
+        if arch == "llama-tied":
+            assert code == 1 and "LoRA on lm_head, which this base ties to its embeddings" in " ".join(err.split())
+            assert not (tmp_path / f"{arch}.gguf").exists()
+        else:
+            assert code == 0, err
+            names = {t.name for t in gguf.GGUFReader(str(tmp_path / f"{arch}.gguf")).tensors}
+            assert {"output.weight.lora_a", "blk.0.attn_q.weight.lora_a"} <= names
+
+
 def test_gguf_export_refuses_unmapped_architectures(cli, tiny_gpt2, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"hello {i}"}) + "\n" for i in range(4)))
@@ -198,3 +217,13 @@ def test_generate_checks_every_adapter_before_answering(cli, rs_run, tiny_llama,
     code, _, err = cli("generate", "--model", tiny_llama, "--adapter", rs_run, "--adapter", f"{rs_run}/",
                        "--prompt", "hello")
     assert code == 1 and "is given twice" in err
+
+
+@pytest.mark.parametrize("rank,line", [(1, "--max-lora-rank 8"), (16, "--max-lora-rank 16"), (17, "--max-lora-rank 32"),
+                                       (300, "--max-lora-rank 320"), (600, "vLLM serves LoRA ranks up to 512")])
+def test_the_model_card_gives_vllm_a_rank_it_accepts(rank, line):
+    from lora_cli.exporting import _serving
+
+    facts = {"use_dora": False, "modules_to_save": None, "ranks": {str(rank): 4}, "r": rank, "use_rslora": False,
+             "rank_pattern": {}, "alpha_pattern": {}}
+    assert line in _serving(facts, "BASE")
