@@ -136,10 +136,6 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
-    if base and status:
-        warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
-        if warning:
-            status(warning)
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
     all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}
@@ -154,6 +150,10 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                                                        shapes).items()}
     transposed = conv1d_paths(skeleton, lambda path: config.fan_in_fan_out)  # Conv1D weights are (in, out)
     _check_shapes(tensors, weight_of, all_keys, transposed)
+    if base and status:  # (once the shapes are known to fit: an adapter that does not fit is an error instead)
+        warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
+        if warning:
+            status(warning)
     replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
     kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}

@@ -341,6 +341,7 @@ def test_merge_onto_the_wrong_base_names_the_problem(cli, trained_run, tmp_path)
     other = save_tiny(tmp_path / "neox", "gpt_neox")
     code, _, err = cli("merge", trained_run, "--base", other, "--output", tmp_path / "m")
     assert code == 1 and "does not fit this base model: none of its 8 modules" in err and "another model" in err
+    assert "warning" not in err  # (it said "their shapes fit, so it merges" before this error)
     assert not (tmp_path / "m").exists()
 
 
