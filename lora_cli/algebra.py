@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.errors import UserError, check_output
+from lora_cli.errors import UserError, check_output, few
 from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import KEY_PREFIX, AdapterConfig, read_adapter_config
 
@@ -291,8 +291,7 @@ def _target_test(model, targets: str):
 
 
 def _listed(keys: list[str], most: int = 4) -> str:
-    shown = ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
-    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({shown})"
+    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({few(keys, most)})"
 
 
 def _keys(path: Path) -> list[str]:

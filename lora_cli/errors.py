@@ -39,6 +39,11 @@ def read_text(path: str | os.PathLike, what: str | None = None) -> str:
                         "Windows-1252); save it as UTF-8") from None
 
 
+def few(names: list[str], most: int = 3) -> str:
+    """The first `most` names of a list for a message, and how many more there are."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def check(problems: list[str], what: str) -> None:
     """Raise one UserError listing every problem, or return if there are none."""
     if problems:

@@ -180,7 +180,7 @@ def resolve_run_config(cfg: TrainConfig, resume: bool, given: dict) -> TrainConf
     changed = [k for k in given if k not in RESUMABLE_OVERRIDES + ("output",) and getattr(asked, k) != getattr(kept, k)
                and not (k == "max_length" and _lowered_default(asked.max_length, kept.max_length))]
     if changed:
-        raise cannot_change(changed)
+        raise _cannot_change(changed)
     for k in RESUMABLE_OVERRIDES:
         if given.get(k) is not None:
             setattr(saved, k, given[k])
@@ -196,7 +196,8 @@ def _lowered_default(asked: int, kept: int) -> bool:
     return asked == DEFAULT_MAX_LENGTH > kept
 
 
-def cannot_change(keys: list[str]) -> UserError:
+def _cannot_change(keys: list[str]) -> UserError:
+    """What a resume says of options that must stay as the run was started."""
     return UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in keys)} "
                      f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may change)")
 
@@ -297,7 +298,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             cfg.max_length = fit_max_length(cfg, source, explicit, say)
             if resume and _lowered_default(given.get("max_length"), cfg.max_length) and cfg.max_length != \
                     fit_max_length(replace(cfg, max_length=DEFAULT_MAX_LENGTH), source, False, lambda _: None):
-                raise cannot_change(["max_length"])  # the run's shorter length was asked for, not the context's
+                raise _cannot_change(["max_length"])  # the run's shorter length was asked for, not the context's
             train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer, console if main else None)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_cli.errors import UserError, atomic_path, atomic_write_text, mark
+from lora_cli.errors import UserError, atomic_path, atomic_write_text, few, mark
 from lora_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
 from lora_cli.lora.layer import linear_shape
 from lora_cli.lora.peft_format import (
@@ -84,7 +84,7 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
     ignored = sorted({m["path"] for k in tensors if (m := _KEY_RX.match(k))} - _targeted(config, tensors))
     if ignored:  # PEFT loads without them: a resize, combine or GGUF export with them would be another adapter
-        raise UserError(f"{weights} holds LoRA weights for {_few(ignored)}, which its target_modules does not name "
+        raise UserError(f"{weights} holds LoRA weights for {few(ignored)}, which its target_modules does not name "
                         f"(PEFT ignores them); add {'them' if len(ignored) > 1 else 'it'} to target_modules in "
                         f"{CONFIG_NAME}, or remove the tensors")
     check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
@@ -98,10 +98,6 @@ def _targeted(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> set[st
     """The module paths of `tensors` that the config targets (all of them for all-linear, which needs the model)."""
     paths = {m["path"] for k in tensors if (m := _KEY_RX.match(k))}
     return paths if config.target_modules == ALL_LINEAR else {p for p in paths if config.targets(p)}
-
-
-def _few(names: list[str], most: int = 3) -> str:
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _is_saved(key: str, config: AdapterConfig) -> bool:
