@@ -703,17 +703,8 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     Positions restart at 0 for each record, and the first label of each record is dropped: it would be
     predicted from the previous record's last token.
     """
-    bins: list[list[Example]] = []
-    room: list[int] = []
-    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
-        n = len(ex.input_ids)
-        k = next((b for b, r in enumerate(room) if r >= n), None)
-        if k is None:
-            bins.append([ex])
-            room.append(max_length - n)
-        else:
-            bins[k].append(ex)
-            room[k] -= n
+    longest_first = sorted(examples, key=lambda e: -len(e.input_ids))
+    bins = [[longest_first[i] for i in b] for b in first_fit([len(e.input_ids) for e in longest_first], max_length)]
     packed = []
     for b in bins:
         ids, labels, pos, seg = [], [], [], []
@@ -724,6 +715,34 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
             seg += [j] * len(ex.input_ids)
         packed.append(Example(ids, labels, pos, seg))
     return packed
+
+
+def first_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `sizes` in bins of `capacity`, each into the first bin with room for it (a new one if none).
+
+    What a scan over the bins gives, in O(n log n) rather than O(n × bins) (100k records: minutes): a max
+    tree over the bins' free room leads to the first bin with enough by going left wherever it can.
+    """
+    width = 1
+    while width < len(sizes):
+        width *= 2
+    tree = [-1] * (2 * width)  # tree[1] the largest room of all; tree[width + b] bin b's room, -1 until opened
+    bins: list[list[int]] = []
+    for i, n in enumerate(sizes):
+        if tree[1] >= n:
+            k = 1
+            while k < width:
+                k = 2 * k if tree[2 * k] >= n else 2 * k + 1
+        else:
+            k = width + len(bins)
+            bins.append([])
+            tree[k] = capacity
+        bins[k - width].append(i)
+        tree[k] -= n
+        while k > 1:
+            k //= 2
+            tree[k] = max(tree[2 * k], tree[2 * k + 1])
+    return bins
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import transformers as tf
 from tiny import tiny_config, tiny_tokenizer
 
 from lora_cli import loss as loss_mod
-from lora_cli.data import IGNORE, Encoder, Example, collate, pack
+from lora_cli.data import IGNORE, Encoder, Example, collate, first_fit, pack
 from lora_cli.errors import UserError
 from lora_cli.loss import CausalLMLoss, attention_mask_for
 from lora_cli.training import check_packing
@@ -29,6 +29,30 @@ def test_pack_layout():
         starts = [i for i, pos in enumerate(p.position_ids) if pos == 0]
         assert all(p.labels[i] == IGNORE for i in starts)  # never predict across a record boundary
     assert sum(p.n_loss for p in packed) == sum(e.n_loss for e in exs)
+
+
+def test_first_fit_puts_each_record_where_a_scan_over_the_bins_would():
+    """The tree gives the scan's bins exactly (packing did not change), without its O(records × bins) time."""
+    import random
+
+    def scan(sizes, capacity):
+        bins, room = [], []
+        for i, n in enumerate(sizes):
+            k = next((b for b, r in enumerate(room) if r >= n), None)
+            if k is None:
+                bins.append([i])
+                room.append(capacity - n)
+            else:
+                bins[k].append(i)
+                room[k] -= n
+        return bins
+
+    rng = random.Random(0)
+    for _ in range(200):
+        capacity = rng.choice([1, 7, 64, 512])
+        sizes = [rng.randint(1, capacity) for _ in range(rng.randint(0, 300))]
+        sizes.sort(reverse=rng.random() < 0.7)  # longest first, as pack() does; any order too
+        assert first_fit(sizes, capacity) == scan(sizes, capacity)
 
 
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("qwen2", "sdpa")])
