@@ -455,3 +455,27 @@ def test_hub_datasets_read_the_named_splits(monkeypatch):
     cfg.validate()
     encode_datasets(cfg, tiny_tokenizer())
     assert asked == [("org/chats", "train[:80%]"), ("org/other", "validation")]
+
+
+def test_in_spans_equals_the_overlap_test_of_every_span():
+    """The one-pass label sweep against the plain rule: a token overlapping any span (an empty-width token:
+    inside one), on random tokenizations, out-of-order offsets included."""
+    import random
+
+    from lora_cli.data import _in_spans
+
+    def plain(offsets, spans):
+        return [any((s < b and e > a) if e > s else a <= s < b for a, b in spans) for s, e in offsets]
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        cuts = sorted(rng.sample(range(60), rng.randint(2, 12)))
+        spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if rng.random() < 0.8]
+        offsets, pos = [], 0
+        while pos < 60:
+            width = rng.choice([0, 1, 1, 2, 3, 5])
+            offsets.append((pos, min(pos + width, 60)))
+            pos += max(width, rng.random() < 0.5)
+        if rng.random() < 0.1:  # special tokens some tokenizers place at (0, 0)
+            offsets.insert(rng.randrange(len(offsets) + 1), (0, 0))
+        assert _in_spans(offsets, spans) == plain(offsets, spans), (offsets, spans)
