@@ -41,21 +41,39 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 class RecordProgress:
     """A transient bar while records are tokenized (large datasets take a while: ~0.6 ms a chat record on
-    a CPU core, mostly rendering the template); nothing at all for small ones or when disabled."""
+    a CPU core, mostly rendering the template); nothing at all for small ones or when disabled. Without a
+    terminal (a log) a plain line every `every_s` seconds instead, so a long tokenization is not silent."""
 
-    def __init__(self, console: Console | None, what: str, total: int, min_total: int = 2000) -> None:
-        self.progress = None
-        if console is not None and console.is_terminal and total >= min_total:  # a log gets no bar (nor a blank line)
-            self.progress = Progress(TextColumn(f"[bold]{what}"), MofNCompleteColumn(), BarColumn(),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                     console=console, transient=True)
-            self.task = self.progress.add_task(what, total=total)
+    def __init__(self, console: Console | None, what: str, total: int, min_total: int = 2000,
+                 every_s: float = 30.0) -> None:
+        self.progress = self.plain = None
+        if console is None or total < min_total:
+            return
+        if not console.is_terminal:
+            self.plain, self.console, self.what, self.total, self.every_s = 0, console, what, total, every_s
+            self.t0 = self.last = time.monotonic()
+            return
+        self.progress = Progress(TextColumn(f"[bold]{what}"), MofNCompleteColumn(), BarColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=True)
+        self.task = self.progress.add_task(what, total=total)
 
     def __enter__(self):
+        if self.plain is not None:
+            return self._advance_plain
         if self.progress is None:
             return None
         self.progress.start()
         return lambda: self.progress.advance(self.task)
+
+    def _advance_plain(self) -> None:
+        self.plain += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s and self.plain < self.total:
+            self.last, elapsed = now, now - self.t0
+            eta = elapsed * (self.total - self.plain) / self.plain
+            self.console.print(f"{self.what} {self.plain:,}/{self.total:,} ({100 * self.plain // self.total}%)  "
+                               f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:

@@ -406,6 +406,17 @@ def test_progress_advances_once_per_record_and_shows_only_for_large_datasets(tok
     with RecordProgress(console, "tokenizing", 5, min_total=1) as advance:
         Encoder(tok, 64).encode_all(recs, advance=advance)
     assert "5/5" in out.getvalue()
+    # in a log (no terminal) a bar prints nothing until the end: plain lines every `every_s` seconds instead
+    log = io.StringIO()
+    with RecordProgress(Console(file=log, width=100), "tokenizing", 5, min_total=1, every_s=0) as advance:
+        Encoder(tok, 64).encode_all(recs, advance=advance)
+    lines = log.getvalue().splitlines()
+    assert [x.split("  ")[0] for x in lines] == [f"tokenizing {i}/5 ({20 * i}%)" for i in range(1, 5)]
+    assert all("elapsed 0:00:00  ETA 0:00:00" in x for x in lines)
+    quiet = io.StringIO()
+    with RecordProgress(Console(file=quiet, width=100), "tokenizing", 5, min_total=1) as advance:  # < 30 s: silent
+        Encoder(tok, 64).encode_all(recs, advance=advance)
+    assert quiet.getvalue() == ""
 
 
 def test_a_tokenizer_with_named_templates_picks_per_record_as_transformers_does():
