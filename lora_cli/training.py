@@ -780,6 +780,8 @@ def _summary(cfg, state, plan, engine, world, tstats, estats, report, device) ->
         "train_examples": tstats.examples,
         "dropped_no_loss": tstats.dropped_no_loss,
         "truncated": tstats.truncated,
+        "chunked": tstats.chunked,  # text records split at --max-length
+        "packed_sequences": tstats.packed or None,  # what --packing made of train_examples
         "eval_examples": estats.examples if estats else 0,
     }
 

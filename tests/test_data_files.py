@@ -161,6 +161,9 @@ def test_directory_with_valid_split_and_packing(cli, tiny_llama, tmp_path):
     assert "note: --eval-split 0.25 is not used:" in err and "own validation split (3 records)" in " ".join(err.split())
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert "eval_loss" in rows[-1] and "eval_ppl" in rows[-1]
+    summary = json.loads((tmp_path / "run/train_summary.json").read_text())
+    assert (summary["train_examples"], summary["chunked"]) == (8, 0)
+    assert f"8 sequences packed into {summary['packed_sequences']} of" in " ".join(err.split())
 
 
 def test_a_directory_laid_out_as_a_hub_dataset_repository(cli, tiny_llama, tmp_path):
