@@ -581,10 +581,14 @@ class Encoder:
         ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
         if not ids or ids[-1] != self.eos_id:
             ids.append(self.eos_id)
-        chunks = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
-        if len(chunks) > 1:
-            stats.chunked += 1
-        return [Example(c, list(c)) for c in chunks]
+        if len(ids) <= self.max_length:
+            return [Example(ids, list(ids))]
+        # each chunk after the first starts with the last token of the one before, as context: every token but
+        # the first is predicted once (cut end to end, a chunk's first token was never, and an EOS left alone in
+        # the last chunk had nothing to be predicted from: the chunk was dropped)
+        stats.chunked += 1
+        step = self.max_length - 1
+        return [Example(ids[i : i + self.max_length], ids[i : i + self.max_length]) for i in range(0, len(ids) - 1, step)]
 
     def _plain_pair(self, prompt: str, completion: str, stats: EncodeStats) -> Example:
         p = list(self.tok(prompt, add_special_tokens=True)["input_ids"])

@@ -126,9 +126,17 @@ def test_text_gets_eos_and_long_text_is_chunked(tok):
     text = "the quick brown fox jumps over the lazy dog " * 3
     exs, stats = enc.encode_all([{"text": text}])
     ids = tok(text)["input_ids"] + [tok.eos_token_id]
-    assert [t for e in exs for t in e.input_ids] == ids
+    # each chunk after the first starts with the last token of the one before (its context, not learned)
+    assert exs[0].input_ids + [t for e in exs[1:] for t in e.input_ids[1:]] == ids
+    assert all(a.input_ids[-1] == b.input_ids[0] for a, b in zip(exs, exs[1:]))
     assert all(len(e.input_ids) <= 8 for e in exs) and stats.chunked == 1
     assert all(e.labels == e.input_ids for e in exs)
+    assert sum(e.n_loss for e in exs) == len(ids) - 1  # every token but the first is predicted once
+    # an EOS that would have been left alone in a last chunk (nothing to predict it from) is learned too
+    for n in range(1, 30):
+        ids = tok(" ".join(["dog"] * n))["input_ids"] + [tok.eos_token_id]
+        exs, stats = enc.encode_all([{"text": " ".join(["dog"] * n)}])
+        assert sum(e.n_loss for e in exs) == len(ids) - 1 and stats.dropped_no_loss == 0, n
 
 
 def test_alpaca_and_sharegpt(tok):
