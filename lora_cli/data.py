@@ -521,8 +521,8 @@ class Encoder:
         stats.shape = first
         examples: list[Example] = []
         for start in range(0, len(records), BLOCK):
-            block: list[Example | Rendered] = []
-            for i, rec in enumerate(records[start : start + BLOCK], start):
+            chunk, block = records[start : start + BLOCK], []
+            for i, rec in enumerate(chunk, start):
                 where = f"{name} record {i + 1}"  # 1-based: the line of a .jsonl file
                 shape = record_shape(rec)
                 if shape != first:
@@ -534,7 +534,7 @@ class Encoder:
                     stats.dropped_no_loss += 1
                     continue
                 examples.append(ex)
-            for _ in range(min(BLOCK, len(records) - start)) if advance else ():
+            for _ in chunk if advance else ():
                 advance()
         stats.examples = len(examples)
         stats.tokens = sum(len(e.input_ids) for e in examples)
