@@ -796,20 +796,20 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engin
         ("LoRA", f"r={cfg.rank} alpha={cfg.lora_alpha:g} dropout={cfg.dropout}{' rsLoRA' if cfg.rslora else ''}"
                  f"{' DoRA' if cfg.dora else ''}"),
         ("targets", f"{len(paths)} modules: {', '.join(kinds)}"),
-        ("data", f"{tstats.records} records ({tstats.shape}) → {tstats.examples} sequences, {tstats.tokens:,} tokens, "
+        ("data", f"{tstats.records:,} records ({tstats.shape}) → {tstats.examples:,} sequences, {tstats.tokens:,} tokens, "
                  f"{tstats.loss_tokens:,} with loss"),
     ]
     if tstats.packed:
-        rows.append(("packing", f"{tstats.examples} sequences packed into {tstats.packed} of ≤ {cfg.max_length} tokens"))
+        rows.append(("packing", f"{tstats.examples:,} sequences packed into {tstats.packed:,} of ≤ {cfg.max_length} tokens"))
     if tstats.dropped_no_loss or tstats.truncated or tstats.chunked:
-        rows.append(("", f"dropped {tstats.dropped_no_loss} with nothing to learn · truncated {tstats.truncated} · "
-                         f"chunked {tstats.chunked} (max length {cfg.max_length})"))
+        rows.append(("", f"dropped {tstats.dropped_no_loss:,} with nothing to learn · truncated {tstats.truncated:,} · "
+                         f"chunked {tstats.chunked:,} (max length {cfg.max_length})"))
     if tstats.empty_answers:
         rows.append(("warning", f"{tstats.empty_answers} record{'s' if tstats.empty_answers > 1 else ''} answer with "
                                 "nothing (an empty completion, output or assistant turn: an empty CSV cell?); the "
                                 "model learns to say nothing there"))
     if estats:
-        rows.append(("eval", f"{estats.examples} sequences, {estats.loss_tokens:,} loss tokens"))
+        rows.append(("eval", f"{estats.examples:,} sequences, {estats.loss_tokens:,} loss tokens"))
     rows.append(("steps", f"{plan.total_steps} (global batch {plan.global_size} = {cfg.batch_size} × {world} × "
                           f"{cfg.grad_accum}; warmup {plan.warmup}; {cfg.scheduler})"))
     rows.append(("output", cfg.output))
