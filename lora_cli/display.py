@@ -46,12 +46,13 @@ class RecordProgress:
 
     def __init__(self, console: Console | None, what: str, total: int, min_total: int = 2000,
                  every_s: float = 30.0) -> None:
-        self.progress = self.plain = None
+        self.progress, self.plain = None, False
         if console is None or total < min_total:
             return
         if not console.is_terminal:
-            self.plain, self.console, self.what, self.total, self.every_s = 0, console, what, total, every_s
-            self.t0 = self.last = time.monotonic()
+            self.plain, self.console, self.what, self.total, self.every_s = True, console, what, total, every_s
+            self.done, self.t0 = 0, time.monotonic()
+            self.last = self.t0
             return
         self.progress = Progress(TextColumn(f"[bold]{what}"), MofNCompleteColumn(), BarColumn(),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -59,7 +60,7 @@ class RecordProgress:
         self.task = self.progress.add_task(what, total=total)
 
     def __enter__(self):
-        if self.plain is not None:
+        if self.plain:
             return self._advance_plain
         if self.progress is None:
             return None
@@ -67,12 +68,12 @@ class RecordProgress:
         return lambda: self.progress.advance(self.task)
 
     def _advance_plain(self) -> None:
-        self.plain += 1
+        self.done += 1
         now = time.monotonic()
-        if now - self.last >= self.every_s and self.plain < self.total:
+        if now - self.last >= self.every_s and self.done < self.total:
             self.last, elapsed = now, now - self.t0
-            eta = elapsed * (self.total - self.plain) / self.plain
-            self.console.print(f"{self.what} {self.plain:,}/{self.total:,} ({100 * self.plain // self.total}%)  "
+            eta = elapsed * (self.total - self.done) / self.done
+            self.console.print(f"{self.what} {self.done:,}/{self.total:,} ({100 * self.done // self.total}%)  "
                                f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:

@@ -82,7 +82,9 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
                 else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
-    ignored = sorted({m["path"] for k in tensors if (m := _KEY_RX.match(k))} - _targeted(config, tensors))
+    lora_paths = {m["path"] for k in tensors if (m := _KEY_RX.match(k))}
+    ignored = [] if config.target_modules == ALL_LINEAR else sorted(  # (all-linear is resolved on the model)
+        p for p in lora_paths if not config.targets(p))
     if ignored:  # PEFT loads without them: a resize, combine or GGUF export with them would be another adapter
         raise UserError(f"{weights} holds LoRA weights for {few(ignored)}, which its target_modules does not name "
                         f"(PEFT ignores them); add {'them' if len(ignored) > 1 else 'it'} to target_modules in "
@@ -92,12 +94,6 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if broken:  # merge, export, combine and resize would pass them on
         raise broken_adapter_error(weights, broken)
     return tensors
-
-
-def _targeted(config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> set[str]:
-    """The module paths of `tensors` that the config targets (all of them for all-linear, which needs the model)."""
-    paths = {m["path"] for k in tensors if (m := _KEY_RX.match(k))}
-    return paths if config.target_modules == ALL_LINEAR else {p for p in paths if config.targets(p)}
 
 
 def _is_saved(key: str, config: AdapterConfig) -> bool:
