@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,12 @@ def read_text(path: str | os.PathLike, what: str | None = None) -> str:
         line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}, perhaps Latin-1 or "
                         "Windows-1252); save it as UTF-8") from None
+
+
+def lines(text: str) -> list[str]:
+    """The lines of a text: split at line feeds (LF, CRLF, CR) only. str.splitlines() also splits at U+2028,
+    U+2029, U+0085 and other characters that JSON strings and prose hold as they are."""
+    return re.split(r"\r\n|\r|\n", text)
 
 
 def few(names: list[str], most: int = 3) -> str:

@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             model = None if engine == "DeepSpeed" else load()
         if model is None:  # under ZeRO-3 loading partitions the weights: a collective of all processes
             model = load()
-        check_token_ids(model, tokenizer, max(max(e.input_ids, default=-1) for e in train_ex + (eval_ex or [])))
+        check_token_ids(model, tokenizer, max(int(e.input_ids.max()) for e in train_ex + (eval_ex or [])))
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         misread = peft_misread_targets(model, adapter_cfg.target_modules)

@@ -97,7 +97,7 @@ def worker_trainer(model_dir: str, data: Path, extra: list[str]) -> dict:
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    ds = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)} for e in exs]
+    ds = [{"input_ids": e.input_ids.tolist(), "labels": e.labels.tolist(), "attention_mask": [1] * len(e.input_ids)} for e in exs]
     step_s = []
 
     class Log(TrainerCallback):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny import tiny_tokenizer
 
-from lora_cli.data import IGNORE, Encoder, collate, record_shape
+from lora_cli.data import IGNORE, Encoder, collate, pack, record_shape
 from lora_cli.errors import UserError
 
 
@@ -39,7 +40,7 @@ def test_chatml_assistant_turns_and_end_of_turn_are_labelled(tok):
     assert all(lab in (IGNORE, i) for i, lab in zip(ex.input_ids, ex.labels))
     # the end-of-turn token is pad too: it still carries the loss
     assert tok.pad_token_id == tok.eos_token_id and tok.eos_token_id in ex.labels
-    assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ex.input_ids.tolist() == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
 
 
 def test_a_turn_of_weight_0_carries_no_loss(tok, tmp_path):
@@ -103,7 +104,7 @@ def test_the_builtin_template_starts_with_bos_where_the_tokenizer_adds_one():
     (chat,), stats = enc.encode_all([{"messages": msgs}])
     (text,), _ = enc.encode_all([{"text": "hello world"}])
     assert chat.input_ids[0] == text.input_ids[0] == tok.bos_token_id and chat.labels[0] == -100
-    assert chat.input_ids.count(tok.bos_token_id) == 1 and stats.template.startswith("{{ bos_token }}")
+    assert chat.input_ids.tolist().count(tok.bos_token_id) == 1 and stats.template.startswith("{{ bos_token }}")
     assert labelled_text(tok, chat) == " world<|im_end|>\n"
 
 
@@ -118,7 +119,7 @@ def test_token_straddling_the_prompt_boundary_is_labelled(tok):
 
 def test_train_on_prompt_labels_everything(tok):
     (ex,), _ = Encoder(tok, 512, train_on_prompt=True).encode_all([{"prompt": "hi", "completion": "yes"}])
-    assert ex.labels == ex.input_ids
+    assert ex.labels.tolist() == ex.input_ids.tolist()
 
 
 def test_text_gets_eos_and_long_text_is_chunked(tok):
@@ -127,10 +128,10 @@ def test_text_gets_eos_and_long_text_is_chunked(tok):
     exs, stats = enc.encode_all([{"text": text}])
     ids = tok(text)["input_ids"] + [tok.eos_token_id]
     # each chunk after the first starts with the last token of the one before (its context, not learned)
-    assert exs[0].input_ids + [t for e in exs[1:] for t in e.input_ids[1:]] == ids
+    assert exs[0].input_ids.tolist() + [t for e in exs[1:] for t in e.input_ids[1:].tolist()] == ids
     assert all(a.input_ids[-1] == b.input_ids[0] for a, b in zip(exs, exs[1:]))
     assert all(len(e.input_ids) <= 8 for e in exs) and stats.chunked == 1
-    assert all(e.labels == e.input_ids for e in exs)
+    assert all(e.labels.tolist() == e.input_ids.tolist() for e in exs)
     assert sum(e.n_loss for e in exs) == len(ids) - 1  # every token but the first is predicted once
     # an EOS that would have been left alone in a last chunk (nothing to predict it from) is learned too
     for n in range(1, 30):
@@ -158,6 +159,22 @@ def test_truncation_drops_records_without_loss_and_counts_them(tok):
         Encoder(tok, 32).encode_all(recs[:1])
 
 
+def test_examples_hold_8_bytes_a_token(tok):
+    """Token ids and labels are int32 arrays of their own: a truncated or chunked record keeps no view of the
+    longer sequence it was cut from (the whole record would stay in memory)."""
+    recs = [{"messages": [{"role": "user", "content": "word " * 3}, {"role": "assistant", "content": "yes " * 80}]},
+            {"prompt": "hi", "completion": "yes " * 80}]
+    chats, stats = Encoder(tok, 32).encode_all(recs[:1])
+    pairs, _ = Encoder(tok, 32).encode_all(recs[1:])
+    texts, _ = Encoder(tok, 32).encode_all([{"text": "word " * 80}])
+    exs = chats + pairs + texts + pack(texts, 64)
+    assert stats.truncated == 1 and len(texts) > 2
+    for e in exs:
+        arrays = [a for a in (e.input_ids, e.labels, e.position_ids, e.segments) if a is not None]
+        assert all(a.dtype == np.int32 and a.base is None for a in arrays)
+        assert sum(a.nbytes for a in arrays) == 4 * len(arrays) * len(e.input_ids)
+
+
 def test_template_that_rewrites_earlier_turns_is_refused(tok):
     rewriting = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
@@ -177,7 +194,7 @@ def test_an_eos_that_closes_only_the_whole_conversation_is_not_a_rewrite(tok, la
             {"role": "user", "content": "and?"}, {"role": "assistant", "content": "Berlin is blue"}]
     msgs += [{"role": "user", "content": "what"}] if last == "user" else []
     (ex,), _ = Encoder(tok, 512, chat_template=PHI3).encode_all([{"messages": msgs}])
-    assert ex.input_ids == tok(tok.apply_chat_template(msgs, chat_template=PHI3, tokenize=False),
+    assert ex.input_ids.tolist() == tok(tok.apply_chat_template(msgs, chat_template=PHI3, tokenize=False),
                                add_special_tokens=False)["input_ids"]
     want = "Paris is red<|end|>\nBerlin is blue<|end|>\n" + ("<|im_end|>" if last == "assistant" else "")
     assert labelled_text(tok, ex) == want
@@ -253,7 +270,7 @@ def test_smollm2_template_masks(smollm2_tokenizer):
     assert labelled_text(tok, ex) == "4<|im_end|>\n6, of course.<|im_end|>\n"
     masked = masked_text(tok, ex)
     assert "You are a helpful AI assistant named SmolLM" in masked and "And 3+3?" in masked
-    assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ex.input_ids.tolist() == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
 
 
 TOOL_TEMPLATE = (
@@ -315,7 +332,7 @@ def test_a_template_that_marks_the_assistant_gives_the_mask_even_when_it_rewrite
     assert labelled_text(tok, ex) == "Paris is red<|im_end|><think></think>Berlin is blue<|im_end|>"
     assert "hello" in masked_text(tok, ex) and "and?" in masked_text(tok, ex)
     (full,), _ = Encoder(tok, 512, chat_template=tagged, train_on_prompt=True).encode_all([{"messages": msgs}])
-    assert full.labels == full.input_ids
+    assert full.labels.tolist() == full.input_ids.tolist()
 
 
 def test_reasoning_content_reaches_the_template_and_is_learned(tok):
@@ -344,12 +361,12 @@ def test_conversational_prompt_completion_learns_the_completion_only(tok):
     (ex,), stats = Encoder(tok, 512).encode_all([CONVERSATIONAL_PC])
     assert stats.shape == "prompt_completion"
     msgs = CONVERSATIONAL_PC["prompt"] + CONVERSATIONAL_PC["completion"]
-    assert ex.input_ids == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ex.input_ids.tolist() == tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
     assert labelled_text(tok, ex) == "Berlin is blue<|im_end|>\n"  # not the prompt's own assistant turn
     (as_messages,), _ = Encoder(tok, 512).encode_all([{"messages": msgs}])
     assert labelled_text(tok, as_messages) == "Paris is red<|im_end|>\nBerlin is blue<|im_end|>\n"
     (full,), _ = Encoder(tok, 512, train_on_prompt=True).encode_all([CONVERSATIONAL_PC])
-    assert full.labels == full.input_ids
+    assert full.labels.tolist() == full.input_ids.tolist()
     with pytest.raises(UserError, match="record 1: prompt and completion must both be strings or both lists"):
         Encoder(tok, 512).encode_all([{"prompt": "hello", "completion": CONVERSATIONAL_PC["completion"]}])
 
@@ -379,7 +396,7 @@ def test_content_parts_are_joined_text(tok):
              {"role": "assistant", "content": [{"type": "text", "text": "Paris is red"}]}]
     plain = [{"role": "user", "content": "hello\nthere"}, {"role": "assistant", "content": "Paris is red"}]
     (a, b), _ = Encoder(tok, 512).encode_all([{"messages": parts}, {"messages": plain}])
-    assert (a.input_ids, a.labels) == (b.input_ids, b.labels)
+    assert (a.input_ids.tolist(), a.labels.tolist()) == (b.input_ids.tolist(), b.labels.tolist())
     image = [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "what?"}]},
              plain[1]]
     with pytest.raises(UserError, match="record 2: messages turn 1 content has a 'image' part; only text"):
@@ -392,7 +409,7 @@ def test_either_turn_style_in_either_list(tok):
     role_turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     exs, _ = Encoder(tok, 512).encode_all([{"messages": sharegpt_turns}, {"messages": role_turns}])
     (c, d), _ = Encoder(tok, 512).encode_all([{"conversations": role_turns}, {"conversations": sharegpt_turns}])
-    assert exs[0].input_ids == exs[1].input_ids == c.input_ids == d.input_ids
+    assert exs[0].input_ids.tolist() == exs[1].input_ids.tolist() == c.input_ids.tolist() == d.input_ids.tolist()
     assert labelled_text(tok, c) == "hello<|im_end|>\n"
 
 

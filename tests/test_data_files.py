@@ -115,6 +115,43 @@ def test_a_leading_byte_order_mark_is_not_data(tmp_path, suffix):
     assert first == SHAPES[shape][0]["text" if shape == "text" else "prompt"]
 
 
+def test_line_separators_inside_strings_are_text(tmp_path):
+    """JSON holds U+2028, U+2029 and U+0085 raw in strings (json.dumps(ensure_ascii=False) writes them so); a
+    line of JSONL ends at a line feed only, and a .txt paragraph keeps them too."""
+    recs = [{"prompt": "hello\u2028world", "completion": "red\x85green"}, {"prompt": "a\u2029b\x0cc", "completion": "d"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in recs), "utf-8")
+    assert read_file(tmp_path / "d.jsonl") == recs
+    (tmp_path / "d.txt").write_text("one\u2028line\r\nstill one\n\nsecond\x85end", "utf-8")
+    assert read_file(tmp_path / "d.txt") == [{"text": "one\u2028line\nstill one"}, {"text": "second\x85end"}]
+
+
+def test_arrow_null_fill_never_reaches_tool_calls(tmp_path):
+    """Parquet (the Hub's format) gives a struct column the keys of every row, None where a row had none: a
+    call to get_weather(city) would gain `"x": null, "y": null` from another row's add(x, y), and be trained
+    so. JSON is read as written: a null there is the data's own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def call(name, args):
+        return [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                                                   "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]}]
+
+    def tool(name, props):
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": props}}}
+
+    tools = [tool("get_weather", {"city": {"type": "string"}}), tool("add", {"x": {"type": "number"}})]
+    recs = [{"messages": call("get_weather", {"city": "Paris"}), "tools": tools},
+            {"messages": call("add", {"x": 1, "unit": None}), "tools": tools[1:]}]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "d.parquet")
+    assert pa.Table.from_pylist(recs).to_pylist()[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] \
+        == {"city": "Paris", "x": None, "unit": None}  # what Arrow makes of them
+    got = read_file(tmp_path / "d.parquet")
+    assert got[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert got[1]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"x": 1}  # null either way
+    assert got[0]["tools"] == tools and got[1]["tools"] == tools[1:]
+    assert read_file(write(tmp_path / "d.jsonl", recs)) == recs
+
+
 
 MESSAGES = SHAPES["messages"][:3]
 
@@ -143,7 +180,7 @@ def test_a_csv_cell_may_hold_the_messages_as_json(cli, tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     from_csv = Encoder(tok, 512).encode_all(load_records(str(tmp_path / "d.csv"))[0])[0]
     from_jsonl = Encoder(tok, 512).encode_all(load_records(str(tmp_path / "d.jsonl"))[0])[0]
-    assert [(e.input_ids, e.labels) for e in from_csv] == [(e.input_ids, e.labels) for e in from_jsonl]
+    assert [(e.input_ids.tolist(), e.labels.tolist()) for e in from_csv] == [(e.input_ids.tolist(), e.labels.tolist()) for e in from_jsonl]
     pd.DataFrame({"messages": ["[not json"]}).to_csv(tmp_path / "bad.csv", index=False)
     code, _, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "bad.csv", "--output", tmp_path / "run")
     assert code == 1 and "record 1: 'messages' is a string but not valid JSON" in err
@@ -267,7 +304,7 @@ def test_eval_loss_equals_a_hand_computation(cli, tiny_llama, tmp_path):
     total, count = 0.0, 0
     with torch.no_grad():
         for e in exs:  # one record at a time, no padding, plain log-softmax
-            logp = torch.log_softmax(model.eval()(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
+            logp = torch.log_softmax(model.eval()(input_ids=torch.from_numpy(e.input_ids).long()[None]).logits[0].double(), -1)
             for t in range(1, len(e.input_ids)):
                 if e.labels[t] != IGNORE:
                     total -= float(logp[t - 1, e.labels[t]])
@@ -312,7 +349,7 @@ def test_turns_mixing_strings_and_content_parts_are_read(cli, tiny_llama, tmp_pa
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     ours, _ = Encoder(tok, 256).encode_all(read_file(write(tmp_path / "mixed.jsonl", mixed)))
     want, _ = Encoder(tok, 256).encode_all(plain)
-    assert [(e.input_ids, e.labels) for e in ours] == [(e.input_ids, e.labels) for e in want]
+    assert [(e.input_ids.tolist(), e.labels.tolist()) for e in ours] == [(e.input_ids.tolist(), e.labels.tolist()) for e in want]
     code, _, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "mixed.jsonl", "--output", tmp_path / "r", *RUN)
     assert code == 0, err
     image = [{"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},

@@ -23,7 +23,7 @@ def test_pack_layout():
     exs, _ = Encoder(tok, 128).encode_all(records())
     packed = pack(exs, 128)
     assert len(packed) < len(exs)
-    assert sorted(sum((p.input_ids for p in packed), [])) == sorted(sum((e.input_ids for e in exs), []))
+    assert sorted(sum((p.input_ids.tolist() for p in packed), [])) == sorted(sum((e.input_ids.tolist() for e in exs), []))
     for p in packed:
         assert len(p.input_ids) <= 128
         starts = [i for i, pos in enumerate(p.position_ids) if pos == 0]

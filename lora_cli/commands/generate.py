@@ -34,12 +34,12 @@ def generate_command(
     import math
 
     from lora_cli.commands.common import dtype_name
-    from lora_cli.errors import UserError, read_text
+    from lora_cli.errors import UserError, lines, read_text
 
     adapters = adapter or []
     prompts = [prompt] if prompt else []
     if prompt_file:
-        from_file = [line for line in read_text(prompt_file, f"--prompt-file {prompt_file!r}").splitlines()
+        from_file = [line for line in lines(read_text(prompt_file, f"--prompt-file {prompt_file!r}"))
                      if line.strip()]
         if not from_file:
             raise UserError(f"--prompt-file {prompt_file!r} holds no prompts (one per line)")
