@@ -41,7 +41,7 @@ class TrainConfig:
     data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
     data_split: str = _opt("train", "Split to read from a Hub dataset (or a folder laid out as one).", "Model and data")
     eval_data: str | None = _opt(None, "Evaluation data (same formats as --data).", "Model and data")
-    eval_data_split: str = _opt("test", "Split to read from a Hub --eval-data (or a folder laid out as one).", "Model and data")
+    eval_data_split: str | None = _opt(None, "Split to evaluate on, of --eval-data, else of --data (a Hub dataset or a folder) [default: a folder's valid/validation/val/test split; a Hub --eval-data's test split].", "Model and data")
     eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when there is no eval data.", "Model and data")
     output: str | None = _opt(None, "Run directory [default: runs/<model>-<yyyymmdd-hhmmss>].", "Model and data")
     chat_template: str | None = _opt(None, "Jinja chat template file to use instead of the tokenizer's.", "Model and data")
@@ -178,15 +178,17 @@ class TrainConfig:
         if self.data and self.data_split != "train" and Path(self.data).expanduser().is_file():
             p.append(f"--data-split {self.data_split!r} picks a split of a Hub dataset (or a folder laid out as "
                      f"one), but {self.data!r} is a file")
-        if self.eval_data_split != "test" and not (self.eval_data and not Path(self.eval_data).expanduser().is_file()):
-            p.append(f"--eval-data-split {self.eval_data_split!r} picks a split of a Hub --eval-data (or a folder), "
-                     "but " + (f"{self.eval_data!r} is a file" if self.eval_data else "no --eval-data is given"))
+        source = self.eval_data or self.data
+        if self.eval_data_split is not None and source and Path(source).expanduser().is_file():
+            p.append(f"--eval-data-split {self.eval_data_split!r} picks a split of a Hub dataset or a folder, but "
+                     f"{'--eval-data' if self.eval_data else '--data'} {source!r} is a file")
         if not self.targets.strip():
             p.append("--targets is empty; use attention, all-linear, a comma list of module names or re:PATTERN")
         if not 0 <= self.eval_split < 1:
             p.append(f"--eval-split must be a fraction in [0, 1) (got {self.eval_split})")
-        elif self.eval_split and self.eval_data:
-            p.append(f"--eval-split {self.eval_split} holds out part of --data, but --eval-data is the eval data; "
+        elif self.eval_split and (self.eval_data or self.eval_data_split):
+            given = "--eval-data is" if self.eval_data else f"--eval-data-split {self.eval_data_split!r} names"
+            p.append(f"--eval-split {self.eval_split} holds out part of --data, but {given} the eval data; "
                      "give one of them")
         if self.targets.startswith("re:"):
             try:

@@ -9,12 +9,13 @@ characters between them are the assistant's: the tokens that start there carry t
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ REWRITES = ("the chat template rewrites earlier turns when the conversation grow
             "safely; use --chat-template FILE with a template that only appends, or one that marks the assistant's "
             "text with {% generation %} … {% endgeneration %}")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}  # suffix: the module that reads it
 EVAL_SPLIT_NAMES = ("valid", "validation", "val", "test")
 SHARE_GPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
@@ -104,40 +106,101 @@ class EncodeStats:
 
 # ---------------------------------------------------------------- loading
 
-def load_records(spec: str, split: str = "train") -> tuple[list[dict], list[dict] | None]:
-    """(train records, eval records or None) from a file, a directory with train.*/valid.*, or a Hub id."""
+def load_records(spec: str, split: str = "train", eval_split: str | None = None
+                 ) -> tuple[list[dict], list[dict] | None]:
+    """(records of `split`, eval records or None) from a file, a data folder or a Hub id. The eval records are
+    `eval_split`'s; unnamed, a folder's valid/validation/val/test split, with the train split's suffix if it
+    has one (train_sft → test_sft, as in HuggingFaceH4/ultrachat_200k)."""
     p = Path(spec).expanduser()
     if p.is_dir():
-        train = _split_file(p, ("train",))
-        if train is None:
-            return _read_dataset_directory(p, spec, split)
-        if split != "train":
-            raise UserError(f"--data-split {split!r} picks a split of a folder laid out as a Hub dataset "
-                            f"(data/{split}-*.parquet…), but {spec!r} holds {train.name}")
-        valid = _split_file(p, EVAL_SPLIT_NAMES)
-        return read_file(train), (read_file(valid) if valid else None)
+        splits = folder_splits(p, spec)
+        read = _pick(splits, split, spec, "--data-split")
+        suffix = split[len("train"):] if split.startswith("train") else None
+        valid = eval_split or next((n + suffix for n in EVAL_SPLIT_NAMES if suffix is not None and n + suffix in splits),
+                                   None)
+        return read(), (_pick(splits, valid, spec, "--eval-data-split")() if valid else None)
     if p.exists():
         return read_file(p), None
     if names_missing_file(spec):
         raise UserError(f"data file {spec!r} does not exist")
-    return _read_hub(spec, split), None
+    return _read_hub(spec, split), (_read_hub(spec, eval_split) if eval_split else None)
+
+
+def load_eval_records(spec: str, split: str | None = None) -> list[dict]:
+    """Records of `--eval-data`: a file; a Hub dataset's `split` (default test); a folder's `split`, by default
+    its valid/validation/val/test split (its train split when it has no other)."""
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        return read_file(p) if p.exists() else load_records(spec, split or "test")[0]
+    splits = folder_splits(p, spec)
+    name = split or next((n for n in (*EVAL_SPLIT_NAMES, "train") if n in splits), next(iter(splits)))
+    return _pick(splits, name, spec, "--eval-data-split")()
+
+
+def _pick(splits: dict, name: str, spec: str, flag: str) -> Callable[[], list[dict]]:
+    if name not in splits:
+        raise UserError(f"data directory {spec!r} has no {name} split (it holds {', '.join(splits)}); "
+                        + (f"pick one with {flag}" if name in ("train", "test") else f"{flag} names one of them"))
+    return splits[name]
 
 
 def names_missing_file(spec: str) -> bool:
     """Whether DATA names a local file that is not there (rather than a Hub dataset id, `owner/name`)."""
     p = Path(spec).expanduser()
-    return not p.exists() and (p.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1)
+    return not p.exists() and (_format(p)[0] in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1)
 
 
-def _split_file(directory: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        found = [directory / f"{name}{suffix}" for suffix in DATA_SUFFIXES if (directory / f"{name}{suffix}").is_file()]
-        if len(found) > 1:
-            raise UserError(f"data directory {str(directory)!r} holds {' and '.join(f.name for f in found)}: one "
-                            f"{name} split, one file")
-        if found:
-            return found[0]
-    return None
+def folder_splits(p: Path, spec: str) -> dict[str, Callable[[], list[dict]]]:
+    """The splits of a data folder by name, each read when called: its `train.*`, `valid.*`… files; what
+    `save_to_disk` wrote; or, laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`,
+    `train/*.jsonl`, a README's `configs:`), the files datasets assigns to each split, as on the Hub, each read
+    as a single file is (so shards may differ in columns, and errors name the file and line)."""
+    import datasets
+
+    flat = {name: f for name in ("train", *EVAL_SPLIT_NAMES) if (f := _split_file(p, name))}
+    if flat:
+        return {name: functools.partial(read_file, f) for name, f in flat.items()}
+    datasets.disable_progress_bars()
+    if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+        try:
+            with quiet_logs():
+                saved = datasets.load_from_disk(str(p))
+        except Exception as e:
+            raise UserError(f"cannot read data directory {spec!r} (written by save_to_disk): {_root_message(e)}") from None
+        parts = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
+        return {str(name): functools.partial(lambda d: arrow_records(d.to_list()), d) for name, d in parts.items()}
+    if not any(_format(f)[0] in DATA_SUFFIXES for f in p.rglob("*") if f.is_file()):
+        raise UserError(f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})")
+    try:
+        with quiet_logs():
+            found = datasets.load_dataset_builder(str(p)).config.data_files or {}
+    except Exception as e:
+        raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
+                        f"cannot read it as a dataset repository either: {_root_message(e)}") from None
+    if not found:
+        raise UserError(f"data directory {spec!r}: datasets finds no split in it")
+    return {str(name): functools.partial(_read_files, [Path(f) for f in files]) for name, files in found.items()}
+
+
+def _read_files(files: list[Path]) -> list[dict]:
+    return [rec for f in files for rec in read_file(f)]
+
+
+def _split_file(directory: Path, name: str) -> Path | None:
+    found = [directory / f"{name}{suffix}{packed}" for suffix in DATA_SUFFIXES for packed in ("", *COMPRESSIONS)
+             if (directory / f"{name}{suffix}{packed}").is_file()]
+    if len(found) > 1:
+        raise UserError(f"data directory {str(directory)!r} holds {' and '.join(f.name for f in found)}: one "
+                        f"{name} split, one file")
+    return found[0] if found else None
+
+
+def _format(path: Path) -> tuple[str, str | None]:
+    """(data suffix, compression suffix or None): `train.jsonl.gz` → (".jsonl", ".gz")."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[0] if len(suffixes) == 2 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
 
 
 def _root_message(e: BaseException) -> str:
@@ -146,25 +209,6 @@ def _root_message(e: BaseException) -> str:
     while (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _dataset_directory_splits(p: Path, spec: str) -> dict:
-    """The splits of a directory laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`,
-    `train/*.jsonl`…): datasets finds them by their file names, as it does on the Hub."""
-    import datasets
-
-    if not any(set(f.suffixes) & set(DATA_SUFFIXES) for f in p.rglob("*") if f.is_file()):
-        raise UserError(f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})")
-    datasets.disable_progress_bars()
-    try:
-        with quiet_logs():
-            return datasets.load_dataset(str(p))
-    except Exception as e:
-        msg = _root_message(e)
-        if msg == "Couldn't cast":  # datasets' words for JSON files that are not records (a model folder)
-            msg = "no file in it reads as records"
-        raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
-                        f"cannot read it as a dataset repository either: {msg}") from None
 
 
 @contextlib.contextmanager
@@ -179,56 +223,25 @@ def quiet_logs() -> Iterator[None]:
         logging.disable(before)
 
 
-def _read_dataset_directory(p: Path, spec: str, split: str = "train") -> tuple[list[dict], list[dict] | None]:
-    """The `split` of a folder laid out as a Hub dataset, and its eval split: valid/validation/val/test, with
-    the train split's suffix if it has one (train_sft → test_sft, as in HuggingFaceH4/ultrachat_200k)."""
-    splits = _dataset_directory_splits(p, spec)
-    if split not in splits:
-        raise UserError(f"data directory {spec!r} has no {split} split (datasets finds {', '.join(splits)}); "
-                        + ("pick one with --data-split" if split == "train" else "--data-split names one of them"))
-    suffix = split[len("train"):] if split.startswith("train") else None
-    valid = next((splits[n + suffix] for n in EVAL_SPLIT_NAMES if suffix is not None and n + suffix in splits), None)
-    return arrow_records(splits[split]), (arrow_records(valid) if valid is not None else None)
-
-
-def load_eval_records(spec: str, split: str = "test") -> list[dict]:
-    """Records of `--eval-data`: a file, a Hub dataset's `split`, or a directory's valid.*/test.* split (its
-    train.* when it has no other)."""
-    p = Path(spec).expanduser()
-    if not p.is_dir():
-        return load_records(spec, split)[0]
-    file = _split_file(p, EVAL_SPLIT_NAMES) or _split_file(p, ("train",))
-    if file is not None:
-        if split != "test":
-            raise UserError(f"--eval-data-split {split!r} picks a split of a folder laid out as a Hub dataset, "
-                            f"but {spec!r} holds {file.name}")
-        return read_file(file)
-    splits = _dataset_directory_splits(p, spec)
-    if split != "test" and split not in splits:  # named: it must be there
-        raise UserError(f"--eval-data {spec!r} has no {split} split (datasets finds {', '.join(splits)})")
-    named = (split,) if split != "test" else ()
-    return arrow_records(splits[next((n for n in (*named, *EVAL_SPLIT_NAMES, "train") if n in splits), next(iter(splits)))])
-
-
 def read_file(path: Path) -> list[dict]:
-    """Records of a local data file. JSON is read as written (through Arrow, records would gain the keys of
-    every other record's tool calls, as nulls); Parquet through `datasets`."""
-    import datasets
-
-    suffix = path.suffix.lower()
-    if suffix not in DATA_SUFFIXES:
-        raise UserError(f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")
+    """Records of a local data file, which may be compressed (.gz, .bz2, .xz, .zst). JSON is read as written
+    (through Arrow, records would gain the keys of every other record's tool calls, as nulls)."""
+    suffix, packed = _format(path)
+    if suffix not in DATA_SUFFIXES or (packed and suffix == ".parquet"):
+        kinds = ", ".join(DATA_SUFFIXES) + f" (but .parquet compressed as {', '.join(COMPRESSIONS)})"
+        raise UserError(f"{path}: unsupported data file type {''.join(path.suffixes[-2:]) or path.name!r}; use one of {kinds}")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
     if suffix == ".parquet":
-        datasets.disable_progress_bars()
+        import pyarrow.parquet as pq
+
         try:
-            with quiet_logs():
-                records = arrow_records(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-        except Exception as e:
-            raise UserError(f"cannot read {path}: {_root_message(e)}") from None
+            records = arrow_records(pq.read_table(path).to_pylist())
+        except Exception as e:  # pyarrow names the file again: "Could not open Parquet input source '…': …"
+            msg = re.sub(r"^Could not open Parquet input source '.*?': ", "", _root_message(e))
+            raise UserError(f"cannot read {path}: {msg}") from None
     else:
-        text = read_text(path)  # UTF-8, or one clear error
+        text = read_text(path, data=_decompressed(path, packed) if packed else None)  # UTF-8, or one clear error
         records = (paragraphs_as_records(text) if suffix == ".txt" else _csv_records(path, text) if suffix == ".csv"
                    else _json_records(path, text))
     if not records:
@@ -236,12 +249,29 @@ def read_file(path: Path) -> list[dict]:
     return records
 
 
-def arrow_records(ds) -> list[dict]:
-    """The rows of a `datasets` table. Arrow gives every row of a column one type: a struct holds the keys of
-    all rows, None where a row had none. Top-level keys and turn keys are read as absent when None; inside tool
-    calls and tool definitions such nulls are dropped here, or a call would be trained with arguments it never
-    had (`{"city": "Paris", "x": null}`) and a schema with parameters it does not take."""
-    records = ds.to_list()
+def _decompressed(path: Path, packed: str) -> bytes:
+    import importlib
+
+    module = COMPRESSIONS[packed]
+    try:
+        opened = importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{path}: reading {packed} files needs the {module} package (pip install {module}); "
+                        "or decompress it first") from None
+    try:
+        if module == "zstandard":
+            with open(path, "rb") as f, opened.ZstdDecompressor().stream_reader(f) as r:
+                return r.read()
+        return opened.decompress(path.read_bytes())
+    except Exception as e:
+        raise UserError(f"cannot read {path}: not valid {packed} data ({_root_message(e)})") from None
+
+
+def arrow_records(records: list[dict]) -> list[dict]:
+    """Rows of an Arrow table (Parquet, a Hub or saved dataset), cleaned. Arrow gives every row of a column one
+    type: a struct holds the keys of all rows, None where a row had none. Top-level keys and turn keys are read as
+    absent when None; inside tool calls and tool definitions such nulls are dropped here, or a call would be
+    trained with arguments it never had (`{"city": "Paris", "x": null}`) and a schema with parameters it lacks."""
     for rec in records:
         if isinstance(rec.get("tools"), list):
             rec["tools"] = _without_nulls(rec["tools"])
@@ -346,7 +376,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
             msg = "there is no network, and it is not in the local Hugging Face cache"
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "
                         f"did not provide it: {msg}") from None
-    return arrow_records(ds)
+    return arrow_records(ds.to_list())
 
 
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -20,16 +20,16 @@ class UserError(Exception):
         self.shared = shared  # every process of a distributed run raises it at once: only the main one says it
 
 
-def read_text(path: str | os.PathLike, what: str | None = None) -> str:
+def read_text(path: str | os.PathLike, what: str | None = None, data: bytes | None = None) -> str:
     """A text file the user gave, as UTF-8 (a leading BOM dropped); anything else is one clear error.
-    `what` names it in messages (default: the path)."""
+    `what` names it in messages (default: the path); `data`, its bytes once decompressed."""
     p = Path(path)
     what = what or str(p)
     if p.is_dir():
         raise UserError(f"{what} is a folder, not a file")
     if not p.is_file():
         raise UserError(f"{what} does not exist")
-    data = p.read_bytes()
+    data = p.read_bytes() if data is None else data
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise UserError(f"{what} is UTF-16 text; save it as UTF-8")
     try:

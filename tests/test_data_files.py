@@ -11,6 +11,7 @@ from tiny import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_cli.data import IGNORE, Encoder, read_file
+from lora_cli.errors import UserError
 from lora_cli.lora.adapter import load_adapter
 
 SHAPES = {
@@ -222,7 +223,7 @@ def test_a_directory_laid_out_as_a_hub_dataset_repository(cli, tiny_llama, tmp_p
     (d / "data" / "train-00000-of-00002.parquet").unlink()
     (d / "data" / "train-00001-of-00002.parquet").unlink()
     code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--output", tmp_path / "run2", *RUN)
-    assert code == 1 and "has no train split (datasets finds test)" in err and "--data-split" in err
+    assert code == 1 and "has no train split (it holds test)" in err and "--data-split" in err
 
 
 def test_a_hub_layout_folder_with_named_splits(cli, tiny_llama, tmp_path):
@@ -243,7 +244,7 @@ def test_a_hub_layout_folder_with_named_splits(cli, tiny_llama, tmp_path):
     assert code == 0, err
     assert "6 records (messages)" in err and "eval        2 sequences" in err
     code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--output", tmp_path / "run2", *RUN)
-    assert code == 1 and "has no train split (datasets finds" in err and "pick one with --data-split" in err
+    assert code == 1 and "has no train split (it holds" in err and "pick one with --data-split" in err
     code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--data-split", "train_sft", "--eval-data",
                        d.parent, "--eval-data-split", "dev", "--output", tmp_path / "run3", *RUN)
     assert code == 1 and "has no dev split" in err
@@ -335,6 +336,94 @@ def test_an_eval_directory_gives_its_eval_split(tmp_path):
     assert load_eval_records(str(hub)) == recs[:2]
     write(hub / "data" / "train-00000-of-00001.parquet", recs[2:])
     assert load_eval_records(str(hub)) == recs[:2]
+
+
+def test_a_named_eval_split_is_the_one_read(cli, tiny_llama, tmp_path):
+    """--eval-data-split test reads test even where a validation split would be the default, of --eval-data
+    or, without it, of --data; a folder of train/valid/test files takes the name too."""
+    from lora_cli.data import load_eval_records, load_records
+
+    recs = SHAPES["alpaca"]
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    for split, part in (("train", recs[:4]), ("validation", recs[4:6]), ("test", recs[6:])):
+        write(hub / "data" / f"{split}-00000-of-00001.parquet", part)
+    assert load_eval_records(str(hub)) == recs[4:6] and load_eval_records(str(hub), "test") == recs[6:]
+    assert load_records(str(hub)) == (recs[:4], recs[4:6]) and load_records(str(hub), "train", "test") == (recs[:4], recs[6:])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for split, part in (("train", recs[:4]), ("valid", recs[4:6]), ("test", recs[6:])):
+        write(flat / f"{split}.jsonl", part)
+    assert load_eval_records(str(flat), "test") == recs[6:] and load_records(str(flat), "train", "valid")[1] == recs[4:6]
+    with pytest.raises(UserError, match=r"has no dev split \(it holds train, valid, test\); --eval-data-split names"):
+        load_eval_records(str(flat), "dev")
+    code, _, err = cli("train", "--model", tiny_llama, "--data", hub, "--eval-data-split", "test",
+                       "--output", tmp_path / "run", *RUN)
+    assert code == 0, err
+    assert "eval        2 sequences" in err
+    code, _, err = cli("train", "--model", tiny_llama, "--data", flat / "train.jsonl", "--eval-data-split", "test",
+                       "--output", tmp_path / "run2", *RUN)
+    assert code == 1 and "--eval-data-split 'test' picks a split of a Hub dataset or a folder, but --data" in err
+
+
+def test_hub_layout_shards_are_read_as_single_files_are(tmp_path):
+    """Each shard is read as --data FILE would be: shards may differ in columns, CSV cells stay text, and a
+    broken line or a non-UTF-8 byte is named by shard and line."""
+    from lora_cli.data import load_records
+
+    d = tmp_path / "repo" / "data"
+    d.mkdir(parents=True)
+    write(d / "train-00000-of-00002.jsonl", [{"prompt": "a", "completion": "b", "id": 1}])
+    write(d / "train-00001-of-00002.jsonl", [{"prompt": "c", "completion": "d", "source": "x"}])
+    assert load_records(str(d.parent)) == ([{"prompt": "a", "completion": "b", "id": 1},
+                                            {"prompt": "c", "completion": "d", "source": "x"}], None)
+    (tmp_path / "csv" / "data").mkdir(parents=True)
+    (tmp_path / "csv" / "data" / "train-00000-of-00001.csv").write_text("prompt,completion\nWhat is 2+2?,4\nzero?,007\n")
+    assert load_records(str(tmp_path / "csv"))[0] == [{"prompt": "What is 2+2?", "completion": "4"},
+                                                     {"prompt": "zero?", "completion": "007"}]
+    (d / "train-00001-of-00002.jsonl").write_text('{"prompt": "c", "completion": "d"}\n{"prompt": [}\n')
+    with pytest.raises(UserError, match=r"train-00001-of-00002.jsonl line 2: not valid JSON"):
+        load_records(str(d.parent))
+    (d / "train-00001-of-00002.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "d"}\n')
+    with pytest.raises(UserError, match=r"train-00001-of-00002.jsonl is not UTF-8 text \(byte 0xe9 on line 1"):
+        load_records(str(d.parent))
+
+
+def test_saved_datasets_and_compressed_files_are_read(tmp_path):
+    """A folder written by save_to_disk (a Dataset: the train split; a DatasetDict: its splits), and files
+    compressed as the Hub's often are, alone or in a data folder."""
+    import bz2
+    import gzip
+    import lzma
+
+    import datasets
+
+    from lora_cli.data import load_records
+
+    recs = SHAPES["prompt_completion"]
+    datasets.Dataset.from_list(recs).save_to_disk(tmp_path / "saved")
+    assert load_records(str(tmp_path / "saved")) == (recs, None)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(recs[:6]),
+                          "test": datasets.Dataset.from_list(recs[6:])}).save_to_disk(tmp_path / "saved_dict")
+    assert load_records(str(tmp_path / "saved_dict")) == (recs[:6], recs[6:])
+    jsonl = write(tmp_path / "d.jsonl", recs).read_bytes()
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    (tmp_path / "d.jsonl.xz").write_bytes(lzma.compress(jsonl))
+    (tmp_path / "d.csv.bz2").write_bytes(bz2.compress(write(tmp_path / "d.csv", recs).read_bytes()))
+    for name in ("d.jsonl.gz", "d.jsonl.xz"):
+        assert load_records(str(tmp_path / name)) == (recs, None)
+    assert load_records(str(tmp_path / "d.csv.bz2"))[0] == [{k: str(v) for k, v in r.items()} for r in recs]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    (folder / "valid.jsonl").write_bytes(jsonl)
+    assert load_records(str(folder)) == (recs, recs)
+    (tmp_path / "d.jsonl.zst").write_bytes(b"(\xb5/\xfd")
+    with pytest.raises(UserError, match=r"d.jsonl.zst: reading .zst files needs the zstandard package"):
+        load_records(str(tmp_path / "d.jsonl.zst"))
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match=r"cannot read .*bad.jsonl.gz: not valid .gz data"):
+        load_records(str(tmp_path / "bad.jsonl.gz"))
 
 
 def test_turns_mixing_strings_and_content_parts_are_read(cli, tiny_llama, tmp_path):
