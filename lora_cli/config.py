@@ -129,6 +129,9 @@ class TrainConfig:
             v = getattr(c, k)
             if v and Path(v).expanduser().exists():
                 setattr(c, k, os.path.abspath(Path(v).expanduser()))
+        source = c.eval_data or c.data
+        if c.eval_data_split == "test" and source and Path(source).expanduser().is_file():
+            c.eval_data_split = None  # the default until 2026-11: the train_config.yaml of an earlier run holds it
         if c.output is None and c.model:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             c.output = f"runs/{model_short_name(c.model)}-{stamp}"

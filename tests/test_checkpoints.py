@@ -372,6 +372,19 @@ def test_resume_takes_the_command_or_dry_run_yaml_that_started_the_run(cli, tiny
     assert code == 1 and err.startswith("error: --resume cannot change --max-length"), err
 
 
+def test_a_run_saved_with_the_old_eval_split_default_resumes(cli, tiny_llama, chat_data, tmp_path):
+    """Runs saved `eval_data_split: test` (the default until it became none) with a data file, which has no
+    split to pick: resuming them must not fail on it."""
+    out = tmp_path / "run"
+    assert cli("train", "-m", tiny_llama, "--data", chat_data, "--max-steps", "2", "-o", out)[0] == 0
+    saved = (out / "train_config.yaml").read_text()
+    assert "eval_data_split: null" in saved
+    (out / "train_config.yaml").write_text(saved.replace("eval_data_split: null", "eval_data_split: test"))
+    code, _, err = cli("train", "-o", out, "--resume", "--max-steps", "3")
+    assert code == 0, err
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 3
+
+
 def test_resume_with_epochs_extends_a_run_started_with_max_steps(cli, tiny_llama, chat_data, tmp_path):
     """--epochs is a resume override, and the message at a run's end says to raise it: the saved --max-steps
     won over it, so nothing could extend such a run by epochs."""

@@ -361,9 +361,9 @@ def test_a_named_eval_split_is_the_one_read(cli, tiny_llama, tmp_path):
                        "--output", tmp_path / "run", *RUN)
     assert code == 0, err
     assert "eval        2 sequences" in err
-    code, _, err = cli("train", "--model", tiny_llama, "--data", flat / "train.jsonl", "--eval-data-split", "test",
+    code, _, err = cli("train", "--model", tiny_llama, "--data", flat / "train.jsonl", "--eval-data-split", "valid",
                        "--output", tmp_path / "run2", *RUN)
-    assert code == 1 and "--eval-data-split 'test' picks a split of a Hub dataset or a folder, but --data" in err
+    assert code == 1 and "--eval-data-split 'valid' picks a split of a Hub dataset or a folder, but --data" in err
 
 
 def test_hub_layout_shards_are_read_as_single_files_are(tmp_path):
