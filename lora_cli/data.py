@@ -452,8 +452,16 @@ def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, 
         extra = rec.get("input")
         if extra:
             prompt = f"{prompt}\n\n{_str(extra, where, 'input')}"
-        return [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": _str(rec["output"], where, "output")}], 0, True
+        turns = [{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": _str(rec["output"], where, "output")}]
+        history = rec.get("history")  # LLaMA-Factory's earlier [user, assistant] pairs, learned as turns are
+        if history in (None, []):
+            return turns, 0, True
+        if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 for h in history)):
+            raise UserError(f"{where}: history must be a list of [user, assistant] pairs")
+        earlier = [{"role": role, "content": _str(text, where, f"history {role} turn")}
+                   for pair in history for role, text in zip(("user", "assistant"), pair)]
+        return earlier + turns, 0, False
     key = "messages" if shape == "messages" else "conversations"
     return _turns(rec[key], where, key), 0, False
 
@@ -623,6 +631,9 @@ class Encoder:
         return [self._chat(messages, where, stats, tools_of(rec, where), first_loss)]
 
     def _text(self, text: str, stats: EncodeStats) -> list[Example]:
+        if not text.strip():  # (wikitext's blank rows): BOS → EOS would teach that a document is empty
+            stats.dropped_no_loss += 1
+            return []
         ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
         if not ids or ids[-1] != self.eos_id:
             ids.append(self.eos_id)

@@ -150,6 +150,34 @@ def test_alpaca_and_sharegpt(tok):
     assert s.shape == "sharegpt" and labelled_text(tok, b) == "hello<|im_end|>\n"
 
 
+def test_alpaca_history_is_the_earlier_turns(tok):
+    """LLaMA-Factory's alpaca `history`: earlier [user, assistant] pairs, rendered (and learned) as the turns of
+    a conversation are."""
+    rec = {"instruction": "and now?", "input": "", "output": "blue", "history": [["first?", "red"], ["then?", "green"]]}
+    (a,), _ = Encoder(tok, 512).encode_all([rec])
+    turns = [{"role": "user", "content": "first?"}, {"role": "assistant", "content": "red"},
+             {"role": "user", "content": "then?"}, {"role": "assistant", "content": "green"},
+             {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "blue"}]
+    (b,), _ = Encoder(tok, 512).encode_all([{"messages": turns}])
+    assert (a.input_ids.tolist(), a.labels.tolist()) == (b.input_ids.tolist(), b.labels.tolist())
+    assert labelled_text(tok, a) == "red<|im_end|>\ngreen<|im_end|>\nblue<|im_end|>\n"
+    with pytest.raises(UserError, match="record 1: history must be a list of \\[user, assistant\\] pairs"):
+        Encoder(tok, 512).encode_all([{**rec, "history": ["first?", "red"]}])
+
+
+def test_empty_texts_are_dropped_whatever_the_tokenizer(tok):
+    """wikitext has blank rows: with a tokenizer that puts BOS first they became BOS → EOS, one loss token
+    teaching that a document is empty; without BOS they were dropped. Dropped and counted either way."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tiny_tokenizer(chat_template=None)
+    bos._tokenizer.post_processor = TemplateProcessing(single=f"{bos.bos_token} $A",
+                                                       special_tokens=[(bos.bos_token, bos.bos_token_id)])
+    for t in (tok, bos):
+        exs, stats = Encoder(t, 512).encode_all([{"text": "hello world"}, {"text": ""}, {"text": "  \n "}])
+        assert len(exs) == 1 and stats.dropped_no_loss == 2
+
+
 def test_truncation_drops_records_without_loss_and_counts_them(tok):
     long_prompt = "word " * 200
     recs = [{"prompt": long_prompt, "completion": "yes"}, {"prompt": "hi", "completion": "yes"}]
