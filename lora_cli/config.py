@@ -41,7 +41,7 @@ class TrainConfig:
     data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
     data_split: str = _opt("train", "Split to read from a Hub dataset (or a folder laid out as one).", "Model and data")
     eval_data: str | None = _opt(None, "Evaluation data (same formats as --data).", "Model and data")
-    eval_data_split: str | None = _opt(None, "Split to evaluate on, of --eval-data, else of --data (a Hub dataset or a folder) [default: a folder's valid/validation/val/test split; a Hub --eval-data's test split].", "Model and data")
+    eval_data_split: str | None = _opt(None, "Split to evaluate on, of --eval-data, else of --data (a Hub dataset or a folder) [default: a folder's valid/validation/val/dev/eval/test split; a Hub --eval-data's test split].", "Model and data")
     eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when there is no eval data.", "Model and data")
     output: str | None = _opt(None, "Run directory [default: runs/<model>-<yyyymmdd-hhmmss>].", "Model and data")
     chat_template: str | None = _opt(None, "Jinja chat template file to use instead of the tokenizer's.", "Model and data")

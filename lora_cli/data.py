@@ -30,7 +30,7 @@ REWRITES = ("the chat template rewrites earlier turns when the conversation grow
             "text with {% generation %} … {% endgeneration %}")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}  # suffix: the module that reads it
-EVAL_SPLIT_NAMES = ("valid", "validation", "val", "test")
+EVAL_SPLIT_NAMES = ("valid", "validation", "val", "dev", "eval", "evaluation", "test", "testing")  # datasets' words
 SHARE_GPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
                    # LLaMA-Factory's tool turns: the call (as its text) is the assistant's, the result the tool's
@@ -109,7 +109,7 @@ class EncodeStats:
 def load_records(spec: str, split: str = "train", eval_split: str | None = None
                  ) -> tuple[list[dict], list[dict] | None]:
     """(records of `split`, eval records or None) from a file, a data folder or a Hub id. The eval records are
-    `eval_split`'s; unnamed, a folder's valid/validation/val/test split, with the train split's suffix if it
+    `eval_split`'s; unnamed, a folder's valid/validation/val/dev/eval/test split, with the train split's suffix if it
     has one (train_sft → test_sft, as in HuggingFaceH4/ultrachat_200k)."""
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -128,12 +128,15 @@ def load_records(spec: str, split: str = "train", eval_split: str | None = None
 
 def load_eval_records(spec: str, split: str | None = None) -> list[dict]:
     """Records of `--eval-data`: a file; a Hub dataset's `split` (default test); a folder's `split`, by default
-    its valid/validation/val/test split (its train split when it has no other)."""
+    its valid/validation/val/dev/eval/test split, or its one split (a folder holding an eval set as train.*)."""
     p = Path(spec).expanduser()
     if not p.is_dir():
         return read_file(p) if p.exists() else load_records(spec, split or "test")[0]
     splits = folder_splits(p, spec)
-    name = split or next((n for n in (*EVAL_SPLIT_NAMES, "train") if n in splits), next(iter(splits)))
+    name = split or next((n for n in EVAL_SPLIT_NAMES if n in splits), next(iter(splits)) if len(splits) == 1 else None)
+    if name is None:  # never the train split of a folder that has others: that would evaluate on training data
+        raise UserError(f"--eval-data {spec!r} has no split named as eval data ({', '.join(EVAL_SPLIT_NAMES)}); "
+                        f"it holds {', '.join(splits)}: pick one with --eval-data-split")
     return _pick(splits, name, spec, "--eval-data-split")()
 
 

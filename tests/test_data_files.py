@@ -364,6 +364,13 @@ def test_a_named_eval_split_is_the_one_read(cli, tiny_llama, tmp_path):
     code, _, err = cli("train", "--model", tiny_llama, "--data", flat / "train.jsonl", "--eval-data-split", "valid",
                        "--output", tmp_path / "run2", *RUN)
     assert code == 1 and "--eval-data-split 'valid' picks a split of a Hub dataset or a folder, but --data" in err
+    # a held-out split named dev (or eval) is the eval data; the train split of a folder with others never is
+    (hub / "data" / "validation-00000-of-00001.parquet").unlink()
+    (hub / "data" / "test-00000-of-00001.parquet").rename(hub / "data" / "dev-00000-of-00001.parquet")
+    assert load_eval_records(str(hub)) == recs[6:] and load_records(str(hub))[1] == recs[6:]
+    (hub / "data" / "dev-00000-of-00001.parquet").rename(hub / "data" / "extra-00000-of-00001.parquet")
+    with pytest.raises(UserError, match=r"has no split named as eval data .* it holds train, extra: pick one with"):
+        load_eval_records(str(hub))
 
 
 def test_hub_layout_shards_are_read_as_single_files_are(tmp_path):
