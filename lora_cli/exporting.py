@@ -63,6 +63,9 @@ def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
     gguf_note = ("\n> The base was a GGUF file, dequantized on load: these weights were trained against the "
                  "dequantized model, not the Hub's original weights.\n" if facts["base_is_gguf"] else "")
     hub_base = base if base and not Path(str(base)).exists() else "BASE_MODEL"
+    gguf = Path(str(base)) if facts["base_is_gguf"] and base else None  # transformers reads a GGUF by folder + file name
+    load = (f'AutoModelForCausalLM.from_pretrained("{gguf.parent}", gguf_file="{gguf.name}")' if gguf
+            else f'AutoModelForCausalLM.from_pretrained("{hub_base}")')
 
     def num(x, fmt=".4f"):
         return format(x, fmt) if isinstance(x, (int, float)) else "n/a"
@@ -92,13 +95,13 @@ Made with [`lora`](https://pypi.org/project/lora-cli/), saved in PEFT's format.
 ## Use it
 
 ```bash
-lora generate --model {hub_base} --adapter path/to/this/folder --prompt "Hello"
+lora generate --model {gguf or hub_base} --adapter path/to/this/folder --prompt "Hello"
 ```
 
 ```python
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{hub_base}"), "path/to/this/folder")
+model = PeftModel.from_pretrained({load}, "path/to/this/folder")
 ```
 
 {_serving(facts, hub_base)}"""

@@ -28,7 +28,14 @@ def test_demo_improves_by_a_wide_margin_and_merge_is_exact(tmp_path, smollm2_ggu
     facts = json.loads(subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path / "run"), "--json"],
                                       capture_output=True, text=True, check=True).stdout)
     assert facts["base_is_gguf"] and facts["r"] == 16
-    assert "dequantized" in (tmp_path / "adapter" / "README.md").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "dequantized" in card
+    # the card's own PEFT snippet loads the GGUF base (a plain from_pretrained of the .gguf path does not)
+    snippet = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(tmp_path / "adapter"))
+    assert 'gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"' in snippet
+    space: dict = {}
+    exec(snippet, space)
+    assert type(space["model"]).__name__ == "PeftModelForCausalLM" and space["model"].peft_config["default"].r == 16
 
 
 @pytest.mark.slow
