@@ -264,6 +264,15 @@ def test_runs_in_one_process_do_not_share_accelerate_settings(cli, tiny_llama, c
     assert code == 0, err
     first = [json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0])["loss"] for d in "ab"]
     assert first[1] == pytest.approx(first[0], rel=2e-2) and first[1] != first[0]
+    if torch.cuda.is_available():
+        return
+    # a CPU without bf16 instructions emulates it, many times slower: said, and float16 does not point at it
+    from lora_cli.training import cpu_has_bf16
+
+    assert ("bfloat16 is emulated" in " ".join(err.split())) == (not cpu_has_bf16())
+    code, _, err = cli("train", *common, "--output", tmp_path / "c", "--dtype", "float16")
+    assert code == 1 and "--dtype float16 needs a GPU; on CPU use float32" in err
+    assert ("or bfloat16" in err) == cpu_has_bf16()
 
 
 def test_modules_whose_weights_the_model_reads_directly_are_named(cli, chat_data, tmp_path):
