@@ -172,6 +172,8 @@ def folder_splits(p: Path, spec: str) -> dict[str, Callable[[], list[dict]]]:
             raise UserError(f"cannot read data directory {spec!r} (written by save_to_disk): {_root_message(e)}") from None
         parts = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
         return {str(name): functools.partial(lambda d: arrow_records(d.to_list()), d) for name, d in parts.items()}
+    if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
+        raise UserError(f"data directory {spec!r} holds a model (config.json and weights), not training data")
     if not any(_format(f)[0] in DATA_SUFFIXES for f in p.rglob("*") if f.is_file()):
         raise UserError(f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})")
     try:
@@ -231,7 +233,7 @@ def read_file(path: Path) -> list[dict]:
     (through Arrow, records would gain the keys of every other record's tool calls, as nulls)."""
     suffix, packed = _format(path)
     if suffix not in DATA_SUFFIXES or (packed and suffix == ".parquet"):
-        kinds = ", ".join(DATA_SUFFIXES) + f" (but .parquet compressed as {', '.join(COMPRESSIONS)})"
+        kinds = ", ".join(DATA_SUFFIXES) + f", each but .parquet also compressed as {', '.join(COMPRESSIONS)}"
         raise UserError(f"{path}: unsupported data file type {''.join(path.suffixes[-2:]) or path.name!r}; use one of {kinds}")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty")
@@ -310,7 +312,8 @@ def _csv_records(path: Path, text: str) -> list[dict]:
     import pandas as pd
 
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).to_dict("records")
+        # a cell spanning lines keeps them as \n: \r\n inside quotes is a Windows file's line ending, not text
+        return pd.read_csv(io.StringIO(text.replace("\r\n", "\n")), dtype=str, keep_default_na=False).to_dict("records")
     except Exception as e:
         raise UserError(f"cannot read {path}: {_root_message(e)}") from None
 
@@ -344,9 +347,12 @@ def _json_records(path: Path, text: str) -> list[dict]:
                 return [dict(zip(whole, row)) for row in zip(*lists)]
             if record_shape(whole) is not None:
                 return [whole]
-            records = [v for v in lists if v and all(isinstance(r, dict) for r in v)]
+            records = {k: v for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
             if len(records) == 1:
-                return records[0]
+                return next(iter(records.values()))
+            if len(records) > 1:  # {"train": [...], "test": [...]}
+                raise UserError(f"{path} holds several lists of records ({', '.join(records)}); one file is one split: "
+                                "save each as its own file (train.jsonl, test.jsonl…) in a folder, and give the folder")
             return [whole]  # one record of an unknown shape: the encoder names its keys
     records = []
     for i, line in enumerate(lines(text), 1):
@@ -535,7 +541,10 @@ def _from_json(text: str, where: str, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: {what} not valid JSON ({e.msg})") from None
+        repr_ = re.match(r"\s*[\[{]\s*[\[{]?\s*'", text)  # [{'role': …}]: Python's repr, as pandas' to_csv writes lists
+        hint = ("; it is Python's repr of a list (DataFrame.to_csv and Dataset.to_csv write lists so): save the data as "
+                "JSONL or Parquet instead (to_json(orient='records', lines=True), to_parquet)") if repr_ else ""
+        raise UserError(f"{where}: {what} not valid JSON ({e.msg}){hint}") from None
 
 
 def _render_error(where: str, e: Exception) -> UserError:

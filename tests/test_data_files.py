@@ -453,3 +453,26 @@ def test_turns_mixing_strings_and_content_parts_are_read(cli, tiny_llama, tmp_pa
     code, _, err = cli("train", "--model", tiny_llama, "--data", write(tmp_path / "img.jsonl", image),
                        "--output", tmp_path / "i", *RUN)
     assert code == 1 and "has a 'image' part; only text parts" in err, err
+
+
+def test_what_is_not_data_is_named_for_what_it_is(tmp_path, tiny_llama):
+    """A .json of splits, a CSV of Python reprs (pandas' to_csv of a list column), a model folder, a compressed
+    Parquet: each refused with what it is and what to do."""
+    from lora_cli.data import load_records
+
+    (tmp_path / "splits.json").write_text(json.dumps({"train": SHAPES["text"][:2], "test": SHAPES["text"][2:4]}))
+    with pytest.raises(UserError, match=r"holds several lists of records \(train, test\); one file is one split"):
+        load_records(str(tmp_path / "splits.json"))
+    pd.DataFrame({"messages": [SHAPES["messages"][0]["messages"]]}).to_csv(tmp_path / "repr.csv", index=False)
+    with pytest.raises(UserError, match=r"record 1: 'messages' is a string but not valid JSON .*; it is Python's repr"):
+        Encoder(AutoTokenizer.from_pretrained(tiny_llama), 64).encode_all(load_records(str(tmp_path / "repr.csv"))[0])
+    with pytest.raises(UserError, match=r"llama' holds a model \(config.json and weights\), not training data"):
+        load_records(str(tiny_llama))
+    (tmp_path / "d.parquet.gz").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"unsupported data file type '.parquet.gz'; use one of .* each but .parquet also"):
+        load_records(str(tmp_path / "d.parquet.gz"))
+
+
+def test_a_csv_cell_over_windows_lines_holds_line_feeds(tmp_path):
+    (tmp_path / "d.csv").write_bytes(b'prompt,completion\r\n"two\r\nlines",yes\r\n')
+    assert read_file(tmp_path / "d.csv") == [{"prompt": "two\nlines", "completion": "yes"}]
