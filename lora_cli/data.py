@@ -8,6 +8,7 @@ characters between them are the assistant's: the tokens that start there carry t
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import io
@@ -15,6 +16,7 @@ import json
 import logging
 import random
 import re
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_cli.errors import UserError, lines, read_text
+from lora_cli.errors import UserError, few, lines, read_text
 
 IGNORE = -100
 REWRITES = ("the chat template rewrites earlier turns when the conversation grows, so loss masks cannot be derived "
@@ -184,11 +186,22 @@ def folder_splits(p: Path, spec: str) -> dict[str, Callable[[], list[dict]]]:
                         f"cannot read it as a dataset repository either: {_root_message(e)}") from None
     if not found:
         raise UserError(f"data directory {spec!r}: datasets finds no split in it")
-    return {str(name): functools.partial(_read_files, [Path(f) for f in files]) for name, files in found.items()}
+    splits = {str(name): [Path(f) for f in files] for name, files in found.items()}
+    read = {f for files in splits.values() for f in files}
+    folders = {f.parent for f in read}
+    left = sorted(f.name for f in p.rglob("*") if f.parent in folders and f not in read and _format(f)[0] in DATA_SUFFIXES
+                  and f.name.startswith(tuple(splits)))
+    if left:  # datasets takes one file format per folder and leaves the others' shards out, silently
+        raise UserError(f"data directory {spec!r} mixes file formats: datasets reads its {_format(next(iter(read)))[0]} "
+                        f"files and would leave out {few(left)}; convert them to one format")
+    return {name: functools.partial(_read_files, files) for name, files in splits.items()}
 
 
-def _read_files(files: list[Path]) -> list[dict]:
-    return [rec for f in files for rec in read_file(f)]
+def _read_files(files: list[Path]) -> Records:
+    out = Records()
+    for f in files:
+        out.extend_from(read_file(f), f)
+    return out
 
 
 def _split_file(directory: Path, name: str) -> Path | None:
@@ -251,7 +264,36 @@ def read_file(path: Path) -> list[dict]:
                    else _json_records(path, text))
     if not records:
         raise UserError(f"{path} holds no records")
-    return records
+    return records if isinstance(records, Records) else Records().extend_from(records, path)
+
+
+class Records(list):
+    """Records that know where each was read, so an error about record N of a folder's shards, or of a JSONL
+    file with blank lines, names the file and line: "record 7 (train-00001-of-00002.jsonl line 3)"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[int] = []  # index of each file's first record
+        self.labels: list[str] = []  # each file's "NAME line" (JSON lines) or "NAME record"
+        self.numbers = array("i")  # each record's line or number in its file
+
+    def extend_from(self, records: list[dict], path: Path) -> Records:
+        if isinstance(records, Records) and records.starts:
+            self.starts += [start + len(self) for start in records.starts]
+            self.labels += records.labels
+            self.numbers += records.numbers
+        else:
+            self.starts.append(len(self))
+            self.labels.append(f"{path.name} record")
+            self.numbers.extend(range(1, len(records) + 1))
+        self.extend(records)
+        return self
+
+    def place(self, i: int) -> str:
+        """' (FILE line L)' for record i (0-based), where "record i+1" alone would not find it; else ''."""
+        if i >= len(self.numbers) or (len(self.starts) < 2 and self.numbers[i] == i + 1):
+            return ""
+        return f" ({self.labels[bisect.bisect_right(self.starts, i) - 1]} {self.numbers[i]})"
 
 
 def _decompressed(path: Path, packed: str) -> bytes:
@@ -354,7 +396,7 @@ def _json_records(path: Path, text: str) -> list[dict]:
                 raise UserError(f"{path} holds several lists of records ({', '.join(records)}); one file is one split: "
                                 "save each as its own file (train.jsonl, test.jsonl…) in a folder, and give the folder")
             return [whole]  # one record of an unknown shape: the encoder names its keys
-    records = []
+    records = Records()
     for i, line in enumerate(lines(text), 1):
         if not line.strip():
             continue
@@ -365,6 +407,9 @@ def _json_records(path: Path, text: str) -> list[dict]:
         if not isinstance(obj, dict):
             raise UserError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)
+        records.numbers.append(i)
+    records.starts.append(0)
+    records.labels.append(f"{path.name} line")
     return records
 
 
@@ -589,7 +634,7 @@ class Encoder:
         for start in range(0, len(records), BLOCK):
             chunk, block = records[start : start + BLOCK], []
             for i, rec in enumerate(chunk, start):
-                where = f"{name} record {i + 1}"  # 1-based: the line of a .jsonl file
+                where = f"{name} record {i + 1}" + (records.place(i) if isinstance(records, Records) else "")
                 shape = record_shape(rec)
                 if shape != first:
                     raise UserError(f"{where}: shape {shape or 'unknown'} (keys: {_keys(rec)}) differs from the "

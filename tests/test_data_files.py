@@ -476,3 +476,35 @@ def test_what_is_not_data_is_named_for_what_it_is(tmp_path, tiny_llama):
 def test_a_csv_cell_over_windows_lines_holds_line_feeds(tmp_path):
     (tmp_path / "d.csv").write_bytes(b'prompt,completion\r\n"two\r\nlines",yes\r\n')
     assert read_file(tmp_path / "d.csv") == [{"prompt": "two\nlines", "completion": "yes"}]
+
+
+def test_a_record_error_names_its_file_and_line(tmp_path, tiny_llama):
+    """"record N" counts over a split; in a folder of shards, or a JSONL file with blank lines, the error also
+    names the file and its line."""
+    from lora_cli.data import load_records
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    good = json.dumps(SHAPES["prompt_completion"][0])
+    (tmp_path / "gaps.jsonl").write_text(f"{good}\n\n\n{good}\n\n" + '{"prompt": "x"}\n')
+    with pytest.raises(UserError, match=r"data record 3 \(gaps.jsonl line 6\): shape unknown"):
+        Encoder(tok, 64).encode_all(load_records(str(tmp_path / "gaps.jsonl"))[0])
+    (tmp_path / "plain.jsonl").write_text(f"{good}\n" + '{"prompt": "x"}\n')
+    with pytest.raises(UserError, match=r"data record 2: shape unknown"):  # its line already
+        Encoder(tok, 64).encode_all(load_records(str(tmp_path / "plain.jsonl"))[0])
+    d = tmp_path / "repo" / "data"
+    d.mkdir(parents=True)
+    write(d / "train-00000-of-00002.parquet", SHAPES["prompt_completion"][:3])
+    write(d / "train-00001-of-00002.jsonl", [SHAPES["prompt_completion"][0], {"prompt": 1, "completion": "a"}])
+    with pytest.raises(UserError, match=r"mixes file formats: datasets reads its .parquet files and would leave out "
+                                        r"train-00001-of-00002.jsonl; convert"):  # datasets would, silently
+        load_records(str(d.parent))
+    (d / "train-00000-of-00002.parquet").unlink()
+    write(d / "train-00000-of-00002.jsonl", SHAPES["prompt_completion"][:3])
+    with pytest.raises(UserError, match=r"data record 5 \(train-00001-of-00002.jsonl line 2\): prompt must be a string"):
+        Encoder(tok, 64).encode_all(load_records(str(d.parent))[0])
+    for f in d.iterdir():
+        f.unlink()
+    write(d / "train-00000-of-00002.parquet", [*SHAPES["prompt_completion"][:1], {"prompt": "a"}])
+    write(d / "train-00001-of-00002.parquet", SHAPES["prompt_completion"][:2])
+    with pytest.raises(UserError, match=r"data record 2 \(train-00000-of-00002.parquet record 2\): shape unknown"):
+        Encoder(tok, 64).encode_all(load_records(str(d.parent))[0])
