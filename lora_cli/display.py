@@ -23,10 +23,10 @@ def stderr_console() -> Console:
 
 
 def size_text(n: float) -> str:
-    """Bytes for people: '512 bytes', '37.5 KB', '3.55 MB', '1.20 GB' (binary units, as file managers count)."""
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+    """Bytes for people: '512 bytes', '37.5 KiB', '3.55 MiB', '1.20 GiB' (binary units, named as such)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.2f} {unit}" if unit != "KB" else f"{n / scale:.1f} KB"
+            return f"{n / scale:.2f} {unit}" if unit != "KiB" else f"{n / scale:.1f} KiB"
     return f"{n:.0f} bytes"
 
 

@@ -121,7 +121,7 @@ def main() -> int:
     console.print(f"train time {summary['wall_time_s']:.0f} s for {summary['steps']} steps · trainable "
                   f"{summary['trainable_params']:,} of {summary['total_params']:,} params "
                   f"({100 * summary['trainable_params'] / summary['total_params']:.2f}%) · adapter "
-                  f"{adapter_mb:.1f} MB (fp16) vs merged model {model_mb:.0f} MB (fp32) · merged vs base + adapter: max "
+                  f"{adapter_mb:.1f} MiB (fp16) vs merged model {model_mb:.0f} MiB (fp32) · merged vs base + adapter: max "
                   f"|Δlogit| {verify:.2g}")
     return 0
 

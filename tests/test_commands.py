@@ -121,7 +121,7 @@ def test_export_loads_in_peft(cli, trained_run, tiny_llama, tmp_path):
     code, _, err = cli("export", trained_run, "--output", out)
     assert code == 0 and "% of the base" in err
     size = (out / "adapter_model.safetensors").stat().st_size
-    assert f"adapter {size / 1024:.1f} KB (float16)" in " ".join(err.split())  # tiny: not "0.00 MB"
+    assert f"adapter {size / 1024:.1f} KiB (float16)" in " ".join(err.split())  # tiny: not "0.00 MiB"
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float16 for t in tensors.values())
     card = (out / "README.md").read_text()
@@ -432,7 +432,7 @@ def test_sizes_read_in_the_unit_that_fits():
     from lora_cli.display import size_text
 
     assert [size_text(n) for n in (0, 1023, 1024, 38_400, 3_722_445, 5 * 2**30 // 4)] == \
-        ["0 bytes", "1023 bytes", "1.0 KB", "37.5 KB", "3.55 MB", "1.25 GB"]
+        ["0 bytes", "1023 bytes", "1.0 KiB", "37.5 KiB", "3.55 MiB", "1.25 GiB"]
 
 
 def test_the_printed_next_commands_paste_as_they_are(cli, tiny_llama, chat_data, tmp_path):
