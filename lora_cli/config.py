@@ -40,7 +40,9 @@ class TrainConfig:
     model: str | None = _opt(None, "Hub id, local transformers directory, or .gguf file.", "Model and data")
     data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
     data_split: str = _opt("train", "Split to read from a Hub dataset (or a folder laid out as one).", "Model and data")
+    data_config: str | None = _opt(None, "Configuration (subset) of a Hub dataset, or of a folder whose README lists several: load_dataset's name (openai/gsm8k: main).", "Model and data")
     eval_data: str | None = _opt(None, "Evaluation data (same formats as --data).", "Model and data")
+    eval_data_config: str | None = _opt(None, "Configuration (subset) of a Hub --eval-data (or a folder whose README lists several).", "Model and data")
     eval_data_split: str | None = _opt(None, "Split to evaluate on, of --eval-data, else of --data (a Hub dataset or a folder) [default: a folder's valid/validation/val/dev/eval/test split; a Hub --eval-data's test split].", "Model and data")
     eval_split: float = _opt(0.0, "Fraction of --data held out for evaluation when there is no eval data.", "Model and data")
     output: str | None = _opt(None, "Run directory [default: runs/<model>-<yyyymmdd-hhmmss>].", "Model and data")
@@ -181,6 +183,11 @@ class TrainConfig:
         if self.data and self.data_split != "train" and Path(self.data).expanduser().is_file():
             p.append(f"--data-split {self.data_split!r} picks a split of a Hub dataset (or a folder laid out as "
                      f"one), but {self.data!r} is a file")
+        for flag, value, where in (("--data-config", self.data_config, self.data),
+                                   ("--eval-data-config", self.eval_data_config, self.eval_data)):
+            if value is not None and not (where and not Path(where).expanduser().is_file()):
+                p.append(f"{flag} {value!r} picks a configuration of a Hub dataset (or a folder laid out as one), but "
+                         + (f"{where!r} is a file" if where else f"no {flag.removesuffix('-config')} is given"))
         source = self.eval_data or self.data
         if self.eval_data_split is not None and source and Path(source).expanduser().is_file():
             p.append(f"--eval-data-split {self.eval_data_split!r} picks a split of a Hub dataset or a folder, but "

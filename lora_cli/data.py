@@ -108,14 +108,15 @@ class EncodeStats:
 
 # ---------------------------------------------------------------- loading
 
-def load_records(spec: str, split: str = "train", eval_split: str | None = None
-                 ) -> tuple[list[dict], list[dict] | None]:
+def load_records(spec: str, split: str = "train", eval_split: str | None = None, config: str | None = None,
+                 flag: str = "--data-config") -> tuple[list[dict], list[dict] | None]:
     """(records of `split`, eval records or None) from a file, a data folder or a Hub id. The eval records are
     `eval_split`'s; unnamed, a folder's valid/validation/val/dev/eval/test split, with the train split's suffix if it
-    has one (train_sft → test_sft, as in HuggingFaceH4/ultrachat_200k)."""
+    has one (train_sft → test_sft, as in HuggingFaceH4/ultrachat_200k). `config` is the dataset's configuration
+    (load_dataset's name), named `flag` in messages."""
     p = Path(spec).expanduser()
     if p.is_dir():
-        splits = folder_splits(p, spec)
+        splits = folder_splits(p, spec, config, flag)
         read = _pick(splits, split, spec, "--data-split")
         suffix = split[len("train"):] if split.startswith("train") else None
         valid = eval_split or next((n + suffix for n in EVAL_SPLIT_NAMES if suffix is not None and n + suffix in splits),
@@ -125,16 +126,16 @@ def load_records(spec: str, split: str = "train", eval_split: str | None = None
         return read_file(p), None
     if names_missing_file(spec):
         raise UserError(f"data file {spec!r} does not exist")
-    return _read_hub(spec, split), (_read_hub(spec, eval_split) if eval_split else None)
+    return _read_hub(spec, split, config, flag), (_read_hub(spec, eval_split, config, flag) if eval_split else None)
 
 
-def load_eval_records(spec: str, split: str | None = None) -> list[dict]:
+def load_eval_records(spec: str, split: str | None = None, config: str | None = None) -> list[dict]:
     """Records of `--eval-data`: a file; a Hub dataset's `split` (default test); a folder's `split`, by default
     its valid/validation/val/dev/eval/test split, or its one split (a folder holding an eval set as train.*)."""
     p = Path(spec).expanduser()
     if not p.is_dir():
-        return read_file(p) if p.exists() else load_records(spec, split or "test")[0]
-    splits = folder_splits(p, spec)
+        return read_file(p) if p.exists() else load_records(spec, split or "test", None, config, "--eval-data-config")[0]
+    splits = folder_splits(p, spec, config, "--eval-data-config")
     name = split or next((n for n in EVAL_SPLIT_NAMES if n in splits), next(iter(splits)) if len(splits) == 1 else None)
     if name is None:  # never the train split of a folder that has others: that would evaluate on training data
         raise UserError(f"--eval-data {spec!r} has no split named as eval data ({', '.join(EVAL_SPLIT_NAMES)}); "
@@ -155,7 +156,8 @@ def names_missing_file(spec: str) -> bool:
     return not p.exists() and (_format(p)[0] in DATA_SUFFIXES or spec.startswith((".", "/", "~")) or spec.count("/") > 1)
 
 
-def folder_splits(p: Path, spec: str) -> dict[str, Callable[[], list[dict]]]:
+def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--data-config"
+                  ) -> dict[str, Callable[[], list[dict]]]:
     """The splits of a data folder by name, each read when called: its `train.*`, `valid.*`… files; what
     `save_to_disk` wrote; or, laid out as a Hub dataset repository (`data/train-00000-of-00002.parquet`,
     `train/*.jsonl`, a README's `configs:`), the files datasets assigns to each split, as on the Hub, each read
@@ -163,10 +165,14 @@ def folder_splits(p: Path, spec: str) -> dict[str, Callable[[], list[dict]]]:
     import datasets
 
     flat = {name: f for name in ("train", *EVAL_SPLIT_NAMES) if (f := _split_file(p, name))}
+    saved = (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+    if config is not None and (flat or saved):
+        raise UserError(f"{flag} {config!r} picks a configuration of a folder laid out as a Hub dataset, but {spec!r} "
+                        f"holds {'train.*/valid.* files' if flat else 'what save_to_disk wrote'}")
     if flat:
         return {name: functools.partial(read_file, f) for name, f in flat.items()}
     datasets.disable_progress_bars()
-    if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+    if saved:
         try:
             with quiet_logs():
                 saved = datasets.load_from_disk(str(p))
@@ -180,10 +186,10 @@ def folder_splits(p: Path, spec: str) -> dict[str, Callable[[], list[dict]]]:
         raise UserError(f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})")
     try:
         with quiet_logs():
-            found = datasets.load_dataset_builder(str(p)).config.data_files or {}
+            found = datasets.load_dataset_builder(str(p), config).config.data_files or {}
     except Exception as e:
-        raise UserError(f"data directory {spec!r} has no train.* file ({', '.join(DATA_SUFFIXES)}), and datasets "
-                        f"cannot read it as a dataset repository either: {_root_message(e)}") from None
+        raise UserError(f"data directory {spec!r} holds no train.* file, and as a dataset repository: "
+                        f"{_dataset_error(e, flag)}") from None
     if not found:
         raise UserError(f"data directory {spec!r}: datasets finds no split in it")
     splits = {str(name): [Path(f) for f in files] for name, files in found.items()}
@@ -227,6 +233,15 @@ def _root_message(e: BaseException) -> str:
     while (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _dataset_error(e: BaseException, flag: str) -> str:
+    """datasets' reason, in one line; a missing or unknown configuration names the ones there are and the flag."""
+    whole = str(e)
+    named = re.search(r"(?:available configs|Available: |one among the available configs:)\s*(\[[^\]]*\])", whole)
+    if named and re.search(r"Config name is missing|BuilderConfig .* not found", whole):
+        return f"it has several configurations, {named.group(1)}: pick one with {flag}"
+    return _root_message(e)
 
 
 @contextlib.contextmanager
@@ -413,7 +428,7 @@ def _json_records(path: Path, text: str) -> list[dict]:
     return records
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--data-config") -> list[dict]:
     import datasets
 
     from lora_cli.models import cache_only_if_offline
@@ -423,9 +438,9 @@ def _read_hub(name: str, split: str) -> list[dict]:
         datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy of the setting
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:
-        msg = _root_message(e)
+        msg = _dataset_error(e, flag)
         if offline and "is not cached" in msg:  # datasets says "… is not cached in None"
             msg = "there is no network, and it is not in the local Hugging Face cache"
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "

@@ -213,9 +213,10 @@ def _cannot_change(keys: list[str]) -> UserError:
 def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Example], list[Example] | None,
                                                                          EncodeStats, EncodeStats | None]:
     """Load and tokenize the training (and eval) records; `console` shows a bar for large datasets."""
-    train_records, valid_records = load_records(cfg.data, cfg.data_split, None if cfg.eval_data else cfg.eval_data_split)
+    train_records, valid_records = load_records(cfg.data, cfg.data_split, None if cfg.eval_data else cfg.eval_data_split,
+                                                cfg.data_config)
     if cfg.eval_data:
-        valid_records = load_eval_records(cfg.eval_data, cfg.eval_data_split)
+        valid_records = load_eval_records(cfg.eval_data, cfg.eval_data_split, cfg.eval_data_config)
     elif valid_records is None and cfg.eval_split > 0:
         train_records, valid_records = split_eval(train_records, cfg.eval_split, cfg.seed)
     elif cfg.eval_split > 0 and console is not None:

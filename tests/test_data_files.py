@@ -508,3 +508,29 @@ def test_a_record_error_names_its_file_and_line(tmp_path, tiny_llama):
     write(d / "train-00001-of-00002.parquet", SHAPES["prompt_completion"][:2])
     with pytest.raises(UserError, match=r"data record 2 \(train-00000-of-00002.parquet record 2\): shape unknown"):
         Encoder(tok, 64).encode_all(load_records(str(d.parent))[0])
+
+
+def test_a_dataset_configuration_is_picked_with_data_config(cli, tiny_llama, tmp_path):
+    """A folder whose README lists configurations (openai/gsm8k's main and socratic): --data-config picks one,
+    as load_dataset's name does; without it the error names them. A file has none to pick."""
+    from lora_cli.data import load_eval_records, load_records
+
+    d = tmp_path / "gsm"
+    recs = SHAPES["prompt_completion"]
+    for config, split, part in (("main", "train", recs[:5]), ("main", "test", recs[5:]), ("socratic", "train", recs[:2])):
+        (d / config).mkdir(parents=True, exist_ok=True)
+        write(d / config / f"{split}-00000-of-00001.jsonl", part)
+    (d / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n" + "".join(f"  - split: {s}\n    path: {c}/{s}-*.jsonl\n" for s in splits)
+        for c, splits in (("main", ("train", "test")), ("socratic", ("train",)))) + "---\n")
+    assert load_records(str(d), config="main") == (recs[:5], recs[5:])
+    assert load_records(str(d), config="socratic") == (recs[:2], None)
+    assert load_eval_records(str(d), config="main") == recs[5:]
+    with pytest.raises(UserError, match=r"it has several configurations, \['main', 'socratic'\]: pick one with --data-config"):
+        load_records(str(d))
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--data-config", "main", "--output", tmp_path / "r", *RUN)
+    assert code == 0, err
+    assert "5 records (prompt_completion)" in err and "eval        3 sequences" in err
+    code, _, err = cli("train", "--model", tiny_llama, "--data", d / "main" / "train-00000-of-00001.jsonl",
+                       "--data-config", "main", "--output", tmp_path / "r2", *RUN)
+    assert code == 1 and "--data-config 'main' picks a configuration of a Hub dataset" in err and "is a file" in err
