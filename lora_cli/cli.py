@@ -20,6 +20,7 @@ app = typer.Typer(
     name="lora",
     help="Fine-tune Hugging Face causal language models with LoRA: train, merge, export, generate, inspect; "
          "combine, resize and extract adapters.",
+    epilog="Errors are one line; --debug (with any command) or LORA_DEBUG=1 shows the traceback instead.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

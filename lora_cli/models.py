@@ -53,8 +53,9 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
                     base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"] or "BASE"
                 except (ValueError, KeyError, TypeError, OSError):
                     base = "BASE"
-                raise UserError(f"{ref!r} is a LoRA adapter, not a model; its base is {base!r}: for generate use "
-                                f"--model {base} --adapter {ref}, for merge `lora merge {ref}`")
+                raise UserError(f"{ref!r} is a LoRA adapter, not a model; its base is {base!r}: give --model {base} "
+                                f"(generate: with --adapter {ref}), or merge it (`lora merge {ref}`) and give the "
+                                "merged model, to train on top of it")
             raise UserError(f"model directory {ref!r} has no config.json; is it a transformers model directory?")
         check_no_pickle(p, allow_pickle)
         return ModelSource(ref, str(p.resolve()), "dir")

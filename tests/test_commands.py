@@ -114,6 +114,7 @@ def test_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "train" in r.stdout and "merge" in r.stdout and "inspect" in r.stdout
+    assert "--debug (with any command)" in " ".join(r.stdout.split())  # documented, and said where users look
 
 
 def test_export_loads_in_peft(cli, trained_run, tiny_llama, tmp_path):
