@@ -96,6 +96,9 @@ def match_weights(adapter_paths: list[str], checkpoint_keys: dict[str, list[int]
         raise UserError(f"the adapter does not fit this base model: none of its {len(problems)} modules (e.g. "
                         f"{min(adapter_paths)}) has a weight in it; was it trained on another model? (--base sets it)")
     if problems:
+        from lora_cli.lora.adapter import natural_key
+
+        problems.sort(key=natural_key)
         shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
         raise UserError(f"the adapter does not fit this base model: {shown}")
     return found

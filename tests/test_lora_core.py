@@ -363,6 +363,24 @@ def test_mismatches_are_collected_together(tmp_path):
         load_adapter(wide, tmp_path)
 
 
+def test_a_misfit_names_the_shape_mismatches_first(tmp_path):
+    """An adapter on a smaller, deeper model: its extra layers are 'not a module of the base', but the shapes
+    say most plainly that it is another model: they come first, layers in order, with the base it was trained on."""
+    import transformers as tf
+    from tiny import tiny_config
+
+    ours, paths = wrapped("llama")
+    save_adapter(ours, tmp_path, AdapterConfig(r=4, lora_alpha=8, target_modules=peft_target_names(ours, paths),
+                                               base_model_name_or_path="tiny"))
+    c = tiny_config("llama")
+    c.num_hidden_layers, c.hidden_size, c.head_dim = 1, 64, 64 // c.num_attention_heads
+    with pytest.raises(UserError) as e:
+        load_adapter(tf.AutoModelForCausalLM.from_config(c), tmp_path)
+    msg = str(e.value)
+    assert "does not fit this base model (it was trained on tiny): model.layers.0.self_attn.k_proj.lora_A is (4, 32)" in msg
+    assert "model.layers.1" not in msg.split("…")[0] and "more" in msg
+
+
 def test_non_finite_adapter_is_refused(tmp_path):
     ours, paths = wrapped("llama")
     with torch.no_grad():

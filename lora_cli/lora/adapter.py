@@ -30,6 +30,11 @@ from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets
 _KEY_RX = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
 
 
+def natural_key(text: str) -> list:
+    """Sorts layer 2 before layer 10."""
+    return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", text)]
+
+
 def save_adapter(
     model: nn.Module,
     out_dir: str | Path,
@@ -173,9 +178,12 @@ def check_adapter_fits(
         raise UserError(f"adapter {source} does not fit this base model: none of its {len(wanted)} modules (e.g. "
                         f"{min(wanted)}) is in it; it was trained on {config.base_model_name_or_path or 'another model'}")
     if problems:
-        problems = list(dict.fromkeys(problems))  # lora_A and lora_B of one module: one line
+        # one line a module; shape mismatches first (they say most plainly that it is another model), layers in order
+        problems = sorted(dict.fromkeys(problems), key=lambda p: ("needs (" not in p and ", the base's (" not in p,
+                                                                  natural_key(p)))
         shown = "; ".join(problems[:8]) + (f"; … {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise UserError(f"adapter {source} does not fit this base model: {shown}")
+        trained = f" (it was trained on {config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+        raise UserError(f"adapter {source} does not fit this base model{trained}: {shown}")
     return paths
 
 
