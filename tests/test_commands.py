@@ -390,6 +390,22 @@ def test_generate_with_and_without_adapter(cli, trained_run, tiny_llama):
     assert code == 1 and "does not exist" in err
 
 
+def test_generate_json_lines_tell_answers_apart(cli, trained_run, tiny_llama, tmp_path):
+    """Streamed answers to several prompts run together on stdout; --json writes one object per answer, the
+    same answers."""
+    (tmp_path / "p.txt").write_text("What is color 3?\nhello\n")
+    args = ["generate", "--model", tiny_llama, "--adapter", trained_run, "--prompt-file", tmp_path / "p.txt",
+            "--max-new-tokens", "6", "--compare"]
+    code, plain, err = cli(*args)
+    assert code == 0, err
+    code, out, err = cli(*args, "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["model"], r["prompt"]) for r in rows] == [(m, p) for m in ("base", str(trained_run))
+                                                          for p in ("What is color 3?", "hello")]
+    assert "".join(r["answer"] + "\n" for r in rows) == plain
+
+
 def test_generate_stays_within_a_learned_position_context(cli, tiny_gpt2):
     """GPT-2 has 256 learned positions: a longer answer is cut to fit with a note, a prompt that fills the
     context is refused (generating past it was an IndexError)."""

@@ -17,6 +17,8 @@ def generate_command(
     system: Optional[str] = typer.Option(None, "--system", help="A system message (chat models)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Send the prompt as raw text, without the chat template."),
     compare: bool = typer.Option(False, "--compare", help="Also answer with the base model, side by side."),
+    json_lines: bool = typer.Option(False, "--json", help="Write each answer to stdout as a JSON line "
+                                    '({"model", "prompt", "answer"}) instead of streaming the text.'),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Maximum tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold (with --temperature > 0)."),
@@ -72,11 +74,12 @@ def generate_command(
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32) (got {seed})")
     _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
-         trust_remote_code, allow_pickle)
+         trust_remote_code, allow_pickle, json_lines)
 
 
 def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
-         trust_remote_code, allow_pickle) -> None:
+         trust_remote_code, allow_pickle, json_lines=False) -> None:
+    import json
     import sys
     import time
 
@@ -130,10 +133,12 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         answers[label] = []
         for p, ids in zip(prompts, encodings[template[variant]]):
             console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
-            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+            streamer = None if json_lines else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
             answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k))
+            if json_lines:  # one line per answer: scripts can tell answers apart (streamed text runs together)
+                print(json.dumps({"model": label, "prompt": p, "answer": answers[label][-1]}, ensure_ascii=False))
             sys.stdout.flush()
     if len(variants) > 1:
         table = Table(title="answers", show_lines=True)
