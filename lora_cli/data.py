@@ -402,6 +402,11 @@ def _json_records(path: Path, text: str) -> list[dict]:
             if (len(lists) == len(whole) and len({len(v) for v in lists}) == 1 and lists[0]
                     and not any(isinstance(x, dict) for v in lists for x in v)):  # a record's turns are objects
                 return [dict(zip(whole, row)) for row in zip(*lists)]
+            if len(lists) == len(whole) > 1 and len({len(v) for v in lists}) > 1 and not any(
+                    isinstance(x, dict) for v in lists for x in v):  # columns, one of them short
+                lengths = ", ".join(f"{k} {len(v)}" for k, v in whole.items())
+                raise UserError(f"{path} holds columns of different lengths ({lengths}); each column needs a value "
+                                "for every record")
             if record_shape(whole) is not None:
                 return [whole]
             records = {k: v for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}

@@ -468,6 +468,9 @@ def test_what_is_not_data_is_named_for_what_it_is(tmp_path, tiny_llama):
         Encoder(AutoTokenizer.from_pretrained(tiny_llama), 64).encode_all(load_records(str(tmp_path / "repr.csv"))[0])
     with pytest.raises(UserError, match=r"llama' holds a model \(config.json and weights\), not training data"):
         load_records(str(tiny_llama))
+    (tmp_path / "short.json").write_text(json.dumps({"prompt": ["a", "b"], "completion": ["x"]}))
+    with pytest.raises(UserError, match=r"holds columns of different lengths \(prompt 2, completion 1\)"):
+        load_records(str(tmp_path / "short.json"))
     (tmp_path / "d.parquet.gz").write_bytes(b"x")
     with pytest.raises(UserError, match=r"unsupported data file type '.parquet.gz'; use one of .* each but .parquet also"):
         load_records(str(tmp_path / "d.parquet.gz"))
