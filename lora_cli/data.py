@@ -175,10 +175,10 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
     if saved:
         try:
             with quiet_logs():
-                saved = datasets.load_from_disk(str(p))
+                on_disk = datasets.load_from_disk(str(p))
         except Exception as e:
             raise UserError(f"cannot read data directory {spec!r} (written by save_to_disk): {_root_message(e)}") from None
-        parts = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
+        parts = {"train": on_disk} if isinstance(on_disk, datasets.Dataset) else dict(on_disk)
         return {str(name): functools.partial(lambda d: arrow_records(d.to_list()), d) for name, d in parts.items()}
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
         raise UserError(f"data directory {spec!r} holds a model (config.json and weights), not training data")
