@@ -504,8 +504,8 @@ def test_hub_datasets_read_the_named_splits(monkeypatch):
         def to_list(self):
             return [{"text": f"{self.split} record {i}"} for i in range(3)]
 
-    def load_dataset(name, split):
-        asked.append((name, split))
+    def load_dataset(name, config=None, split=None):
+        asked.append((name, config, split) if config else (name, split))
         return Split(split)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
@@ -519,6 +519,11 @@ def test_hub_datasets_read_the_named_splits(monkeypatch):
     cfg.validate()
     encode_datasets(cfg, tiny_tokenizer())
     assert asked == [("org/chats", "train[:80%]"), ("org/other", "validation")]
+    asked.clear()  # a configuration (load_dataset's name); the eval split of --data itself
+    cfg = TrainConfig(model="m", data="openai/gsm8k", data_config="main", eval_data_split="test")
+    cfg.validate()
+    encode_datasets(cfg, tiny_tokenizer())
+    assert asked == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
 
 
 def test_in_spans_equals_the_overlap_test_of_every_span():
