@@ -211,8 +211,8 @@ def _read_files(files: list[Path]) -> Records:
 
 
 def _split_file(directory: Path, name: str) -> Path | None:
-    found = [directory / f"{name}{suffix}{packed}" for suffix in DATA_SUFFIXES for packed in ("", *COMPRESSIONS)
-             if (directory / f"{name}{suffix}{packed}").is_file()]
+    candidates = (directory / f"{name}{suffix}{packed}" for suffix in DATA_SUFFIXES for packed in ("", *COMPRESSIONS))
+    found = [f for f in candidates if f.is_file()]
     if len(found) > 1:
         raise UserError(f"data directory {str(directory)!r} holds {' and '.join(f.name for f in found)}: one "
                         f"{name} split, one file")
