@@ -131,9 +131,6 @@ class TrainConfig:
             v = getattr(c, k)
             if v and Path(v).expanduser().exists():
                 setattr(c, k, os.path.abspath(Path(v).expanduser()))
-        source = c.eval_data or c.data
-        if c.eval_data_split == "test" and source and Path(source).expanduser().is_file():
-            c.eval_data_split = None  # the default until 2026-11: the train_config.yaml of an earlier run holds it
         if c.output is None and c.model:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
             c.output = f"runs/{model_short_name(c.model)}-{stamp}"
@@ -267,6 +264,10 @@ def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
         raise UserError(f"{what}: expected a mapping of option: value, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     TrainConfig.from_dict(data, source=what)  # report unknown keys / types now
+    source = data.get("eval_data") or data.get("data")
+    if (data.get("eval_data_split") == "test" and {"data_split", "eval_split"} <= data.keys()
+            and isinstance(source, str) and Path(source).expanduser().is_file()):
+        data["eval_data_split"] = None  # the default until 2026-11, in the train_config.yaml of an earlier run
     return data
 
 

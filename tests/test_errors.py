@@ -139,6 +139,8 @@ CASES = {
                               ["--data-split 'test' picks a split of a Hub dataset", "is a file"]),
     "eval split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-data-split", "dev"),
                                    ["--eval-data-split 'dev' picks a split of a Hub dataset or a folder, but --eval-data", "is a file"]),
+    "test split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data-split", "test"),
+                                   ["--eval-data-split 'test' picks a split of a Hub dataset or a folder, but --data", "is a file"]),
     "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["cannot write", "is a file, not a folder"]),
     "UTF-16 data": (lambda d, m, c: train_args(m, d / "utf16.jsonl", d / "o"), ["is UTF-16 text; save it as UTF-8"]),
     "malformed CSV": (lambda d, m, c: train_args(m, d / "broken.csv", d / "o"),
