@@ -179,7 +179,8 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
         except Exception as e:
             raise UserError(f"cannot read data directory {spec!r} (written by save_to_disk): {_root_message(e)}") from None
         parts = {"train": on_disk} if isinstance(on_disk, datasets.Dataset) else dict(on_disk)
-        return {str(name): functools.partial(lambda d: arrow_records(d.to_list()), d) for name, d in parts.items()}
+        return {str(name): functools.partial(lambda n, d: Records.numbered(arrow_records(d.to_list()), f"{n} split record"),
+                                             name, d) for name, d in parts.items()}
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
         raise UserError(f"data directory {spec!r} holds a model (config.json and weights), not training data")
     if not any(_format(f)[0] in DATA_SUFFIXES for f in p.rglob("*") if f.is_file()):
@@ -206,7 +207,7 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
 def _read_files(files: list[Path]) -> Records:
     out = Records()
     for f in files:
-        out.extend_from(read_file(f), f)
+        out.extend_from(read_file(f), f"{f.name} record")
     return out
 
 
@@ -279,7 +280,7 @@ def read_file(path: Path) -> list[dict]:
                    else _json_records(path, text))
     if not records:
         raise UserError(f"{path} holds no records")
-    return records if isinstance(records, Records) else Records().extend_from(records, path)
+    return records if isinstance(records, Records) else Records.numbered(records, f"{path.name} record")
 
 
 class Records(list):
@@ -292,17 +293,35 @@ class Records(list):
         self.labels: list[str] = []  # each file's "NAME line" (JSON lines) or "NAME record"
         self.numbers = array("i")  # each record's line or number in its file
 
-    def extend_from(self, records: list[dict], path: Path) -> Records:
+    @classmethod
+    def numbered(cls, records: list[dict], label: str) -> Records:
+        """Records of one source, the Nth named "LABEL N"."""
+        return cls().extend_from(records, label)
+
+    def extend_from(self, records: list[dict], label: str) -> Records:
         if isinstance(records, Records) and records.starts:
             self.starts += [start + len(self) for start in records.starts]
             self.labels += records.labels
             self.numbers += records.numbers
         else:
             self.starts.append(len(self))
-            self.labels.append(f"{path.name} record")
+            self.labels.append(label)
             self.numbers.extend(range(1, len(records) + 1))
         self.extend(records)
         return self
+
+    def subset(self, keep: list[int]) -> Records:
+        """The records at the (ascending) indices `keep`, each still placed in its file."""
+        out, run = Records(), -1
+        for i in keep:
+            f = bisect.bisect_right(self.starts, i) - 1
+            if f != run:
+                out.starts.append(len(out))
+                out.labels.append(self.labels[f])
+                run = f
+            out.append(self[i])
+            out.numbers.append(self.numbers[i])
+        return out
 
     def place(self, i: int) -> str:
         """' (FILE line L)' for record i (0-based), where "record i+1" alone would not find it; else ''."""
@@ -375,6 +394,21 @@ def _csv_records(path: Path, text: str) -> list[dict]:
         raise UserError(f"cannot read {path}: {_root_message(e)}") from None
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(line: str) -> bool:
+    """Whether the JSON strings of `line` hold a surrogate that is not one of a pair (json pairs the others)."""
+    values = re.findall(r'"(?:[^"\\]|\\.)*"', line)  # each string literal, escapes and all
+    try:
+        "".join(json.loads(v) for v in values).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except json.JSONDecodeError:  # a string cut by the line's end (pretty-printed JSON never splits one)
+        return False
+    return False
+
+
 def _json_records(path: Path, text: str) -> list[dict]:
     """The records of a .json or .jsonl file, pointing at the first malformed line.
 
@@ -384,6 +418,11 @@ def _json_records(path: Path, text: str) -> list[dict]:
     stripped = text.lstrip()
     if not stripped:
         raise UserError(f"{path} is empty")
+    if SURROGATE_ESCAPE.search(text):  # JSON may escape half a UTF-16 pair, which no tokenizer takes
+        for number, line in enumerate(lines(text), 1):
+            if (bad := SURROGATE_ESCAPE.search(line)) and _lone_surrogate(line):
+                raise UserError(f"{path} line {number}: {bad.group()} is half of a UTF-16 surrogate pair, not a "
+                                "character; fix or drop it")
     if stripped[0] == "[":
         try:
             data = json.loads(text)
@@ -433,7 +472,7 @@ def _json_records(path: Path, text: str) -> list[dict]:
     return records
 
 
-def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--data-config") -> list[dict]:
+def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--data-config") -> Records:
     import datasets
 
     from lora_cli.models import cache_only_if_offline
@@ -450,18 +489,19 @@ def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--d
             msg = "there is no network, and it is not in the local Hugging Face cache"
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "
                         f"did not provide it: {msg}") from None
-    return arrow_records(ds.to_list())
+    return Records.numbered(arrow_records(ds.to_list()), f"{name} {split} record")
 
 
-def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the records (at least one) for evaluation, reproducibly."""
+def split_eval(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:
+    """Hold out `fraction` of the records (at least one) for evaluation, reproducibly. Both parts keep each
+    record's place in its file, so an error names the line, not the position in the part."""
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(len(records) * fraction))
     if n_eval >= len(records):
         raise UserError(f"--eval-split {fraction} leaves no training records ({len(records)} in all)")
     held = set(idx[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    return (records.subset([i for i in range(len(records)) if i not in held]), records.subset(sorted(held)))
 
 
 # ---------------------------------------------------------------- record shapes

@@ -513,6 +513,26 @@ def test_a_record_error_names_its_file_and_line(tmp_path, tiny_llama):
         Encoder(tok, 64).encode_all(load_records(str(d.parent))[0])
 
 
+def test_a_record_error_in_a_held_out_part_names_its_line(cli, tmp_path, tiny_llama):
+    """--eval-split renumbers both parts: "eval data record 2" alone would not find the record in the file."""
+    from lora_cli.data import split_eval
+
+    bad = 13
+    lines = [json.dumps({"prompt": f"q{i}", "completion": "a"}) for i in range(1, 21)]
+    lines[bad - 1] = '{"prompt": "x", "completion": 7}'
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    train, held = split_eval(read_file(tmp_path / "d.jsonl"), 0.25, seed=0)
+    part, name = (held, "eval data") if any(r["completion"] == 7 for r in held) else (train, "training data")
+    at = next(i for i, r in enumerate(part) if r["completion"] == 7)
+    assert at + 1 != bad  # (else the position alone would find it)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    with pytest.raises(UserError, match=rf"{name} record {at + 1} \(d.jsonl line {bad}\): completion must be a string"):
+        Encoder(tok, 64).encode_all(part, name)
+    code, _, err = cli("train", "-m", tiny_llama, "--data", tmp_path / "d.jsonl", "--eval-split", "0.25",
+                       "--max-steps", "1", "-o", tmp_path / "o")
+    assert code == 1 and f"(d.jsonl line {bad})" in " ".join(err.split()), err
+
+
 def test_a_dataset_configuration_is_picked_with_data_config(cli, tiny_llama, tmp_path):
     """A folder whose README lists configurations (openai/gsm8k's main and socratic): --data-config picks one,
     as load_dataset's name does; without it the error names them. A file has none to pick."""

@@ -50,6 +50,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "latin1-wrapped.json").write_bytes('{"version": 1, "data": [{"text": "café"}]}'.encode("latin-1"))
     (d / "latin1-prompts.txt").write_bytes("café\n".encode("latin-1"))
     (d / "null-completion.jsonl").write_text('{"prompt": "hello", "completion": null}\n')
+    (d / "surrogate.jsonl").write_text('{"text": "a \\ud83d\\ude00 pair"}\n{"text": "half \\ud83d of one"}\n')
     (d / "empty.jinja").write_text("  \n")
     (d / "no-data").mkdir()
     (d / "no-data" / "notes.md").write_text("nothing to train on\n")
@@ -142,6 +143,8 @@ CASES = {
     "test split of a local file": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data-split", "test"),
                                    ["--eval-data-split 'test' picks a split of a Hub dataset or a folder, but --data", "is a file"]),
     "output inside a file": (lambda d, m, c: train_args(m, c, c / "o"), ["cannot write", "is a file, not a folder"]),
+    "lone surrogate": (lambda d, m, c: train_args(m, d / "surrogate.jsonl", d / "o"),
+                       ["surrogate.jsonl line 2: \\ud83d is half of a UTF-16 surrogate pair, not a character"]),
     "UTF-16 data": (lambda d, m, c: train_args(m, d / "utf16.jsonl", d / "o"), ["is UTF-16 text; save it as UTF-8"]),
     "malformed CSV": (lambda d, m, c: train_args(m, d / "broken.csv", d / "o"),
                       ["cannot read", "EOF inside string"]),  # the parser's words, not datasets' wrapper
