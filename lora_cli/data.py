@@ -240,7 +240,10 @@ def _dataset_error(e: BaseException, flag: str) -> str:
     """datasets' reason, in one line; a missing or unknown configuration names the ones there are and the flag."""
     whole = str(e)
     named = re.search(r"(?:available configs|Available: |one among the available configs:)\s*(\[[^\]]*\])", whole)
-    if named and re.search(r"Config name is missing|BuilderConfig .* not found", whole):
+    unknown = re.search(r"BuilderConfig (.*) not found", whole)
+    if named and unknown:
+        return f"it has no configuration {unknown.group(1)}; it has {named.group(1)}: pick one with {flag}"
+    if named and "Config name is missing" in whole:
         return f"it has several configurations, {named.group(1)}: pick one with {flag}"
     return _root_message(e)
 

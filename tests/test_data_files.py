@@ -551,6 +551,9 @@ def test_a_dataset_configuration_is_picked_with_data_config(cli, tiny_llama, tmp
     assert load_eval_records(str(d), config="main") == recs[5:]
     with pytest.raises(UserError, match=r"it has several configurations, \['main', 'socratic'\]: pick one with --data-config"):
         load_records(str(d))
+    with pytest.raises(UserError, match=r"it has no configuration 'mian'; it has \['main', 'socratic'\]: pick one with "
+                                        r"--eval-data-config"):
+        load_eval_records(str(d), config="mian")
     code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--data-config", "main", "--output", tmp_path / "r", *RUN)
     assert code == 0, err
     assert "5 records (prompt_completion)" in err and "eval        3 sequences" in err
