@@ -393,7 +393,7 @@ def test_generate_with_and_without_adapter(cli, trained_run, tiny_llama):
 def test_generate_json_lines_tell_answers_apart(cli, trained_run, tiny_llama, tmp_path):
     """Streamed answers to several prompts run together on stdout; --json writes one object per answer, the
     same answers."""
-    (tmp_path / "p.txt").write_text("What is color 3?\nhello\n")
+    (tmp_path / "p.txt").write_text("What is color 3?\nhello\u2028there\x85\n")  # line breaks to str.splitlines
     args = ["generate", "--model", tiny_llama, "--adapter", trained_run, "--prompt-file", tmp_path / "p.txt",
             "--max-new-tokens", "6", "--compare"]
     code, plain, err = cli(*args)
@@ -402,7 +402,7 @@ def test_generate_json_lines_tell_answers_apart(cli, trained_run, tiny_llama, tm
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["model"], r["prompt"]) for r in rows] == [(m, p) for m in ("base", str(trained_run))
-                                                          for p in ("What is color 3?", "hello")]
+                                                          for p in ("What is color 3?", "hello\u2028there\x85")]
     assert "".join(r["answer"] + "\n" for r in rows) == plain
 
 

@@ -7,6 +7,9 @@ from typing import Optional
 
 import typer
 
+# characters JSON leaves raw that end a line for str.splitlines (and U+2028/9 for JavaScript before ES2019)
+LINE_BREAKS_ESCAPED = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
 
 def generate_command(
     model: str = typer.Option(..., "--model", "-m", help="Hub id, local directory, or .gguf file."),
@@ -138,7 +141,8 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
             answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k))
             if json_lines:  # one line per answer: scripts can tell answers apart (streamed text runs together)
-                print(json.dumps({"model": label, "prompt": p, "answer": answers[label][-1]}, ensure_ascii=False))
+                row = json.dumps({"model": label, "prompt": p, "answer": answers[label][-1]}, ensure_ascii=False)
+                print(row.translate(LINE_BREAKS_ESCAPED))  # (str.splitlines would split at them)
             sys.stdout.flush()
     if len(variants) > 1:
         table = Table(title="answers", show_lines=True)
