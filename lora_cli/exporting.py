@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -62,7 +64,10 @@ def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
     cfg = run_settings(adapter_dir)  # of the run, for a checkpoint
     gguf_note = ("\n> The base was a GGUF file, dequantized on load: these weights were trained against the "
                  "dequantized model, not the Hub's original weights.\n" if facts["base_is_gguf"] else "")
-    hub_base = base if base and not Path(str(base)).exists() else "BASE_MODEL"
+    hub_base = hub_id_of(str(base)) if base else "BASE_MODEL"
+    local_note = (f"\n`BASE_MODEL` is the model this adapter was trained on: here the local folder `{base}`; elsewhere, "
+                  "its Hub id or a copy of it.\n" if hub_base == "BASE_MODEL" and base and not facts["base_is_gguf"]
+                  else "")
     gguf = Path(str(base)) if facts["base_is_gguf"] and base else None  # transformers reads a GGUF by folder + file name
     load = (f'AutoModelForCausalLM.from_pretrained("{gguf.parent}", gguf_file="{gguf.name}")' if gguf
             else f'AutoModelForCausalLM.from_pretrained("{hub_base}")')
@@ -93,7 +98,7 @@ tags: [lora, peft, lora-cli]
 Made with [`lora`](https://pypi.org/project/lora-cli/), saved in PEFT's format.
 
 ## Use it
-
+{local_note}
 ```bash
 lora generate --model {gguf or hub_base} --adapter path/to/this/folder --prompt "Hello"
 ```
@@ -105,6 +110,15 @@ model = PeftModel.from_pretrained({load}, "path/to/this/folder")
 ```
 
 {_serving(facts, hub_base)}"""
+
+
+def hub_id_of(base: str) -> str:
+    """The Hub id to load `base` by: itself unless it is local; a folder in the Hugging Face cache
+    (…/models--ORG--NAME/snapshots/REV) is ORG/NAME; another local folder is BASE_MODEL, for the reader to fill."""
+    if not Path(base).expanduser().exists():
+        return base
+    cached = re.search(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$", base.replace(os.sep, "/"))
+    return cached.group(1).replace("--", "/", 1) if cached else "BASE_MODEL"  # (models--gpt2: gpt2)
 
 
 # the values vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks; 1 only in recent versions)

@@ -127,6 +127,7 @@ def test_export_loads_in_peft(cli, trained_run, tiny_llama, tmp_path):
     assert all(t.dtype == torch.float16 for t in tensors.values())
     card = (out / "README.md").read_text()
     assert "rank / alpha | 16 / 32" in card and "PeftModel.from_pretrained" in card
+    assert f"`BASE_MODEL` is the model this adapter was trained on: here the local folder `{tiny_llama}`" in card
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out).eval()
     ours = AutoModelForCausalLM.from_pretrained(tiny_llama)
     load_adapter(ours, trained_run)
@@ -545,3 +546,15 @@ def test_conv1d_and_linear_targets_in_one_adapter(cli, tiny_gpt2, tmp_path):
         code, _, err = cli("merge", adapter, "--output", merged, "--base", tiny_gpt2, "--verify")
         assert code == 0 and "): ok" in err, err
         assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(merged).eval()), want) < 1e-5
+
+
+def test_the_model_card_names_a_cached_base_by_its_hub_id(tmp_path):
+    """A base given as its folder in the Hugging Face cache is loaded elsewhere by its Hub id."""
+    from lora_cli.exporting import hub_id_of
+
+    for repo, folder in (("HuggingFaceTB/SmolLM2-135M", "models--HuggingFaceTB--SmolLM2-135M"), ("gpt2", "models--gpt2")):
+        snapshot = tmp_path / "hub" / folder / "snapshots" / "0123abc"
+        snapshot.mkdir(parents=True)
+        assert hub_id_of(str(snapshot)) == hub_id_of(f"{snapshot}/") == repo
+    assert hub_id_of(str(tmp_path)) == "BASE_MODEL"  # another local folder
+    assert hub_id_of("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
