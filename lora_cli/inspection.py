@@ -24,6 +24,8 @@ from lora_cli.lora.peft_format import (
 def adapter_facts(path: str | Path) -> dict[str, Any]:
     """r, alpha, scaling, targets, trainable params, size, dtype, base, training summary (if a run)."""
     path = Path(path)
+    if path.is_file() and path.open("rb").read(4) == b"GGUF":
+        return gguf_adapter_facts(path)
     config = read_adapter_config(path, lenient=True)  # an adapter lora cannot use is still described
     _, weights = adapter_files(path)
     header, meta = read_safetensors_header(weights)
@@ -84,6 +86,67 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, AttributeError, TypeError):
         facts["train_summary"] = None
     return facts
+
+
+def gguf_adapter_facts(path: Path) -> dict[str, Any]:
+    """The same facts of a llama.cpp LoRA adapter (`lora export --format gguf`, llama.cpp's convert_lora_to_gguf):
+    tensors `blk.N.attn_q.weight.lora_a` (r × in) and `.lora_b` (out × r), one alpha, scaling alpha / r."""
+    from lora_cli.errors import UserError
+
+    try:
+        import gguf
+        import numpy as np
+    except ImportError:
+        raise UserError(f"{path} is a GGUF file: reading it needs the gguf package (pip install 'lora-cli[gguf]')") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception:  # noqa: BLE001 - numpy's words about buffer sizes would not help
+        raise UserError(f"cannot read {path}: a damaged or truncated GGUF file") from None
+
+    def field(key: str) -> Any:
+        return reader.fields[key].contents() if key in reader.fields else None
+
+    if field("general.type") != "adapter" or field("adapter.type") != "lora":
+        what = f"a GGUF {field('general.type') or 'model'}" + (f" ({field('adapter.type')})" if field("adapter.type") else "")
+        raise UserError(f"{path} is {what}, not a LoRA adapter")
+    modules, ranks, dtypes, broken, params = Counter(), Counter(), Counter(), [], 0
+    for t in reader.tensors:
+        params += int(t.n_elements)
+        dtypes[t.tensor_type.name] += 1
+        if t.tensor_type.name in ("F16", "F32") and not np.isfinite(t.data).all():
+            broken.append(t.name)
+        if t.name.endswith(".lora_a"):  # shape in GGUF's order, fastest first: (in, r)
+            modules[t.name.removesuffix(".weight.lora_a").split(".")[-1]] += 1
+            ranks[int(t.shape[-1])] += 1
+    if broken:
+        raise UserError(f"{path} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(sorted(broken)[:3])}); "
+                        "it was saved from a run that diverged")
+    if not modules:
+        raise UserError(f"{path} is a LoRA adapter with no lora_a tensors")
+    r = ranks.most_common(1)[0][0]
+    alpha = field("adapter.lora.alpha")
+    alpha = float(alpha) if alpha is not None else float(r)  # (llama.cpp: none given means a scaling of 1)
+    return {
+        "path": str(path),
+        "format": "gguf",
+        "architecture": field("general.architecture"),
+        "base_model_name_or_path": None,  # a GGUF adapter names its architecture, not its base
+        "base_is_gguf": False,
+        "r": r,
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "lora_alpha": alpha,
+        "scaling": alpha / r,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_modules": sorted(modules),
+        "modules": dict(sorted(modules.items())),
+        "num_modules": sum(modules.values()),
+        "trainable_params": params,
+        "size_bytes": path.stat().st_size,
+        "dtype": _dtype_name(dtypes.most_common(1)[0][0]),
+    }
 
 
 def eval_loss_text(summary: dict) -> str | None:

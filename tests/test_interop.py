@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import gguf
+import numpy as np
 import peft
 import pytest
 import torch
@@ -105,6 +106,29 @@ def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
                 assert torch.allclose(undone, f.b)
             else:
                 assert torch.allclose(b, f.b)
+    code, out, err = cli("inspect", tmp_path / "a.gguf", "--json")  # what it holds, read back as lora reads PEFT's
+    assert code == 0, err
+    facts, ours = json.loads(out), json.loads(cli("inspect", run, "--json")[1])
+    assert (facts["r"], facts["lora_alpha"], facts["scaling"], facts["dtype"]) == (16, 16.0, 1.0, "float32")
+    assert facts["modules"] == {GGUF_NAMES[p]: 2 for p in projections}
+    assert facts["trainable_params"] == ours["trainable_params"] == sum(t.numel() for t in tensors.values())
+    code, _, err = cli("merge", tmp_path / "a.gguf", "--output", tmp_path / "m")
+    assert code == 1 and "is a GGUF file, which llama.cpp loads (lora inspect describes it)" in " ".join(err.split())
+
+
+def test_inspect_tells_a_gguf_model_and_a_damaged_gguf_from_an_adapter(cli, tmp_path):
+    model = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(model), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, _, err = cli("inspect", model)
+    assert code == 1 and "model.gguf is a GGUF model, not a LoRA adapter" in " ".join(err.split())
+    model.write_bytes(model.read_bytes()[:40])
+    code, _, err = cli("inspect", model)
+    assert code == 1 and "a damaged or truncated GGUF file" in err and "Traceback" not in err
 
 
 def test_gguf_export_force_replaces_only_a_gguf_and_never_what_it_reads(cli, rs_run, tiny_llama, tmp_path):

@@ -8,7 +8,7 @@ import typer
 
 
 def inspect_command(
-    adapter: str = typer.Argument(..., metavar="ADAPTER", help="Run directory or adapter directory."),
+    adapter: str = typer.Argument(..., metavar="ADAPTER", help="Run directory, adapter directory or GGUF adapter file."),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as one JSON object on stdout."),
 ) -> None:
     """Rank, alpha, targets, trainable parameters, size, dtype and base model of an adapter."""
@@ -24,7 +24,8 @@ def inspect_command(
 
     ranks = ", ".join(f"r={k} ×{v}" for k, v in facts["ranks"].items())
     rows = [
-        ("base model", f"{facts['base_model_name_or_path']}"
+        ("base model", f"not recorded (a llama.cpp adapter for a {facts['architecture']} model)"
+                       if facts.get("format") == "gguf" else f"{facts['base_model_name_or_path']}"
                        + (" (dequantized GGUF: not the Hub's original weights)" if facts["base_is_gguf"] else "")),
         ("rank", f"{facts['r']} ({ranks})" if len(facts["ranks"]) > 1 else str(facts["r"])),
         ("alpha / scaling", f"{facts['lora_alpha']:g} / {facts['scaling']:.4g}"

@@ -209,6 +209,9 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
     if not path.exists():
         raise UserError(f"adapter {str(path)!r} does not exist")
     if not path.is_dir():
+        if path.open("rb").read(4) == b"GGUF":
+            raise UserError(f"adapter {str(path)!r} is a GGUF file, which llama.cpp loads (lora inspect describes it); "
+                            "lora takes the run or PEFT adapter directory it was exported from")
         raise UserError(f"adapter {str(path)!r} is not a directory (expected a run or adapter directory)")
     config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config.is_file():
