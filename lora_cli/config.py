@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,8 +23,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 SCHEDULERS = ("cosine", "linear", "constant")
 # Values that may name a local file or folder (else a Hub id).
 LOCAL_PATH_FIELDS = ("model", "data", "eval_data", "chat_template")
-# Only these may be given again with --resume (they change how long/what is logged, not what is learned).
-RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "eval_every", "log_every")
+# Only these may be given again with --resume (they change how long/what is logged or how fast the data is
+# tokenized, not what is learned).
+RESUMABLE_OVERRIDES = ("max_steps", "epochs", "save_every", "eval_every", "log_every", "num_proc")
 
 
 def _opt(default: Any, help: str, group: str = "Training") -> Any:
@@ -72,6 +74,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, more time.", "Hardware")
     compile: bool = _opt(False, "torch.compile each decoder layer: on a GPU ~2x faster steps after ~15 s of "
                          "compiling (long runs); slower on a CPU (docs/benchmarks.md).", "Hardware")
+    num_proc: int | None = _opt(None, "Processes that tokenize the data (rendering chat templates is Python: a core "
+                                "each) [default: one per CPU core, up to 8, for 1,024 records or more].", "Hardware")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA stays 16/32-bit.", "Hardware")
     eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
     log_every: int = _opt(1, "Steps between metrics.jsonl rows; a row averages the steps since the last one.",
@@ -172,6 +176,11 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "weight_decay", "max_grad_norm"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # NaN too
                 p.append(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})")
+        if self.num_proc is not None and self.num_proc < 1:
+            p.append(f"--num-proc must be >= 1 (got {self.num_proc})")
+        elif (self.num_proc or 1) > 1 and sys.platform != "linux":
+            p.append(f"--num-proc {self.num_proc}: tokenizing in several processes forks them, which lora does on "
+                     "Linux only; leave it out")
         if self.save_total_limit < 1:
             p.append(f"--save-total-limit must be >= 1 (got {self.save_total_limit})")
         if not 0 <= self.seed < 2**32:

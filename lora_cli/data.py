@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import logging
+import os
 import random
 import re
 from array import array
@@ -89,6 +90,7 @@ class Rendered:
 
 
 BLOCK = 512  # records rendered, then tokenized in one batch
+PARALLEL_MIN_RECORDS = 2 * BLOCK  # fewer are tokenized in one process by default
 
 
 @dataclass
@@ -104,6 +106,12 @@ class EncodeStats:
     packed: int = 0  # sequences after --packing (0 = not packed)
     empty_answers: int = 0  # records whose answer (an assistant turn with loss) is empty: an empty CSV cell, often
     template: str | None = None  # the chat template rendered with, if not the tokenizer's own (custom, built-in)
+
+    def add(self, part: EncodeStats) -> None:
+        """Count in what encoding a part of the records counted."""
+        for name in ("dropped_no_loss", "truncated", "chunked", "empty_answers"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.template = self.template or part.template
 
 
 # ---------------------------------------------------------------- loading
@@ -667,6 +675,47 @@ def _str(value: Any, where: str, what: str) -> str:
 
 # ---------------------------------------------------------------- encoding
 
+def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
+    """fn(item) for each item, in order; over `workers` forked processes when there are more than one (they
+    inherit fn and what it reads, so nothing is pickled but the items and results). An exception in a worker
+    is raised here, at its item: the first one in order, as without workers."""
+    workers = min(workers, len(items))
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+
+    with _tokenizers_serial(), multiprocessing.get_context("fork").Pool(
+            workers, initializer=_set_worker_job, initargs=(fn,)) as pool:
+        yield from pool.imap(_run_worker_job, items)
+
+
+_worker_job: Callable | None = None  # set in each worker process only, by the pool's initializer
+
+
+def _set_worker_job(fn: Callable) -> None:
+    global _worker_job
+    _worker_job = fn
+
+
+def _run_worker_job(item):
+    return _worker_job(item)
+
+
+@contextlib.contextmanager
+def _tokenizers_serial() -> Iterator[None]:
+    """Forked while the tokenizers library's threads may be running, a child prints a warning and turns them
+    off; said before the fork, the children run one thread each (a core each) and say nothing."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
 class Encoder:
     """Turns records into Examples with one tokenizer, template and length limit."""
 
@@ -683,8 +732,11 @@ class Encoder:
         if self.eos_id is None:
             raise UserError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
 
-    def encode_all(self, records: list[dict], name: str = "data", advance=None) -> tuple[list[Example], EncodeStats]:
-        """Encode every record; all records must share one shape. `advance()` is called after each record."""
+    def encode_all(self, records: list[dict], name: str = "data", advance=None,
+                   workers: int = 1) -> tuple[list[Example], EncodeStats]:
+        """Encode every record; all records must share one shape. `advance()` is called after each record.
+        `workers` processes share a large dataset (rendering chat templates is Python: one core each); the
+        examples, their order and any error are the same as with one."""
         stats = EncodeStats(records=len(records))
         if not records:
             raise UserError(f"{name}: no records")
@@ -694,21 +746,13 @@ class Encoder:
                             f"expected one of: {', '.join(ACCEPTED_SHAPES)}")
         stats.shape = first
         examples: list[Example] = []
-        for start in range(0, len(records), BLOCK):
-            chunk, block = records[start : start + BLOCK], []
-            for i, rec in enumerate(chunk, start):
-                where = f"{name} record {i + 1}" + (records.place(i) if isinstance(records, Records) else "")
-                shape = record_shape(rec)
-                if shape != first:
-                    raise UserError(f"{where}: shape {shape or 'unknown'} (keys: {_keys(rec)}) differs from the "
-                                    f"first record's ({first}); one file holds one shape: {', '.join(ACCEPTED_SHAPES)}")
-                block += self.encode(rec, shape, where, stats)
-            for ex in self._tokenized(block, stats):
-                if ex.n_loss == 0:
-                    stats.dropped_no_loss += 1
-                    continue
-                examples.append(ex)
-            for _ in chunk if advance else ():
+        size = BLOCK if workers <= 1 else min(BLOCK, max(64, -(-len(records) // (8 * workers))))  # even shares
+        blocks = [(start, min(start + size, len(records))) for start in range(0, len(records), size)]
+        encode_block = functools.partial(self._encode_block, records, name, first)
+        for (start, end), (part, part_stats) in zip(blocks, ordered_map(encode_block, blocks, workers)):
+            examples += part
+            stats.add(part_stats)
+            for _ in range(end - start) if advance else ():
                 advance()
         stats.examples = len(examples)
         stats.tokens = sum(len(e.input_ids) for e in examples)
@@ -716,6 +760,24 @@ class Encoder:
         if not examples:
             raise UserError(f"{name}: no record has a token to learn from ({stats.dropped_no_loss} sequences dropped: empty, "
                             f"or every answer token cut by --max-length {self.max_length})")
+        return examples, stats
+
+    def _encode_block(self, records: list[dict], name: str, first: str, span: tuple[int, int]
+                      ) -> tuple[list[Example], EncodeStats]:
+        """Records start..end-1 as examples, and what was counted on the way."""
+        stats, block, examples = EncodeStats(), [], []
+        for i in range(*span):
+            where = f"{name} record {i + 1}" + (records.place(i) if isinstance(records, Records) else "")
+            shape = record_shape(records[i])
+            if shape != first:
+                raise UserError(f"{where}: shape {shape or 'unknown'} (keys: {_keys(records[i])}) differs from the "
+                                f"first record's ({first}); one file holds one shape: {', '.join(ACCEPTED_SHAPES)}")
+            block += self.encode(records[i], shape, where, stats)
+        for ex in self._tokenized(block, stats):
+            if ex.n_loss == 0:
+                stats.dropped_no_loss += 1
+                continue
+            examples.append(ex)
         return examples, stats
 
     def _tokenized(self, items: list[Example | Rendered], stats: EncodeStats) -> list[Example]:

@@ -19,6 +19,9 @@ class UserError(Exception):
         self.exit_code = exit_code
         self.shared = shared  # every process of a distributed run raises it at once: only the main one says it
 
+    def __reduce__(self):  # raised in a worker process, it arrives whole
+        return type(self), (str(self), self.exit_code, self.shared)
+
 
 def read_text(path: str | os.PathLike, what: str | None = None, data: bytes | None = None) -> str:
     """A text file the user gave, as UTF-8 (a leading BOM dropped); anything else is one clear error.

@@ -14,9 +14,11 @@ import ctypes
 import functools
 import json
 import math
+import os
 import resource
 import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +41,7 @@ from lora_cli.config import RESUMABLE_OVERRIDES, TrainConfig, read_yaml_config
 from lora_cli.data import (
     CHAT_TEMPLATE_FILE,
     IGNORE,
+    PARALLEL_MIN_RECORDS,
     Encoder,
     EncodeStats,
     Example,
@@ -210,9 +213,10 @@ def _cannot_change(keys: list[str]) -> UserError:
                      f"(only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE_OVERRIDES)} may change)")
 
 
-def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Example], list[Example] | None,
-                                                                         EncodeStats, EncodeStats | None]:
-    """Load and tokenize the training (and eval) records; `console` shows a bar for large datasets."""
+def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 1
+                    ) -> tuple[list[Example], list[Example] | None, EncodeStats, EncodeStats | None]:
+    """Load and tokenize the training (and eval) records; `console` shows a bar for large datasets. `processes`
+    of the run on this machine tokenize at once: they share its cores."""
     train_records, valid_records = load_records(cfg.data, cfg.data_split, None if cfg.eval_data else cfg.eval_data_split,
                                                 cfg.data_config)
     if cfg.eval_data:
@@ -227,15 +231,27 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None) -> tuple[list[Exa
         raise UserError(f"--chat-template {cfg.chat_template!r} is empty")
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
     with RecordProgress(console, "tokenizing", len(train_records)) as advance:
-        train, train_stats = enc.encode_all(train_records, "training data", advance)
+        train, train_stats = enc.encode_all(train_records, "training data", advance,
+                                            tokenize_workers(cfg.num_proc, len(train_records), processes))
     if cfg.packing:
         train = pack(train, cfg.max_length)
         train_stats.packed = len(train)
     if valid_records is None:
         return train, None, train_stats, None
     with RecordProgress(console, "tokenizing eval", len(valid_records)) as advance:
-        valid, valid_stats = enc.encode_all(valid_records, "eval data", advance)  # eval unpacked: per-record loss
+        valid, valid_stats = enc.encode_all(valid_records, "eval data", advance,  # eval unpacked: per-record loss
+                                            tokenize_workers(cfg.num_proc, len(valid_records), processes))
     return train, valid, train_stats, valid_stats
+
+
+def tokenize_workers(asked: int | None, records: int, processes: int = 1) -> int:
+    """--num-proc, else one process per CPU core this run's `processes` (on this machine) leave each, up to 8,
+    for 1,024 records or more (below, starting them costs more than they save)."""
+    if asked is not None:
+        return asked
+    if records < PARALLEL_MIN_RECORDS or sys.platform != "linux":
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0)) // max(1, processes)))
 
 
 def keep_freed_memory() -> bool:
@@ -314,7 +330,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             if resume and _lowered_default(given.get("max_length"), cfg.max_length) and cfg.max_length != \
                     fit_max_length(replace(cfg, max_length=DEFAULT_MAX_LENGTH), source, False, lambda _: None):
                 raise _cannot_change(["max_length"])  # the run's shorter length was asked for, not the context's
-            train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer, console if main else None)
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this machine, tokenizing at once
+            train_ex, eval_ex, tstats, estats = encode_datasets(cfg, tokenizer, console if main else None, local)
             extra = {"quantization_config": quantization_4bit(dtype), "device_map": {"": acc.device}} \
                 if cfg.load_in_4bit else {}
             load = functools.partial(load_model, source, dtype, cfg.trust_remote_code, cfg.allow_pickle,

@@ -548,3 +548,51 @@ def test_in_spans_equals_the_overlap_test_of_every_span():
         if rng.random() < 0.1:  # special tokens some tokenizers place at (0, 0)
             offsets.insert(rng.randrange(len(offsets) + 1), (0, 0))
         assert _in_spans(offsets, spans) == plain(offsets, spans), (offsets, spans)
+
+
+def test_tokenizing_in_worker_processes_gives_the_same_examples_and_errors(tok):
+    """--num-proc shares the records among forked processes: the same examples in the same order, the same
+    counts, and the first bad record in file order is the one named (with its file line)."""
+    import random
+
+    from lora_cli.data import BLOCK, Records
+
+    rng = random.Random(0)
+    recs = []
+    for i in range(3 * BLOCK + 17):  # blocks of each worker, the last one short
+        turns = [{"role": "user", "content": "q " * rng.randint(1, 30)},
+                 {"role": "assistant", "content": "" if i % 97 == 0 else "a " * rng.randint(1, 60)}]
+        recs.append({"messages": turns})
+    recs[5]["messages"][0]["content"] = "long " * 200  # truncated: its answer cut away, dropped
+    enc = Encoder(tok, 96)
+    seen = []
+    one, one_stats = enc.encode_all(recs)
+    four, four_stats = enc.encode_all(recs, advance=lambda: seen.append(1), workers=4)
+    assert [(e.input_ids.tolist(), e.labels.tolist()) for e in one] == [(e.input_ids.tolist(), e.labels.tolist())
+                                                                          for e in four]
+    assert one_stats == four_stats and one_stats.truncated > 0 and one_stats.dropped_no_loss > 0
+    assert one_stats.empty_answers > 0 and len(seen) == len(recs)
+    records = Records.numbered(recs, "chats.jsonl line")
+    records[2 * BLOCK + 3] = {"prompt": "x", "completion": 7}  # in the third block: a later worker's
+    records[3 * BLOCK + 1] = {"prompt": "y", "completion": 8}
+    for workers in (1, 3):
+        with pytest.raises(UserError, match=rf"data record {2 * BLOCK + 4}: shape prompt_completion"):
+            enc.encode_all(records, workers=workers)
+    text = Records.numbered([{"text": "t " * 300}] * (2 * BLOCK), "a.jsonl line")  # chunked
+    text[BLOCK + 1] = {"text": 5}
+    with pytest.raises(UserError, match=rf"data record {BLOCK + 2}: text must be a string"):
+        enc.encode_all(text, workers=2)
+
+
+def test_tokenize_workers_follow_the_cores_the_run_leaves_each_process(monkeypatch):
+    import os
+
+    from lora_cli.data import PARALLEL_MIN_RECORDS
+    from lora_cli.training import tokenize_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert tokenize_workers(None, PARALLEL_MIN_RECORDS) == 8  # at most 8
+    assert tokenize_workers(None, PARALLEL_MIN_RECORDS, processes=4) == 4  # 4 GPUs' processes share 16 cores
+    assert tokenize_workers(None, PARALLEL_MIN_RECORDS, processes=32) == 1
+    assert tokenize_workers(None, PARALLEL_MIN_RECORDS - 1) == 1  # small data: not worth starting them
+    assert tokenize_workers(3, 10) == 3  # --num-proc as asked

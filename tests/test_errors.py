@@ -102,6 +102,7 @@ CASES = {
                                       ["exceeds the model's context of 256 tokens"]),
     "lr 0": (lambda d, m, c: train_args(m, c, d / "o", "--lr", "0"), ["--lr must be a finite number > 0"]),
     "max-length 0": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "0"), ["--max-length must be >= 1"]),
+    "num-proc 0": (lambda d, m, c: train_args(m, c, d / "o", "--num-proc", "0"), ["--num-proc must be >= 1 (got 0)"]),
     "batch-size 0": (lambda d, m, c: train_args(m, c, d / "o", "--batch-size", "0"), ["--batch-size must be >= 1"]),
     "missing yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "nope.yaml"), ["no such file"]),
     "resume and force": (lambda d, m, c: train_args(m, c, d / "o", "--resume", "--force"),
