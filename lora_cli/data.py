@@ -694,8 +694,12 @@ _worker_job: Callable | None = None  # set in each worker process only, by the p
 
 
 def _set_worker_job(fn: Callable) -> None:
+    import signal
+
     global _worker_job
     _worker_job = fn
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops them,
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # with SIGTERM, which ends them quietly (not the CLI's handler)
 
 
 def _run_worker_job(item):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,7 +109,8 @@ def test_save_total_limit_keeps_newest_plus_best(cli, tiny_llama, chat_data, tmp
 def _train_proc(tiny_llama, chat_data, run, *extra, ignore_sigint=False):
     cmd = [sys.executable, "-m", "lora_cli", "train", "--model", str(tiny_llama), "--data", str(chat_data),
            "--output", str(run), "--max-steps", "100000", "--save-every", "100000", *extra]
-    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    # (else as the test runs: a background job of a shell ignores SIGINT, and its children inherit that)
+    pre = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
 
 
@@ -395,3 +398,23 @@ def test_resume_with_epochs_extends_a_run_started_with_max_steps(cli, tiny_llama
     assert code == 0, err
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 8  # 16 records / 4 × 2 epochs
     assert yaml.safe_load((out / "train_config.yaml").read_text())["max_steps"] is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_workers_tokenize_stops_them_quietly(tiny_llama, tmp_path, sig):
+    """The tokenizing workers inherited the CLI's SIGTERM handler: stopping them printed a traceback each."""
+    data = tmp_path / "d.jsonl"
+    turn = [{"role": "user", "content": "q " * 40}, {"role": "assistant", "content": "a " * 40}]
+    data.write_text((json.dumps({"messages": turn * 10}) + "\n") * 20000)
+    p = _train_proc(tiny_llama, data, tmp_path / "run", "--num-proc", "2")
+    t0 = time.time()
+    children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+    while not children.read_text().split() and time.time() - t0 < 120:  # the workers are forked
+        time.sleep(0.05)
+    workers = children.read_text().split()
+    assert len(workers) == 2
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("error: interrupted" if sig == signal.SIGINT else "error: terminated")
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
