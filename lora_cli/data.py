@@ -416,7 +416,7 @@ def _lone_surrogate(line: str) -> bool:
     except UnicodeEncodeError:
         return True
     except json.JSONDecodeError:  # a string cut by the line's end (pretty-printed JSON never splits one)
-        return False
+        pass
     return False
 
 
@@ -506,6 +506,8 @@ def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--d
 def split_eval(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:
     """Hold out `fraction` of the records (at least one) for evaluation, reproducibly. Both parts keep each
     record's place in its file, so an error names the line, not the position in the part."""
+    if not isinstance(records, Records):
+        records = Records.numbered(records, "record")
     idx = list(range(len(records)))
     random.Random(seed).shuffle(idx)
     n_eval = max(1, round(len(records) * fraction))
@@ -719,6 +721,7 @@ def _tokenizers_serial() -> Iterator[None]:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
+
 
 class Encoder:
     """Turns records into Examples with one tokenizer, template and length limit."""
