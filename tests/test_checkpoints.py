@@ -409,7 +409,7 @@ def test_a_signal_while_workers_tokenize_stops_them_quietly(tiny_llama, tmp_path
     p = _train_proc(tiny_llama, data, tmp_path / "run", "--num-proc", "2")
     t0 = time.time()
     children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
-    while not children.read_text().split() and time.time() - t0 < 120:  # the workers are forked
+    while len(children.read_text().split()) < 2 and time.time() - t0 < 120:  # the workers are forked
         time.sleep(0.05)
     workers = children.read_text().split()
     assert len(workers) == 2
