@@ -14,6 +14,7 @@ from lora_cli.lora.peft_format import (
     adapter_files,
     broken_adapter_error,
     check_ranks,
+    is_gguf_file,
     nonfinite_tensors,
     read_adapter_config,
     read_safetensors_header,
@@ -24,7 +25,7 @@ from lora_cli.lora.peft_format import (
 def adapter_facts(path: str | Path) -> dict[str, Any]:
     """r, alpha, scaling, targets, trainable params, size, dtype, base, training summary (if a run)."""
     path = Path(path)
-    if path.is_file() and path.open("rb").read(4) == b"GGUF":
+    if is_gguf_file(path):
         return gguf_adapter_facts(path)
     config = read_adapter_config(path, lenient=True)  # an adapter lora cannot use is still described
     _, weights = adapter_files(path)

@@ -203,13 +203,21 @@ def _training_now(run_dir: Path) -> bool:
     return False
 
 
+def is_gguf_file(path: Path) -> bool:
+    """Whether `path` is a file that starts as GGUF does."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def adapter_files(path: str | Path) -> tuple[Path, Path]:
     """(config, weights) of an adapter directory, or a UserError saying what is wrong with it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"adapter {str(path)!r} does not exist")
     if not path.is_dir():
-        if path.open("rb").read(4) == b"GGUF":
+        if is_gguf_file(path):
             raise UserError(f"adapter {str(path)!r} is a GGUF file, which llama.cpp loads (lora inspect describes it); "
                             "lora takes the run or PEFT adapter directory it was exported from")
         raise UserError(f"adapter {str(path)!r} is not a directory (expected a run or adapter directory)")
