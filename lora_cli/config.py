@@ -75,7 +75,7 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile each decoder layer: on a GPU ~2x faster steps after ~15 s of "
                          "compiling (long runs); slower on a CPU (docs/benchmarks.md).", "Hardware")
     num_proc: int | None = _opt(None, "Processes that tokenize the data (rendering chat templates is Python: a core "
-                                "each) [default: one per CPU core, up to 8, for 1,024 records or more].", "Hardware")
+                                "each; at most one per CPU core) [default: one per core, up to 8, for 1,024 records or more].", "Hardware")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA stays 16/32-bit.", "Hardware")
     eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
     log_every: int = _opt(1, "Steps between metrics.jsonl rows; a row averages the steps since the last one.",

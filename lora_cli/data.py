@@ -680,28 +680,49 @@ def _str(value: Any, where: str, what: str) -> str:
 def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
     """fn(item) for each item, in order; over `workers` forked processes when there are more than one (they
     inherit fn and what it reads, so nothing is pickled but the items and results). An exception in a worker
-    is raised here, at its item: the first one in order, as without workers."""
+    is raised here, at its item: the first one in order, as without workers. A worker that dies (killed, out
+    of memory) is an error, not a wait for its lost item."""
     workers = min(workers, len(items))
     if workers <= 1:
         yield from map(fn, items)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with _tokenizers_serial(), multiprocessing.get_context("fork").Pool(
-            workers, initializer=_set_worker_job, initargs=(fn,)) as pool:
-        yield from pool.imap(_run_worker_job, items)
+    with _tokenizers_serial():
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_set_worker_job,
+                                   initargs=(fn, os.getpid()))
+        done = False
+        try:
+            yield from pool.map(_run_worker_job, items)
+            done = True
+        except BrokenProcessPool:
+            raise UserError(f"a tokenizing worker process died (killed, or out of memory?); run again with fewer "
+                            f"(--num-proc {max(1, workers // 2)})") from None
+        finally:
+            if not done:  # an error, a signal or a generator closed early: the rest is not wanted
+                for process in list((pool._processes or {}).values()):
+                    process.terminate()
+            pool.shutdown(wait=done, cancel_futures=not done)
 
 
 _worker_job: Callable | None = None  # set in each worker process only, by the pool's initializer
 
 
-def _set_worker_job(fn: Callable) -> None:
+def _set_worker_job(fn: Callable, parent: int) -> None:
     import signal
 
     global _worker_job
     _worker_job = fn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops them,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # with SIGTERM, which ends them quietly (not the CLI's handler)
+    with contextlib.suppress(OSError, AttributeError):  # and so does the parent's end, however it comes (kill -9)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before that was set
+        os._exit(1)
 
 
 def _run_worker_job(item):

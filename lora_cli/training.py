@@ -230,6 +230,10 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 
     if template is not None and not template.strip():
         raise UserError(f"--chat-template {cfg.chat_template!r} is empty")
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
+    cores = tokenize_workers(cfg.num_proc, 0, processes)
+    if cfg.num_proc and cores < cfg.num_proc and console is not None:
+        console.print(f"note: --num-proc {cfg.num_proc} → {cores}, the CPU cores "
+                      + (f"each of the run's {processes} processes here has" if processes > 1 else "this run has"))
     with RecordProgress(console, "tokenizing", len(train_records)) as advance:
         train, train_stats = enc.encode_all(train_records, "training data", advance,
                                             tokenize_workers(cfg.num_proc, len(train_records), processes))
@@ -245,13 +249,12 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 
 
 
 def tokenize_workers(asked: int | None, records: int, processes: int = 1) -> int:
-    """--num-proc, else one process per CPU core this run's `processes` (on this machine) leave each, up to 8,
-    for 1,024 records or more (below, starting them costs more than they save)."""
+    """--num-proc, up to the CPU cores this run's `processes` (on this machine) leave each; else that many, up
+    to 8, for 1,024 records or more (below, starting them costs more than they save)."""
+    cores = max(1, len(os.sched_getaffinity(0)) // max(1, processes)) if sys.platform == "linux" else 1
     if asked is not None:
-        return asked
-    if records < PARALLEL_MIN_RECORDS or sys.platform != "linux":
-        return 1
-    return max(1, min(8, len(os.sched_getaffinity(0)) // max(1, processes)))
+        return min(asked, cores)
+    return 1 if records < PARALLEL_MIN_RECORDS else min(8, cores)
 
 
 def keep_freed_memory() -> bool:

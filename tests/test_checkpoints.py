@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -400,21 +402,57 @@ def test_resume_with_epochs_extends_a_run_started_with_max_steps(cli, tiny_llama
     assert yaml.safe_load((out / "train_config.yaml").read_text())["max_steps"] is None
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_workers_tokenize_stops_them_quietly(tiny_llama, tmp_path, sig):
-    """The tokenizing workers inherited the CLI's SIGTERM handler: stopping them printed a traceback each."""
+def _train_with_workers(tiny_llama, tmp_path):
+    """A run tokenizing 20,000 long chats in 2 worker processes, and their pids once both are forked."""
     data = tmp_path / "d.jsonl"
     turn = [{"role": "user", "content": "q " * 40}, {"role": "assistant", "content": "a " * 40}]
     data.write_text((json.dumps({"messages": turn * 10}) + "\n") * 20000)
     p = _train_proc(tiny_llama, data, tmp_path / "run", "--num-proc", "2")
     t0 = time.time()
     children = Path(f"/proc/{p.pid}/task/{p.pid}/children")
-    while len(children.read_text().split()) < 2 and time.time() - t0 < 120:  # the workers are forked
+    while len(children.read_text().split()) < 2 and time.time() - t0 < 120:
         time.sleep(0.05)
     workers = children.read_text().split()
     assert len(workers) == 2
+    return p, workers
+
+
+def _running(pid: str) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(FileNotFoundError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_workers_tokenize_stops_them_quietly(tiny_llama, tmp_path, sig):
+    """The tokenizing workers inherited the CLI's SIGTERM handler: stopping them printed a traceback each."""
+    p, workers = _train_with_workers(tiny_llama, tmp_path)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + sig and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == ("error: interrupted" if sig == signal.SIGINT else "error: terminated")
     assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_a_killed_tokenizing_worker_is_an_error_not_a_hang(tiny_llama, tmp_path):
+    """multiprocessing.Pool started a new worker and waited forever for the killed one's block."""
+    p, workers = _train_with_workers(tiny_llama, tmp_path)
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("error: a tokenizing worker process died (killed, or out of memory?); "
+                                            "run again with fewer (--num-proc 1)")
+    assert not any(Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_tokenizing_workers_end_with_their_parent(tiny_llama, tmp_path):
+    """Killed with -9, the parent cannot stop them: they were left running, and printed BrokenPipeError tracebacks."""
+    p, workers = _train_with_workers(tiny_llama, tmp_path)
+    p.kill()
+    _, err = p.communicate(timeout=120)
+    t0 = time.time()
+    while any(map(_running, workers)) and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert not any(map(_running, workers))
+    assert "Traceback" not in err, err

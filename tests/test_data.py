@@ -596,3 +596,15 @@ def test_tokenize_workers_follow_the_cores_the_run_leaves_each_process(monkeypat
     assert tokenize_workers(None, PARALLEL_MIN_RECORDS, processes=32) == 1
     assert tokenize_workers(None, PARALLEL_MIN_RECORDS - 1) == 1  # small data: not worth starting them
     assert tokenize_workers(3, 10) == 3  # --num-proc as asked
+    assert tokenize_workers(64, 10) == 16 and tokenize_workers(64, 10, processes=4) == 4  # up to the cores
+
+
+def test_num_proc_above_the_cores_says_what_it_uses(cli, tiny_llama, chat_data, tmp_path):
+    """64 processes on a 2-core machine ran and were not told: each only slows the others."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    code, _, err = cli("train", "-m", tiny_llama, "--data", chat_data, "--max-steps", "1", "--num-proc", "64", "-o",
+                       tmp_path / "run")
+    assert code == 0, err
+    assert f"note: --num-proc 64 → {cores}, the CPU cores this run has" in err
