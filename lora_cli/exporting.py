@@ -68,6 +68,10 @@ def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
     local_note = (f"\n`BASE_MODEL` is the model this adapter was trained on: here the local folder `{base}`; elsewhere, "
                   "its Hub id or a copy of it.\n" if hub_base == "BASE_MODEL" and base and not facts["base_is_gguf"]
                   else "")
+    serve_note = ("\n`BASE_MODEL` here is the Hub model the GGUF file was converted from (vLLM serves LoRA on the "
+                  "original weights).\n" if facts["base_is_gguf"] and hub_base == "BASE_MODEL" else "")
+    serving = _serving(facts, hub_base)
+    hub_meta = "" if hub_base == "BASE_MODEL" else f"base_model: {hub_base}\n"  # the Hub links it; a local path it refuses
     gguf = Path(str(base)) if facts["base_is_gguf"] and base else None  # transformers reads a GGUF by folder + file name
     load = (f'AutoModelForCausalLM.from_pretrained("{gguf.parent}", gguf_file="{gguf.name}")' if gguf
             else f'AutoModelForCausalLM.from_pretrained("{hub_base}")')
@@ -77,8 +81,7 @@ def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
 
     return f"""---
 library_name: peft
-base_model: {base}
-tags: [lora, peft, lora-cli]
+{hub_meta}tags: [lora, peft, lora-cli]
 ---
 
 # LoRA adapter for `{base}`
@@ -109,16 +112,22 @@ from peft import PeftModel
 model = PeftModel.from_pretrained({load}, "path/to/this/folder")
 ```
 
-{_serving(facts, hub_base)}"""
+{serving}{serve_note if "BASE_MODEL" in serving else ""}"""
+
+
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # ORG/NAME or NAME, as the Hub names models
 
 
 def hub_id_of(base: str) -> str:
-    """The Hub id to load `base` by: itself unless it is local; a folder in the Hugging Face cache
-    (…/models--ORG--NAME/snapshots/REV) is ORG/NAME; another local folder is BASE_MODEL, for the reader to fill."""
-    if not Path(base).expanduser().exists():
-        return base
+    """The Hub id to load `base` by: itself if it is one and no local folder; a folder in the Hugging Face cache
+    (…/models--ORG--NAME/snapshots/REV) is ORG/NAME, even once gone; another local path is BASE_MODEL, for the
+    reader to fill."""
     cached = re.search(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$", base.replace(os.sep, "/"))
-    return cached.group(1).replace("--", "/", 1) if cached else "BASE_MODEL"  # (models--gpt2: gpt2)
+    if cached:
+        return cached.group(1).replace("--", "/", 1)  # (models--gpt2: gpt2)
+    if Path(base).expanduser().exists() or not HUB_ID.fullmatch(base) or ".." in base or base.endswith(".gguf"):
+        return "BASE_MODEL"
+    return base
 
 
 # the values vLLM's --max-lora-rank accepts (vllm/config/lora.py, MaxLoRARanks; 1 only in recent versions)

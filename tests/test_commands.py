@@ -558,3 +558,21 @@ def test_the_model_card_names_a_cached_base_by_its_hub_id(tmp_path):
         assert hub_id_of(str(snapshot)) == hub_id_of(f"{snapshot}/") == repo
     assert hub_id_of(str(tmp_path)) == "BASE_MODEL"  # another local folder
     assert hub_id_of("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    snapshot.rmdir()  # the cache was cleaned since: still its Hub id
+    assert hub_id_of(str(snapshot)) == "gpt2"
+    for gone in (tmp_path / "gone", "./gone", "~/models/gone", "runs/a/b", "../gone", "m.gguf"):
+        assert hub_id_of(str(gone)) == "BASE_MODEL"  # paths, not Hub ids: not printed as one
+
+
+def test_the_model_card_metadata_names_only_a_hub_base(tmp_path):
+    """base_model: held the local path, which the Hub refuses as a model card's metadata."""
+    from lora_cli.exporting import model_card
+
+    facts = dict(r=8, lora_alpha=16, scaling=2.0, use_rslora=False, use_dora=False, modules={"q_proj": 2},
+                 trainable_params=100, ranks={}, rank_pattern={}, alpha_pattern={}, base_is_gguf=False)
+    for base, meta in (("Qwen/Qwen2.5-0.5B", "base_model: Qwen/Qwen2.5-0.5B\n"), (str(tmp_path), "")):
+        card = model_card(dict(facts, base_model_name_or_path=base), tmp_path, torch.float32)
+        assert card.startswith(f"---\nlibrary_name: peft\n{meta}tags:")
+    gguf = str(tmp_path / "SmolLM2.Q4.gguf")
+    card = model_card(dict(facts, base_model_name_or_path=gguf, base_is_gguf=True), tmp_path, torch.float32)
+    assert "vllm serve BASE_MODEL" in card and "`BASE_MODEL` here is the Hub model the GGUF file" in card
