@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lora_cli.errors import MARK
 from lora_cli.lora.peft_format import (
     GGUF_BASE_KEY,
     KEY_PREFIX,
@@ -111,20 +112,23 @@ def gguf_adapter_facts(path: Path) -> dict[str, Any]:
         what = f"a GGUF {field('general.type') or 'model'}" + (f" ({field('adapter.type')})" if field("adapter.type") else "")
         raise UserError(f"{path} is {what}, not a LoRA adapter")
     modules, ranks, dtypes, broken, params = Counter(), Counter(), Counter(), [], 0
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}  # fastest first: a (in, r), b (r, out)
     for t in reader.tensors:
-        params += int(t.n_elements)
         dtypes[t.tensor_type.name] += 1
         if t.tensor_type.name in ("F16", "F32") and not np.isfinite(t.data).all():
             broken.append(t.name)
-        if t.name.endswith(".lora_a"):  # shape in GGUF's order, fastest first: (in, r)
+        if t.name.endswith(".lora_a"):  # (data: r × in) rows of zeros pad a lower rank up to the file's one
             modules[t.name.removesuffix(".weight.lora_a").split(".")[-1]] += 1
-            ranks[int(t.shape[-1])] += 1
+            rank = int((np.abs(t.data.astype(np.float32)).sum(axis=1) > 0).sum()) if t.tensor_type.name in (
+                "F16", "F32") else int(t.shape[-1])
+            ranks[rank] += 1
+            params += rank * (shapes[t.name][0] + shapes.get(t.name.removesuffix("_a") + "_b", [0])[-1])
     if broken:
         raise UserError(f"{path} holds NaN or inf in {len(broken)} tensor(s) ({', '.join(sorted(broken)[:3])}); "
                         "it was saved from a run that diverged")
     if not modules:
         raise UserError(f"{path} is a LoRA adapter with no lora_a tensors")
-    r = ranks.most_common(1)[0][0]
+    r = max(int(t.shape[-1]) for t in reader.tensors if t.name.endswith(".lora_a"))  # as llama.cpp reads it
     alpha = field("adapter.lora.alpha")
     alpha = float(alpha) if alpha is not None else float(r)  # (llama.cpp: none given means a scaling of 1)
     return {
@@ -137,6 +141,7 @@ def gguf_adapter_facts(path: Path) -> dict[str, Any]:
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "lora_alpha": alpha,
         "scaling": alpha / r,
+        "scaling_folded": MARK in reader.fields,  # lora's export folds each module's own scaling into lora_b
         "use_rslora": False,
         "use_dora": False,
         "rank_pattern": {},

@@ -116,6 +116,22 @@ def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
     assert code == 1 and "is a GGUF file, which llama.cpp loads (lora inspect describes it)" in " ".join(err.split())
 
 
+def test_inspect_of_a_gguf_export_shows_the_trained_ranks_and_the_folded_scaling(cli, tiny_llama, tmp_path):
+    """One rank for every module pads lower ones with zeros: inspect counted the padding as ranks and trainable
+    parameters, and showed alpha = r (scaling 1) without saying each module's scaling is folded into lora_b."""
+    torch.manual_seed(0)
+    m = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, init_lora_weights=False))
+    m.save_pretrained(tmp_path / "a")
+    assert cli("export", tmp_path / "a", "--format", "gguf", "--output", tmp_path / "a.gguf")[0] == 0
+    facts = json.loads(cli("inspect", tmp_path / "a.gguf", "--json")[1])
+    assert facts["r"] == 4 and facts["ranks"] == {"2": 2, "4": 2} and facts["scaling_folded"]
+    assert facts["trainable_params"] == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    code, out, _ = cli("inspect", tmp_path / "a.gguf")
+    assert code == 0 and "each module's own scaling is folded into lora_b" in " ".join(out.split())
+    assert not json.loads(cli("inspect", tmp_path / "a", "--json")[1]).get("scaling_folded")
+
+
 def test_inspect_tells_a_gguf_model_and_a_damaged_gguf_from_an_adapter(cli, tmp_path):
     model = tmp_path / "model.gguf"
     w = gguf.GGUFWriter(str(model), "llama")

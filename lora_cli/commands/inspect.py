@@ -30,6 +30,8 @@ def inspect_command(
         ("rank", f"{facts['r']} ({ranks})" if len(facts["ranks"]) > 1 else str(facts["r"])),
         ("alpha / scaling", f"{facts['lora_alpha']:g} / {facts['scaling']:.4g}"
                             + (" (rsLoRA: alpha/√r)" if facts["use_rslora"] else "")
+                            + (" (written by lora export: each module's own scaling is folded into lora_b)"
+                               if facts.get("scaling_folded") else "")
                             + (f"; {len(facts['alpha_pattern'])} module pattern(s) with their own alpha"
                                if facts["alpha_pattern"] else "")),
         *([("method", "DoRA: LoRA plus a learned magnitude per output row")] if facts["use_dora"] else []),
