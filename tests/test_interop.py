@@ -145,6 +145,10 @@ def test_inspect_tells_a_gguf_model_and_a_damaged_gguf_from_an_adapter(cli, tmp_
     model.write_bytes(model.read_bytes()[:40])
     code, _, err = cli("inspect", model)
     assert code == 1 and "a damaged or truncated GGUF file" in err and "Traceback" not in err
+    for data, why in ((b"", ": it is empty"), (b"<html>", " (it does not start with GGUF)")):  # not "not a directory"
+        model.write_bytes(data)
+        code, _, err = cli("inspect", model)
+        assert code == 1 and f"is not a GGUF file{why}" in " ".join(err.split())
 
 
 def test_gguf_export_force_replaces_only_a_gguf_and_never_what_it_reads(cli, rs_run, tiny_llama, tmp_path):

@@ -220,6 +220,9 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
         if is_gguf_file(path):
             raise UserError(f"adapter {str(path)!r} is a GGUF file, which llama.cpp loads (lora inspect describes it); "
                             "lora takes the run or PEFT adapter directory it was exported from")
+        if path.suffix.lower() == ".gguf":
+            raise UserError(f"adapter {str(path)!r} is not a GGUF file" + (": it is empty" if not path.stat().st_size
+                            else " (it does not start with GGUF): a damaged or unfinished download?"))
         raise UserError(f"adapter {str(path)!r} is not a directory (expected a run or adapter directory)")
     config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config.is_file():
