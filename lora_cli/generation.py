@@ -76,7 +76,21 @@ def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, tem
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).rstrip(CUT_CHARACTER)
+
+
+CUT_CHARACTER = "\ufffd"  # what decoding makes of a character whose last bytes' tokens the length limit cut off
+
+
+def answer_streamer(tokenizer):
+    """Prints the answer as it is generated, as generate() returns it: without a character cut off at its end."""
+    from transformers import TextStreamer
+
+    class AnswerStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            super().on_finalized_text(text.rstrip(CUT_CHARACTER) if stream_end else text, stream_end)
+
+    return AnswerStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def answer_batch(model, tokenizer, prompts: list[str], template: str | None, max_new_tokens: int = 48,
@@ -96,7 +110,7 @@ def answer_batch(model, tokenizer, prompts: list[str], template: str | None, max
                 out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                      max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                                      top_k=None, eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad)
-            answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+            answers += [tokenizer.decode(o[width:], skip_special_tokens=True).rstrip(CUT_CHARACTER).strip() for o in out]
     finally:
         tokenizer.padding_side = old_side
     return answers

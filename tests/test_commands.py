@@ -576,3 +576,32 @@ def test_the_model_card_metadata_names_only_a_hub_base(tmp_path):
     gguf = str(tmp_path / "SmolLM2.Q4.gguf")
     card = model_card(dict(facts, base_model_name_or_path=gguf, base_is_gguf=True), tmp_path, torch.float32)
     assert "vllm serve BASE_MODEL" in card and "`BASE_MODEL` here is the Hub model the GGUF file" in card
+
+
+def test_an_answer_cut_inside_a_character_ends_before_it(tiny_llama, capsys):
+    """The length limit can stop between the byte tokens of one character: the answer (streamed and --json)
+    ended with U+FFFD, which the model never wrote."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_cli.generation import answer_streamer, generate
+
+    tok, model = AutoTokenizer.from_pretrained(tiny_llama), AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = tok("hello", return_tensors="pt").input_ids
+    new = tok("ok é", add_special_tokens=False).input_ids
+    assert tok.decode(new) == "ok é" and tok.convert_ids_to_tokens(new)[-2:] == ["Ã", "©"]  # é's 2 bytes
+    cut = new[:-1]  # without its last byte
+    assert tok.decode(cut).endswith("\ufffd")
+    model.generate = lambda input_ids, streamer=None, **kw: _streamed(streamer, input_ids, torch.tensor([cut]))
+    assert generate(model, tok, ids, max_new_tokens=len(cut)) == "ok "
+    capsys.readouterr()
+    generate(model, tok, ids, max_new_tokens=len(cut), streamer=answer_streamer(tok))
+    assert capsys.readouterr().out == "ok \n"
+
+
+def _streamed(streamer, prompt, new):
+    if streamer is not None:
+        streamer.put(prompt)
+        for t in new[0]:
+            streamer.put(t.view(1))
+        streamer.end()
+    return torch.cat([prompt, new], dim=1)

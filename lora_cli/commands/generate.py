@@ -88,10 +88,9 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
 
     import torch
     from rich.table import Table
-    from transformers import TextStreamer
 
     from lora_cli.display import stderr_console
-    from lora_cli.generation import chat_template_for, fit_new_tokens, generate, prompt_ids
+    from lora_cli.generation import answer_streamer, chat_template_for, fit_new_tokens, generate, prompt_ids
     from lora_cli.lora.adapter import check_adapter_fits, load_adapter, read_adapter
     from lora_cli.lora.inject import unload_lora
     from lora_cli.models import (
@@ -136,7 +135,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         answers[label] = []
         for p, ids in zip(prompts, encodings[template[variant]]):
             console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
-            streamer = None if json_lines else TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+            streamer = None if json_lines else answer_streamer(tok)
             ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
             answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k))
