@@ -197,11 +197,13 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
         with quiet_logs():
             found = datasets.load_dataset_builder(str(p), config).config.data_files or {}
     except Exception as e:
-        raise UserError(f"data directory {spec!r} holds no train.* file, and as a dataset repository: "
-                        f"{_dataset_error(e, flag)}") from None
+        raise UserError(f"data directory {spec!r}: {_folder_error(e, p, flag)}") from None
     if not found:
         raise UserError(f"data directory {spec!r}: datasets finds no split in it")
     splits = {str(name): [Path(f) for f in files] for name, files in found.items()}
+    if empty := [name for name, files in splits.items() if not files]:
+        raise UserError(f"data directory {spec!r}: its {empty[0]} split matches no file (its README.md's configs "
+                        "name the files of each split)")
     read = {f for files in splits.values() for f in files}
     folders = {f.parent for f in read}
     left = sorted(f.name for f in p.rglob("*") if f.parent in folders and f not in read and _format(f)[0] in DATA_SUFFIXES
@@ -246,14 +248,33 @@ def _root_message(e: BaseException) -> str:
 
 def _dataset_error(e: BaseException, flag: str) -> str:
     """datasets' reason, in one line; a missing or unknown configuration names the ones there are and the flag."""
+    import ast
+
     whole = str(e)
     named = re.search(r"(?:available configs|Available: |one among the available configs:)\s*(\[[^\]]*\])", whole)
+    with contextlib.suppress(ValueError, SyntaxError):
+        named = named and ", ".join(map(str, ast.literal_eval(named.group(1))))
     unknown = re.search(r"BuilderConfig (.*) not found", whole)
     if named and unknown:
-        return f"it has no configuration {unknown.group(1)}; it has {named.group(1)}: pick one with {flag}"
+        return f"it has no configuration {unknown.group(1)}; it has {named}: pick one with {flag}"
     if named and "Config name is missing" in whole:
-        return f"it has several configurations, {named.group(1)}: pick one with {flag}"
+        return f"it has several configurations ({named}): pick one with {flag}"
     return _root_message(e)
+
+
+def _folder_error(e: BaseException, folder: Path, flag: str) -> str:
+    """Why datasets cannot read a folder laid out as a Hub dataset repository, in one line."""
+    import yaml
+
+    if isinstance(e, yaml.MarkedYAMLError):  # lines counted from the header's first, after its opening ---
+        where = f" (line {e.problem_mark.line + 2})" if e.problem_mark else ""
+        return f"its README.md's YAML header does not parse{where}: {e.problem or e.context}"
+    missing = re.match(r"Unable to find '([^']*)'", str(e))
+    if missing and (folder / "README.md").is_file():
+        pattern = os.path.relpath(missing.group(1), folder)
+        return f"its README.md's configs name {pattern!r}, which matches no file"
+    reason = _dataset_error(e, flag)
+    return reason if reason.startswith("it has") else f"read as a Hub dataset repository (no train.* file): {reason}"
 
 
 @contextlib.contextmanager

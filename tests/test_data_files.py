@@ -549,11 +549,25 @@ def test_a_dataset_configuration_is_picked_with_data_config(cli, tiny_llama, tmp
     assert load_records(str(d), config="main") == (recs[:5], recs[5:])
     assert load_records(str(d), config="socratic") == (recs[:2], None)
     assert load_eval_records(str(d), config="main") == recs[5:]
-    with pytest.raises(UserError, match=r"it has several configurations, \['main', 'socratic'\]: pick one with --data-config"):
+    with pytest.raises(UserError, match=rf"^data directory '{d}': it has several configurations \(main, socratic\): "
+                                        "pick one with --data-config$"):
         load_records(str(d))
-    with pytest.raises(UserError, match=r"it has no configuration 'mian'; it has \['main', 'socratic'\]: pick one with "
-                                        r"--eval-data-config"):
+    with pytest.raises(UserError, match=rf"^data directory '{d}': it has no configuration 'mian'; it has main, "
+                                        "socratic: pick one with --eval-data-config$"):
         load_eval_records(str(d), config="mian")
+    readme = (d / "README.md").read_text()
+    (d / "README.md").write_text(readme.replace("socratic/train-*.jsonl", "socratic/tain-*.jsonl"))
+    with pytest.raises(UserError, match=r"its train split matches no file"):  # (was: no records, silently)
+        load_records(str(d), config="socratic")
+    (d / "README.md").write_text(readme.replace("socratic/train-*.jsonl", "socratic/train.jsonl"))
+    with pytest.raises(UserError, match=r"its README.md's configs name 'socratic/train.jsonl', which matches no "
+                                        r"file$"):  # (was datasets' list of its 80 file extensions)
+        load_records(str(d), config="socratic")
+    (d / "README.md").write_text(readme.replace("data_files:\n", "data_files: [\n", 1))
+    with pytest.raises(UserError, match=r"its README.md's YAML header does not parse \(line 5\): expected the "
+                                        r"node content, but found '-'$"):
+        load_records(str(d), config="main")
+    (d / "README.md").write_text(readme)
     code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--data-config", "main", "--output", tmp_path / "r", *RUN)
     assert code == 0, err
     assert "5 records (prompt_completion)" in err and "eval        3 sequences" in err
