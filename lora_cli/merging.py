@@ -13,11 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, mark
 from lora_cli.lora.layer import conv1d_paths, lora_scaling
-from lora_cli.lora.peft_format import AdapterConfig, read_adapter_config, read_safetensors_header
+from lora_cli.lora.peft_format import (
+    AdapterConfig,
+    read_adapter_config,
+    read_safetensors_header,
+    save_safetensors,
+)
 from lora_cli.models import (
     PICKLE_SUFFIXES,
     ModelSource,
@@ -185,7 +190,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 state.update(originals)
             if dtype is not None:
                 state = {k: cast_finite(v, dtype, k) if v.is_floating_point() else v for k, v in state.items()}
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / shard), metadata={"format": "pt", **mark()})
+            save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp / shard, metadata={"format": "pt", **mark()})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)
         if untie or kept:

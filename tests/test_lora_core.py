@@ -571,3 +571,19 @@ def test_a_recompute_that_stops_early_keeps_the_plan_and_the_dropout_draws(monke
     q._dropped_positions(w)
     gc.collect()  # nothing else holds the positions, as in a checkpointed forward
     assert k._dropped_positions(w) is q._dropped_positions(w) and len(draws) == 1
+
+
+def test_safetensors_files_are_the_same_bytes_for_the_same_tensors(tmp_path):
+    """safetensors writes metadata keys in a random order: two identical runs gave adapters whose bytes differed."""
+    from safetensors import safe_open
+
+    from lora_cli.lora.peft_format import save_safetensors
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    meta = {f"key{i}": f"välue {i}" for i in range(8)} | {"format": "pt"}
+    files = [tmp_path / f"{i}.safetensors" for i in range(6)]
+    for f in files:
+        save_safetensors(tensors, f, meta)
+    assert len({f.read_bytes() for f in files}) == 1
+    with safe_open(files[0], "pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lora_cli.errors import UserError, atomic_path, atomic_write_text, few, mark
@@ -24,6 +24,7 @@ from lora_cli.lora.peft_format import (
     broken_adapter_error,
     check_ranks,
     read_adapter_config,
+    save_safetensors,
 )
 from lora_cli.lora.targets import ALL_LINEAR, linear_modules, resolve_targets
 
@@ -55,7 +56,7 @@ def write_adapter(
 ) -> None:
     """Write PEFT-keyed tensors and their config; weights first, so a config never names missing weights."""
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **mark(), **(metadata or {})})
+        save_safetensors(tensors, tmp, metadata={"format": "pt", **mark(), **(metadata or {})})
     atomic_write_text(out_dir / CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2) + "\n")
 
 

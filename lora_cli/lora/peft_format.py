@@ -203,6 +203,22 @@ def _training_now(run_dir: Path) -> bool:
     return False
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, then its metadata keys put in order (it writes them in a random one): the same
+    tensors and metadata make the same bytes, so identical runs give identical files."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(ordered) <= n:  # the same keys and values: the same length, padded as safetensors pads
+            f.seek(8)
+            f.write(ordered.ljust(n))
+
+
 def is_gguf_file(path: Path) -> bool:
     """Whether `path` is a file that starts as GGUF does."""
     if not path.is_file():
