@@ -417,6 +417,18 @@ def _train_with_workers(tiny_llama, tmp_path):
     return p, workers
 
 
+def _finish(p: subprocess.Popen, workers: list[str]) -> str:
+    """The run's stderr once it ends; one still running after 2 minutes is killed with its workers (a hang)."""
+    try:
+        return p.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        for pid in [p.pid, *map(int, workers)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        p.communicate()
+        raise AssertionError("the run hung") from None
+
+
 def _running(pid: str) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     with contextlib.suppress(FileNotFoundError):
@@ -429,7 +441,7 @@ def test_a_signal_while_workers_tokenize_stops_them_quietly(tiny_llama, tmp_path
     """The tokenizing workers inherited the CLI's SIGTERM handler: stopping them printed a traceback each."""
     p, workers = _train_with_workers(tiny_llama, tmp_path)
     p.send_signal(sig)
-    _, err = p.communicate(timeout=120)
+    err = _finish(p, workers)
     assert p.returncode == 128 + sig and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == ("error: interrupted" if sig == signal.SIGINT else "error: terminated")
     assert not any(Path(f"/proc/{w}").exists() for w in workers)
@@ -439,7 +451,7 @@ def test_a_killed_tokenizing_worker_is_an_error_not_a_hang(tiny_llama, tmp_path)
     """multiprocessing.Pool started a new worker and waited forever for the killed one's block."""
     p, workers = _train_with_workers(tiny_llama, tmp_path)
     os.kill(int(workers[0]), signal.SIGKILL)
-    _, err = p.communicate(timeout=120)
+    err = _finish(p, workers)
     assert p.returncode == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == ("error: a tokenizing worker process died (killed, or out of memory?); "
                                             "run again with fewer (--num-proc 1)")
@@ -450,7 +462,7 @@ def test_tokenizing_workers_end_with_their_parent(tiny_llama, tmp_path):
     """Killed with -9, the parent cannot stop them: they were left running, and printed BrokenPipeError tracebacks."""
     p, workers = _train_with_workers(tiny_llama, tmp_path)
     p.kill()
-    _, err = p.communicate(timeout=120)
+    err = _finish(p, workers)
     t0 = time.time()
     while any(map(_running, workers)) and time.time() - t0 < 30:
         time.sleep(0.1)
