@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import signal
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -716,7 +717,14 @@ def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
                                    initargs=(fn, os.getpid()))
         done = False
         try:
-            yield from pool.map(_run_worker_job, items)
+            # the workers are forked as the items are handed out: a signal then waits until that is done (it would
+            # stop the handing out half-way), and, in each worker, until it has its own handlers (not the CLI's)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                results = pool.map(_run_worker_job, items)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            yield from results
             done = True
         except BrokenProcessPool:
             raise UserError(f"a tokenizing worker process died (killed, or out of memory?); run again with fewer "
@@ -728,16 +736,16 @@ def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
             pool.shutdown(wait=done, cancel_futures=not done)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _worker_job: Callable | None = None  # set in each worker process only, by the pool's initializer
 
 
 def _set_worker_job(fn: Callable, parent: int) -> None:
-    import signal
-
     global _worker_job
     _worker_job = fn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops them,
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # with SIGTERM, which ends them quietly (not the CLI's handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # (blocked while it was forked)
     with contextlib.suppress(OSError, AttributeError):  # and so does the parent's end, however it comes (kill -9)
         import ctypes
 
