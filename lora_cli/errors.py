@@ -43,6 +43,20 @@ def read_text(path: str | os.PathLike, what: str | None = None, data: bytes | No
                         "Windows-1252); save it as UTF-8") from None
 
 
+def read_json_object(path: str | os.PathLike, what: str | None = None) -> dict:
+    """A JSON file that must hold an object (a config, an index), or one error naming it and what is wrong."""
+    import json
+
+    text = read_text(path, what)
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what or path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{what or path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def lines(text: str) -> list[str]:
     """The lines of a text: split at line feeds (LF, CRLF, CR) only. str.splitlines() also splits at U+2028,
     U+2029, U+0085 and other characters that JSON strings and prose hold as they are."""

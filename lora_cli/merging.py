@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, mark
+from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, few, mark, read_json_object
 from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import (
     AdapterConfig,
@@ -28,6 +28,7 @@ from lora_cli.models import (
     ModelSource,
     ensure_gguf_converted,
     ensure_pickle_converted,
+    load_tokenizer,
     model_type_of,
     other_architecture,
     resolve_model,
@@ -54,18 +55,39 @@ def base_directory(source: ModelSource, status=None, flag: str = "--base", allow
         d = Path(source.path)
         if allow_pickle and not any(d.glob("*.safetensors")) and _pickled(d):
             return ensure_pickle_converted(d, status)
+        check_model_files(d)
         return d
     if source.is_gguf:
         return ensure_gguf_converted(source.path, status)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                  "*.jinja", "*.tiktoken"]))
+        d = Path(snapshot_download(source.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                               "*.jinja", "*.tiktoken"]))
     except Exception as e:
         what = "base model" if flag == "--base" else "model"
         raise UserError(f"cannot get {what} {source.ref!r} from the Hub ({type(e).__name__}); pass {flag} "
                         "with a local directory or .gguf file") from None
+    check_model_files(d)
+    return d
+
+
+def check_model_files(directory: Path) -> None:
+    """A model directory's config.json (an object naming its model_type) and shard index (each shard it lists
+    there): what the commands reading the files themselves rely on, each fault one error naming the file."""
+    config = read_json_object(directory / "config.json") if (directory / "config.json").is_file() else None
+    if config is None:
+        raise UserError(f"{directory} is not a model directory: it has no config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise UserError(f"{directory / 'config.json'}: no model_type (the architecture transformers builds)")
+    if (directory / INDEX_NAME).is_file():
+        weight_map = read_json_object(directory / INDEX_NAME).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{directory / INDEX_NAME}: no weight_map of tensor names to shard files")
+        missing = sorted(set(weight_map.values()) - {f.name for f in directory.iterdir()})
+        if missing:
+            raise UserError(f"{directory} lacks {few(missing)}, which its {INDEX_NAME} lists (an unfinished "
+                            "download or copy?)")
 
 
 def weight_shards(base_dir: Path) -> list[str]:
@@ -144,6 +166,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
+    load_tokenizer(ModelSource(source.ref, str(base_dir), "dir"))  # the merged model gets its files: they must load
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
     all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}

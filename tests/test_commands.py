@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -337,6 +338,42 @@ def test_merge_sharded_in_sharded_out(cli, tmp_path):
     assert rel_diff(logits(merged), logits(theirs)) < 2e-2  # bf16 weights
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(p.numel() * p.element_size() for p in merged.state_dict().values()) // 2
+
+
+def test_merge_checks_the_base_files_it_copies(cli, trained_run, tiny_llama, tmp_path):
+    """A base with a damaged config or index was "internal error: JSONDecodeError" (not naming the file); one with
+    no tokenizer or a broken one merged into a model nothing loads, and said it had succeeded."""
+    def broken(name, damage):
+        base = tmp_path / name
+        shutil.copytree(tiny_llama, base)
+        damage(base)
+        return base
+
+    cases = [
+        (lambda b: (b / "config.json").write_text('{"model_type": "llama",'), "config.json: not valid JSON (line 1"),
+        (lambda b: (b / "config.json").write_text("[]"), "config.json: expected a JSON object, got list"),
+        (lambda b: (b / "config.json").write_text("{}"), "config.json: no model_type"),
+        (lambda b: [f.unlink() for f in b.glob("tokenizer*")], "has no tokenizer"),
+        (lambda b: (b / "tokenizer.json").write_text("{"), "cannot load tokenizer from"),
+    ]
+    for i, (damage, message) in enumerate(cases):
+        code, _, err = cli("merge", trained_run, "--base", broken(f"b{i}", damage), "--output", tmp_path / f"m{i}")
+        assert code == 1 and message in " ".join(err.split()) and "internal error" not in err, err
+        assert not (tmp_path / f"m{i}").exists()
+    sharded = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(sharded, max_shard_size="20KB")
+    shutil.copytree(tiny_llama, sharded, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+    shard = sorted(sharded.glob("model-*.safetensors"))[1].name
+    for damage, message in ((lambda b: (b / "model.safetensors.index.json").write_text("{"),
+                             "model.safetensors.index.json: not valid JSON"),
+                            (lambda b: (b / shard).unlink(), f"lacks {shard}, which its model.safetensors.index.json "
+                                                             "lists")):
+        base = tmp_path / "damaged"
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.copytree(sharded, base)
+        damage(base)
+        code, _, err = cli("merge", trained_run, "--base", base, "--output", tmp_path / "m")
+        assert code == 1 and message in " ".join(err.split()), err
 
 
 def test_merge_onto_the_wrong_base_names_the_problem(cli, trained_run, tmp_path):
