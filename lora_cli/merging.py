@@ -28,6 +28,7 @@ from lora_cli.models import (
     ModelSource,
     ensure_gguf_converted,
     ensure_pickle_converted,
+    has_tokenizer_files,
     load_tokenizer,
     model_type_of,
     other_architecture,
@@ -166,7 +167,11 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
-    load_tokenizer(ModelSource(source.ref, str(base_dir), "dir"))  # the merged model gets its files: they must load
+    if has_tokenizer_files(base_dir):  # the merged model gets its files: they must load
+        load_tokenizer(ModelSource(source.ref, str(base_dir), "dir"))
+    elif status:
+        status(f"warning: the base {source.ref} has no tokenizer files, so neither has the merged model: copy its "
+               f"tokenizer's into {output}")
     shards = weight_shards(base_dir)
     keys_by_shard = {s: _header_keys(base_dir / s) for s in shards}
     all_keys = {k: shape for ks in keys_by_shard.values() for k, shape in ks.items()}

@@ -227,8 +227,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
     no_tokenizer = UserError(f"model {source.ref!r} has no tokenizer (no tokenizer.json, tokenizer.model or vocab "
                              "files); copy the tokenizer files of its base model into it")
     path = local_path(source, status)
-    if source.kind == "dir" and not any(f.name in _TOKENIZER_FILES or f.suffix == ".tiktoken"
-                                        for f in Path(path).iterdir()):
+    if source.kind == "dir" and not has_tokenizer_files(Path(path)):
         raise no_tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -239,6 +238,10 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
     if not has_vocabulary(tok):
         raise no_tokenizer
     return tok
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any(f.name in _TOKENIZER_FILES or f.suffix == ".tiktoken" for f in directory.iterdir())
 
 
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",

@@ -381,8 +381,8 @@ def test_tensors_the_config_does_not_target_are_refused_by_every_command(cli, ba
     (tmp_path / "a/adapter_config.json").write_text(json.dumps(cfg | {"target_modules": ["q_proj"]}))
     for command in (["resize", tmp_path / "a", "--rank", "2"], ["combine", tmp_path / "a", tmp_path / "a"],
                     ["export", tmp_path / "a", "--format", "gguf"], ["export", tmp_path / "a", "--portable"],
-                    ["export", tmp_path / "a"], ["merge", tmp_path / "a"]):
-        code, _, err = cli(*command, "--output", tmp_path / "out")
+                    ["export", tmp_path / "a"], ["merge", tmp_path / "a"], ["inspect", tmp_path / "a"]):
+        code, _, err = cli(*command, *(["--output", tmp_path / "out"] if command[0] != "inspect" else []))
         assert code == 1 and "holds LoRA weights for model.layers.0.self_attn.v_proj, model.layers.1.self_attn" \
             ".v_proj, which its target_modules does not name (PEFT ignores them)" in " ".join(err.split()), command
         assert not (tmp_path / "out").exists()

@@ -342,7 +342,7 @@ def test_merge_sharded_in_sharded_out(cli, tmp_path):
 
 def test_merge_checks_the_base_files_it_copies(cli, trained_run, tiny_llama, tmp_path):
     """A base with a damaged config or index was "internal error: JSONDecodeError" (not naming the file); one with
-    no tokenizer or a broken one merged into a model nothing loads, and said it had succeeded."""
+    a broken tokenizer merged into a model nothing loads, and said it had succeeded."""
     def broken(name, damage):
         base = tmp_path / name
         shutil.copytree(tiny_llama, base)
@@ -353,7 +353,6 @@ def test_merge_checks_the_base_files_it_copies(cli, trained_run, tiny_llama, tmp
         (lambda b: (b / "config.json").write_text('{"model_type": "llama",'), "config.json: not valid JSON (line 1"),
         (lambda b: (b / "config.json").write_text("[]"), "config.json: expected a JSON object, got list"),
         (lambda b: (b / "config.json").write_text("{}"), "config.json: no model_type"),
-        (lambda b: [f.unlink() for f in b.glob("tokenizer*")], "has no tokenizer"),
         (lambda b: (b / "tokenizer.json").write_text("{"), "cannot load tokenizer from"),
     ]
     for i, (damage, message) in enumerate(cases):

@@ -254,9 +254,12 @@ def test_unknown_merge_dtype(cli, run_dir, tmp_path):
 
 
 def test_merge_onto_a_base_without_tokenizer_writes_none(cli, run_dir, bad_inputs):
-    """transformers 5 builds an empty tokenizer for such a directory: it must not be saved as if it were one."""
+    """transformers 5 builds an empty tokenizer for such a directory: it must not be saved as if it were one. The
+    merged model has none either: said."""
     code, _, err = cli("merge", run_dir, "--base", bad_inputs / "untokenized", "--output", bad_inputs / "m")
     assert code == 0, err
+    assert "warning: the base" in err and "has no tokenizer files, so neither has the merged model" in " ".join(
+        err.split())
     assert sorted(p.name for p in (bad_inputs / "m").iterdir()) == ["config.json", "generation_config.json",
                                                                      "model.safetensors"]
 
@@ -529,6 +532,20 @@ def test_an_adapter_config_whose_rank_is_not_the_weights_is_refused(cli, run_dir
                  ("inspect", edited), ("resize", edited, "--rank", "1", "--output", tmp_path / "r")):
         assert_user_error(cli(*args), "does not match its adapter_config.json", said)
     assert not any((tmp_path / n).exists() for n in "mxr")
+
+
+def test_an_adapter_config_that_says_dora_or_a_fractional_rank_is_checked(cli, run_dir, tmp_path):
+    """use_dora without magnitudes was an internal KeyError in merge (inspect took it); r 4.5 was read as 4."""
+    for edit, said in ((dict(use_dora=True), "no DoRA magnitude (lora_magnitude_vector) for "),
+                       (dict(r=4.5), "malformed value (r must be a whole number, got 4.5)")):
+        edited = tmp_path / "edited"
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(run_dir, edited, ignore=shutil.ignore_patterns("checkpoints"))
+        cfg = json.loads((edited / "adapter_config.json").read_text())
+        (edited / "adapter_config.json").write_text(json.dumps(cfg | edit))
+        for args in (("merge", edited, "--output", tmp_path / "m"), ("inspect", edited)):
+            assert_user_error(cli(*args), said)
+        assert not (tmp_path / "m").exists()
 
 
 def test_a_run_that_has_not_finished_points_to_its_checkpoint(cli, run_dir, tmp_path):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lora_cli.errors import UserError, atomic_path, atomic_write_text, few, mark
+from lora_cli.errors import UserError, atomic_path, atomic_write_text, mark
 from lora_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
 from lora_cli.lora.layer import linear_shape
 from lora_cli.lora.peft_format import (
@@ -88,13 +88,6 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
                 else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
-    lora_paths = {m["path"] for k in tensors if (m := _KEY_RX.match(k))}
-    ignored = [] if config.target_modules == ALL_LINEAR else sorted(  # (all-linear is resolved on the model)
-        p for p in lora_paths if not config.targets(p))
-    if ignored:  # PEFT loads without them: a resize, combine or GGUF export with them would be another adapter
-        raise UserError(f"{weights} holds LoRA weights for {few(ignored)}, which its target_modules does not name "
-                        f"(PEFT ignores them); add {'them' if len(ignored) > 1 else 'it'} to target_modules in "
-                        f"{CONFIG_NAME}, or remove the tensors")
     check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
     broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:  # merge, export, combine and resize would pass them on

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, few
 
 CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand, resolved on the model
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 # Metadata key (safetensors header) recording that the base was a dequantized GGUF file.
@@ -145,7 +146,7 @@ class AdapterConfig:
             raise UserError(f"{source} lacks {', '.join(missing)}; is this a LoRA adapter?")
         try:
             cfg = cls(
-                r=int(d["r"]),
+                r=_whole(d["r"], "r"),
                 lora_alpha=float(d["lora_alpha"]),
                 target_modules=d["target_modules"] if isinstance(d["target_modules"], str)
                 else [str(t) for t in d["target_modules"]],
@@ -153,7 +154,7 @@ class AdapterConfig:
                 use_rslora=bool(d.get("use_rslora", False)),
                 fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
                 base_model_name_or_path=d.get("base_model_name_or_path"),
-                rank_pattern={str(k): int(v) for k, v in (d.get("rank_pattern") or {}).items()},
+                rank_pattern={str(k): _whole(v, f"rank_pattern[{k!r}]") for k, v in (d.get("rank_pattern") or {}).items()},
                 alpha_pattern={str(k): float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
                 use_dora=bool(d.get("use_dora", False)),
                 layers_to_transform=_int_list(d.get("layers_to_transform")),
@@ -169,6 +170,13 @@ class AdapterConfig:
         if cfg.r < 1 or any(v < 1 for v in cfg.rank_pattern.values()):
             raise UserError(f"{source}: rank must be >= 1")
         return cfg
+
+
+def _whole(value: Any, what: str) -> int:
+    """A rank as a JSON number: 4 or 4.0; 4.5 (int() made it 4: its matrices are not rank 4.5) is an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def suffix_matches(name: str, key: str) -> bool:
@@ -281,8 +289,17 @@ def read_adapter_config(path: str | Path, lenient: bool = False) -> AdapterConfi
 def check_ranks(config: AdapterConfig, shapes: dict[str, list[int]], weights: Path) -> None:
     """Each module's A (r, in) and B (out, r) against the r its config gives: a config edited or taken from
     another adapter would scale every update by the wrong alpha / r."""
-    problems = []
+    paths = sorted({key.rsplit(".lora_", 1)[0] for key in shapes if ".lora_" in key})
+    ignored = [] if config.target_modules == ALL_LINEAR else [p for p in paths if not config.targets(p)]
+    if ignored:  # PEFT loads without them: a resize, combine or GGUF export with them would be another adapter
+        raise UserError(f"{weights} holds LoRA weights for {few(ignored)}, which its target_modules does not name "
+                        f"(PEFT ignores them); add {'them' if len(ignored) > 1 else 'it'} to target_modules in "
+                        f"{CONFIG_NAME}, or remove the tensors")
+    problems, no_magnitude = [], []
     for key, shape in shapes.items():
+        if key.endswith(".lora_magnitude_vector") and not config.use_dora:
+            problems.append(f"{key.removesuffix('.lora_magnitude_vector')} has a DoRA magnitude, its config does "
+                            "not say use_dora")
         if key.endswith(".lora_B.weight") and key.replace(".lora_B.", ".lora_A.") not in shapes:
             problems.append(f"{key[: -len('.lora_B.weight')]} has lora_B but no lora_A")
         if not key.endswith(".lora_A.weight"):
@@ -296,6 +313,14 @@ def check_ranks(config: AdapterConfig, shapes: dict[str, list[int]], weights: Pa
             problems.append(f"{path}: lora_A {shape} and lora_B {b} do not make a product B A")
         elif shape[0] != r:
             problems.append(f"{path} has rank {shape[0]}, its config says r={r}")
+        elif config.use_dora and (m := shapes.get(f"{path}.lora_magnitude_vector")) != [b[0]]:
+            if m is None:
+                no_magnitude.append(path)
+            else:
+                problems.append(f"{path} has a DoRA magnitude of shape {m}, not one per output ([{b[0]}])")
+    if no_magnitude:
+        problems.insert(0, f"no DoRA magnitude (lora_magnitude_vector) for {few(no_magnitude)}, though its config "
+                           "says use_dora")
     if problems:
         shown = "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
         raise UserError(f"{weights} does not match its adapter_config.json: {shown}")

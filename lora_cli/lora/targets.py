@@ -15,10 +15,9 @@ from torch import nn
 
 from lora_cli.errors import UserError
 from lora_cli.lora.layer import is_linear_like
-from lora_cli.lora.peft_format import suffix_matches
+from lora_cli.lora.peft_format import ALL_LINEAR, suffix_matches
 
 ATTENTION = "attention"
-ALL_LINEAR = "all-linear"
 REGEX_PREFIX = "re:"
 
 
