@@ -202,7 +202,7 @@ def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, dtype: torch.dtype,
-                force: bool) -> dict:
+                force: bool, status=None) -> dict:
     """A llama.cpp LoRA adapter (GGUF): tensors `blk.N.attn_q.weight.lora_a/.lora_b`, alpha = r with the
     scaling folded into B, and lora_b of Q/K permuted the way llama.cpp permutes the base weights."""
     import json
@@ -213,7 +213,7 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
         raise UserError("--format gguf needs the gguf package: pip install 'lora-cli[gguf]'") from None
     from lora_cli.errors import atomic_path
     from lora_cli.merging import base_directory
-    from lora_cli.models import resolve_model
+    from lora_cli.models import other_architecture, resolve_model
 
     output = Path(output)
     config, factors = portable_factors(adapter_dir)
@@ -229,6 +229,9 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
         raise UserError(f"--format gguf supports {', '.join(sorted(GGUF_ARCHS))} bases; this base is "
                         f"{model_type!r}. Merge instead (`lora merge`) and convert the merged model with llama.cpp")
     skeleton = _check_fits(factors, base_directory(source))
+    warning = base and other_architecture(config.base_model_name_or_path, model_type, "--base", "exports")
+    if warning and status:  # (the llama adapter written as a qwen2 one: its Q/K rows not permuted)
+        status(warning)
     head = skeleton.get_output_embeddings() if skeleton is not None else None
     tied = head is not None and head.weight is skeleton.get_input_embeddings().weight
     on_head = [m for m in factors if tied and skeleton.get_submodule(m) is head]

@@ -228,6 +228,21 @@ def test_gguf_export_refuses_unmapped_architectures(cli, tiny_gpt2, tmp_path):
     assert code == 1 and "supports" in err and "'gpt2'" in err and not (tmp_path / "a.gguf").exists()
 
 
+def test_gguf_export_onto_another_architecture_warns_and_options_of_one_format_are_refused(cli, rs_run, tmp_path):
+    """A llama adapter exported with --base QWEN2 became a qwen2 GGUF (its Q/K rows not permuted) without a word,
+    where merge warns; --portable with --format gguf, and --base with a PEFT export, were ignored."""
+    qwen2 = save_tiny(tmp_path / "qwen2", "qwen2")  # llama's module names and shapes
+    code, _, err = cli("export", rs_run, "--format", "gguf", "--base", qwen2, "--output", tmp_path / "a.gguf")
+    assert code == 0 and "warning: the adapter was trained on a llama model" in " ".join(err.split()), err
+    assert "--base is a qwen2 model" in " ".join(err.split())
+    for extra, said in ((["--format", "gguf", "--portable"], "--portable is for --format peft"),
+                        (["--base", qwen2], "--base is for --format gguf"),
+                        (["--portable", "--base", qwen2], "--base is for --format gguf")):
+        code, _, err = cli("export", rs_run, *extra, "--output", tmp_path / "b")
+        assert code == 1 and err.strip().splitlines()[-1].startswith(f"error: {said}"), err
+        assert not (tmp_path / "b").exists()
+
+
 def test_generate_switches_adapters_on_one_base(cli, rs_run, tiny_llama, tmp_path, chat_data):
     """Each adapter answers as it does alone, prompted with the chat template its run trained with (all were
     prompted with the first run's own template)."""

@@ -25,12 +25,18 @@ def export_command(
     name = dtype_name(dtype)
     if fmt not in ("peft", "gguf"):
         raise UserError(f"--format must be peft or gguf, got {fmt!r}")
+    if fmt == "gguf" and portable:
+        raise UserError("--portable is for --format peft: a GGUF adapter is portable already (one rank, the "
+                        "scaling folded into B)")
+    if base and fmt != "gguf":
+        raise UserError("--base is for --format gguf: a PEFT adapter names the base it was trained on (PEFT and "
+                        "servers load it onto the base they are given)")
     import torch
 
     from lora_cli.exporting import export_adapter, export_gguf, export_portable
 
     if fmt == "gguf":
-        info = export_gguf(adapter, output, base, getattr(torch, name), force)
+        info = export_gguf(adapter, output, base, getattr(torch, name), force, stderr_console().print)
     elif portable:
         info = export_portable(adapter, output, getattr(torch, name), force)
     else:
