@@ -687,6 +687,17 @@ def _from_json(text: str, where: str, what: str) -> Any:
         raise UserError(f"{where}: {what} not valid JSON ({e.msg}){hint}") from None
 
 
+def check_template(template: str, what: str) -> None:
+    """A chat template that does not compile is its own error (it was reported as record 1's)."""
+    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"{what}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+
+
 def _render_error(where: str, e: Exception) -> UserError:
     return UserError(f"{where}: the chat template failed to render the conversation: {type(e).__name__}: {e}")
 

@@ -45,6 +45,7 @@ from lora_cli.data import (
     Encoder,
     EncodeStats,
     Example,
+    check_template,
     collate,
     fingerprint,
     load_eval_records,
@@ -229,6 +230,8 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 
     template = read_text(cfg.chat_template, f"--chat-template {cfg.chat_template!r}") if cfg.chat_template else None
     if template is not None and not template.strip():
         raise UserError(f"--chat-template {cfg.chat_template!r} is empty")
+    if template is not None:
+        check_template(template, f"--chat-template {cfg.chat_template!r}")
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
     cores = tokenize_workers(cfg.num_proc, 0, processes)
     if cfg.num_proc and cores < cfg.num_proc and console is not None:

@@ -52,6 +52,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "null-completion.jsonl").write_text('{"prompt": "hello", "completion": null}\n')
     (d / "surrogate.jsonl").write_text('{"text": "a \\ud83d\\ude00 pair"}\n{"text": "half \\ud83d of one"}\n')
     (d / "empty.jinja").write_text("  \n")
+    (d / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% for %}")
     (d / "no-data").mkdir()
     (d / "no-data" / "notes.md").write_text("nothing to train on\n")
     (d / "two-train").mkdir()
@@ -133,6 +134,8 @@ CASES = {
                           ["record 1: unknown shape (keys: prompt; null: completion)"]),
     "empty chat template": (lambda d, m, c: train_args(m, c, d / "o", "--chat-template", d / "empty.jinja"),
                             ["--chat-template", "empty.jinja' is empty"]),
+    "broken chat template": (lambda d, m, c: train_args(m, c, d / "o", "--chat-template", d / "broken.jinja"),
+                             ["broken.jinja': not a valid Jinja template (line 2: Expected an expression"]),
     "Latin-1 prompt file": (lambda d, m, c: ("generate", "--model", m, "--prompt-file", d / "latin1-prompts.txt"),
                             ["--prompt-file", "is not UTF-8 text (byte 0xe9 on line 1"]),
     "folder as prompt file": (lambda d, m, c: ("generate", "--model", m, "--prompt-file", d),
