@@ -456,11 +456,14 @@ def _json_records(path: Path, text: str) -> list[dict]:
             if (bad := SURROGATE_ESCAPE.search(line)) and _lone_surrogate(line):
                 raise UserError(f"{path} line {number}: {bad.group()} is half of a UTF-16 surrogate pair, not a "
                                 "character; fix or drop it")
+    data = None
     if stripped[0] == "[":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            if e.msg != "Extra data":  # (a list per line: read as lines, which says a line is not an object)
+                raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if data is not None:
         if not all(isinstance(r, dict) for r in data):
             raise UserError(f"{path}: expected a JSON list of objects")
         return data

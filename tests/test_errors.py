@@ -51,6 +51,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "latin1-prompts.txt").write_bytes("café\n".encode("latin-1"))
     (d / "null-completion.jsonl").write_text('{"prompt": "hello", "completion": null}\n')
     (d / "surrogate.jsonl").write_text('{"text": "a \\ud83d\\ude00 pair"}\n{"text": "half \\ud83d of one"}\n')
+    (d / "arrays.jsonl").write_text("[1, 2]\n[3, 4]\n")
     (d / "empty.jinja").write_text("  \n")
     (d / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% for %}")
     (d / "no-data").mkdir()
@@ -96,6 +97,8 @@ CASES = {
     "empty dataset": (lambda d, m, c: train_args(m, d / "empty.jsonl", d / "o"), ["is empty"]),
     "truncated dataset": (lambda d, m, c: train_args(m, d / "truncated.jsonl", d / "o"), ["line 2", "not valid JSON"]),
     "non-JSON dataset": (lambda d, m, c: train_args(m, d / "notjson.jsonl", d / "o"), ["line 1", "not valid JSON"]),
+    "JSONL of lists": (lambda d, m, c: train_args(m, d / "arrays.jsonl", d / "o"),
+                       ["arrays.jsonl line 1: expected a JSON object, got list"]),  # (was "line 2: Extra data")
     "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
                              ["record 1", "unknown shape", "question", "messages"]),
     "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
