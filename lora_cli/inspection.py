@@ -15,6 +15,7 @@ from lora_cli.lora.peft_format import (
     adapter_files,
     broken_adapter_error,
     check_ranks,
+    gguf_type,
     is_gguf_file,
     nonfinite_tensors,
     read_adapter_config,
@@ -100,6 +101,8 @@ def gguf_adapter_facts(path: Path) -> dict[str, Any]:
         import numpy as np
     except ImportError:
         raise UserError(f"{path} is a GGUF file: reading it needs the gguf package (pip install 'lora-cli[gguf]')") from None
+    if (kind := gguf_type(path)) not in ("adapter", None):  # (before the reader, which takes seconds on a model)
+        raise UserError(f"{path} is a GGUF {kind}, not a LoRA adapter")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception:  # noqa: BLE001 - numpy's words about buffer sizes would not help

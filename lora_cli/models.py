@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import UserError, atomic_dir
+from lora_cli.lora.peft_format import gguf_type
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -43,6 +44,9 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
     if ref.endswith(".gguf"):
         if not p.is_file():
             raise UserError(f"model file {ref!r} does not exist")
+        if gguf_type(p) == "adapter":
+            raise UserError(f"{ref!r} is a LoRA adapter (GGUF), not a model: llama.cpp applies it to its base "
+                            "(--lora); lora takes the PEFT adapter it was exported from (lora inspect describes it)")
         return ModelSource(ref, str(p.resolve()), "gguf")
     if p.exists():
         if not p.is_dir():

@@ -114,6 +114,10 @@ def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
     assert facts["trainable_params"] == ours["trainable_params"] == sum(t.numel() for t in tensors.values())
     code, _, err = cli("merge", tmp_path / "a.gguf", "--output", tmp_path / "m")
     assert code == 1 and "is a GGUF file, which llama.cpp loads (lora inspect describes it)" in " ".join(err.split())
+    for command in (["generate", "--prompt", "hi"], ["train", "--data", chat_data, "--output", tmp_path / "r"]):
+        code, _, err = cli(*command, "--model", tmp_path / "a.gguf")  # (was a tokenizer error after a warning)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert "a.gguf' is a LoRA adapter (GGUF), not a model" in " ".join(err.split()), err
 
 
 def test_inspect_of_a_gguf_export_shows_the_trained_ranks_and_the_folded_scaling(cli, tiny_llama, tmp_path):

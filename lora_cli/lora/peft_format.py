@@ -235,6 +235,42 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_type(path: Path) -> str | None:
+    """A GGUF file's general.type ("model", "adapter"), read from its header alone (gguf's reader maps every
+    tensor first: seconds for a model); None if it does not say or cannot be read."""
+    def skip(f, kind: int) -> None:
+        if kind == _GGUF_STRING:
+            f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+        elif kind == _GGUF_ARRAY:
+            item, count = struct.unpack("<IQ", f.read(12))
+            if item in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[item] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        else:
+            f.seek(_GGUF_SIZES[kind], 1)
+
+    try:
+        with open(path, "rb") as f:
+            magic, version, _, kv_count = struct.unpack("<4sIQQ", f.read(24))
+            if magic != b"GGUF" or version < 2:
+                return None
+            for _ in range(kv_count):
+                key = f.read(struct.unpack("<Q", f.read(8))[0])
+                kind = struct.unpack("<I", f.read(4))[0]
+                if key == b"general.type" and kind == _GGUF_STRING:
+                    return f.read(struct.unpack("<Q", f.read(8))[0]).decode("utf-8", "replace")
+                skip(f, kind)
+    except (OSError, struct.error, KeyError):
+        return None
+    return None
+
+
 def adapter_files(path: str | Path) -> tuple[Path, Path]:
     """(config, weights) of an adapter directory, or a UserError saying what is wrong with it."""
     path = Path(path)
