@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, few, mark, read_json_object
+from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, mark, read_json_object
 from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import (
     AdapterConfig,
@@ -26,6 +26,7 @@ from lora_cli.lora.peft_format import (
 from lora_cli.models import (
     PICKLE_SUFFIXES,
     ModelSource,
+    check_shards,
     ensure_gguf_converted,
     ensure_pickle_converted,
     has_tokenizer_files,
@@ -81,14 +82,7 @@ def check_model_files(directory: Path) -> None:
         raise UserError(f"{directory} is not a model directory: it has no config.json")
     if not isinstance(config.get("model_type"), str):
         raise UserError(f"{directory / 'config.json'}: no model_type (the architecture transformers builds)")
-    if (directory / INDEX_NAME).is_file():
-        weight_map = read_json_object(directory / INDEX_NAME).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise UserError(f"{directory / INDEX_NAME}: no weight_map of tensor names to shard files")
-        missing = sorted(set(weight_map.values()) - {f.name for f in directory.iterdir()})
-        if missing:
-            raise UserError(f"{directory} lacks {few(missing)}, which its {INDEX_NAME} lists (an unfinished "
-                            "download or copy?)")
+    check_shards(directory)
 
 
 def weight_shards(base_dir: Path) -> list[str]:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.errors import UserError, atomic_dir
+from lora_cli.errors import UserError, atomic_dir, few, read_json_object
 from lora_cli.lora.peft_format import gguf_type
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -62,6 +62,11 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
                                 "merged model, to train on top of it")
             raise UserError(f"model directory {ref!r} has no config.json; is it a transformers model directory?")
         check_no_pickle(p, allow_pickle)
+        check_known_architecture(p)
+        check_shards(p)
+        if not any(f.suffix == ".safetensors" or f.name.endswith(PICKLE_SUFFIXES) for f in p.iterdir()):
+            raise UserError(f"model directory {ref!r} has no weights (no *.safetensors file): an unfinished download "
+                            "or copy?")
         return ModelSource(ref, str(p.resolve()), "dir")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise UserError(f"model {ref!r} does not exist (not a local path, and not a Hub id)")
@@ -95,6 +100,33 @@ def cache_only_if_offline() -> bool:
                                "cache only", highlight=False)
         return True
     return False
+
+
+def check_shards(directory: Path) -> None:
+    """The shard index of a model directory, and each shard it lists there."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: no weight_map of tensor names to shard files")
+        missing = sorted(set(weight_map.values()) - {f.name for f in directory.iterdir()})
+        if missing:
+            raise UserError(f"{directory} lacks {few(missing)}, which its {index.name} lists (an unfinished "
+                            "download or copy?)")
+
+
+def check_known_architecture(directory: Path) -> None:
+    """A config.json whose model_type this transformers does not know (and no code of its own to build it):
+    one error before transformers' words about it (a warning line, then an error)."""
+    kind = model_type_of(directory)
+    if not isinstance(kind, str) or "auto_map" in json.loads((directory / "config.json").read_text()):
+        return
+    from transformers import __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if kind not in CONFIG_MAPPING_NAMES:
+        raise UserError(f"{directory / 'config.json'}: model_type {kind!r} is not an architecture transformers "
+                        f"{__version__} knows (a newer transformers may; or the config is wrong)")
 
 
 def check_no_pickle(directory: Path, allow_pickle: bool) -> None:

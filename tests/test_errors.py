@@ -65,6 +65,17 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     untokenized.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_llama / name, untokenized / name)
+    unweighted = d / "unweighted"  # config and tokenizer, the weights not downloaded
+    shutil.copytree(tiny_llama, unweighted, ignore=shutil.ignore_patterns("*.safetensors"))
+    unknown = d / "unknown-type"
+    shutil.copytree(tiny_llama, unknown)
+    (unknown / "config.json").write_text(json.dumps(json.loads((unknown / "config.json").read_text())
+                                                    | {"model_type": "nosuch"}))
+    (d / "shard-missing").mkdir()
+    (d / "shard-missing" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    shutil.copy(tiny_llama / "model.safetensors", d / "shard-missing" / "model-00001-of-00002.safetensors")
+    shutil.copytree(tiny_llama, d / "shard-missing", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
     remote = d / "remote"  # the shape of a remote-code repo: a model type transformers does not know, an auto_map
     shutil.copytree(tiny_llama, remote)
     config = json.loads((remote / "config.json").read_text())
@@ -163,6 +174,12 @@ CASES = {
                                    ["is a LoRA adapter, not a model; its base is 'org/base'", "--adapter"]),
     "model without a tokenizer": (lambda d, m, c: train_args(d / "untokenized", c, d / "o"),
                                   ["has no tokenizer", "copy the tokenizer files of its base model"]),
+    "model without weights": (lambda d, m, c: train_args(d / "unweighted", c, d / "o"),
+                              ["unweighted' has no weights (no *.safetensors file)"]),  # (was: pass --allow-pickle)
+    "unknown model type": (lambda d, m, c: ("generate", "--model", d / "unknown-type", "--prompt", "x"),
+                           ["model_type 'nosuch' is not an architecture transformers"]),
+    "missing shard": (lambda d, m, c: ("generate", "--model", d / "shard-missing", "--prompt", "x"),
+                      ["lacks model-00002-of-00002.safetensors, which its model.safetensors.index.json lists"]),
     "4-bit on CPU": (lambda d, m, c: train_args(m, c, d / "o", "--load-in-4bit"), ["--load-in-4bit needs a CUDA GPU"]),
     "remote code (train)": (lambda d, m, c: train_args(d / "remote", c, d / "o"),
                             ["needs its own Python code: pass --trust-remote-code if you trust it"]),
