@@ -531,6 +531,15 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             if metrics_fh:
                 metrics_fh.close()
         acc.wait_for_everyone()
+        if not stopped and eval_ex and not any(h["step"] == state["step"] for h in state["eval_history"]):
+            # resumed from the last step's checkpoint (stopped while it was saved): the end's evaluation is still due
+            ev = evaluate(loss_model, eval_ex, cfg.batch_size, pad_id, acc)
+            state["eval_history"].append({"step": state["step"], "eval_loss": ev})
+            if state["best_eval_loss"] is None or ev < state["best_eval_loss"]:
+                state.update(best_eval_loss=ev, best_eval_step=state["step"])
+            if main:
+                _add_to_row(run_dir / METRICS_FILE, state["step"], epoch=round(state["step"] / plan.steps_per_epoch, 4),
+                            eval_loss=round(ev, 6), eval_ppl=round(math.exp(min(ev, 50)), 4))
         if stopped:
             number = getattr(signal.Signals, stopped, None)  # exit 128 + N, as a shell reports a signal's end
             how = f" (launched as this run was, on {world} processes)" if world > 1 else ""
@@ -689,6 +698,17 @@ def _reshard(model) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def _add_to_row(path: Path, step: int, **values) -> None:
+    """Add values to the metrics row of `step`, the last one (a new row if it has none: it ended a window of
+    --log-every steps that a stop cut short)."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if rows and rows[-1]["step"] == step:
+        rows[-1].update(values)
+    else:
+        rows.append({"step": step, **values})
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _truncate_metrics(path: Path, step: int) -> list[int]:

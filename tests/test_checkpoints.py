@@ -312,6 +312,24 @@ def test_resume_finishes_a_run_stopped_while_writing_its_last_files(cli, tiny_ll
     assert code == 1 and "already reached step 4 of 4" in err
 
 
+def test_a_run_resumed_to_its_checkpoints_step_still_evaluates_at_the_end(cli, tiny_llama, chat_data, tmp_path):
+    """Stopped after step 4 of 6, resumed with --max-steps 4: no step was left to run, so the end's evaluation
+    never happened (eval_loss null in the summary and the model card)."""
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--max-steps", "6", "--save-every", "2",
+               "--eval-split", "0.25", "--output", run)[0] == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_summary.json", "loss.png"):
+        (run / name).unlink()  # as a stop after step 4 leaves the run
+    shutil.rmtree(run / "checkpoints" / "step-000006")
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "4")
+    assert code == 0, err
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and [h["step"] for h in summary["eval_history"]] == [4]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["eval_loss"] == round(summary["eval_loss"], 6)
+    assert "loss" in rows[-1]  # the step's own row, not another
+
+
 def test_resume_removes_what_a_killed_run_was_writing(cli, tiny_llama, chat_data, tmp_path):
     """kill -9 during a checkpoint save leaves its temp folder (named with the host and pid that wrote it)."""
     import socket
