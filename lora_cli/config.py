@@ -103,6 +103,8 @@ class TrainConfig:
         values: dict[str, Any] = {}
         if yaml_path:
             values.update(read_yaml_config(yaml_path))
+        if flags.get("epochs") is not None and flags.get("max_steps") is None:
+            values.pop("max_steps", None)  # --epochs given counts the run in epochs (a YAML's max_steps would win)
         values.update({k: v for k, v in flags.items() if v is not None})
         cfg = cls.from_dict(values, source=f"--config {yaml_path}" if yaml_path else "config")
         return cfg, {k: getattr(cfg, k) for k in values}

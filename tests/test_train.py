@@ -123,6 +123,11 @@ def test_precedence_flag_over_yaml_over_default_and_dry_run(cli, tmp_path):
     assert "\nalpha: null  # 2 × rank = 8\n" in stdout
     assert resolved["targets"] == "q_proj,v_proj"  # a YAML list of modules reads as the comma list
     assert not out.exists()
+    cfg.write_text("max_steps: 6\nepochs: 1\n")  # as a run started with --max-steps saves it
+    for flags, steps in ((["--epochs", "3"], None), (["--epochs", "3", "--max-steps", "9"], 9), ([], 6)):
+        code, stdout, _ = cli("train", "-m", "m", "--data", tmp_path / "d.jsonl", "--config", cfg, *flags, "-o", out,
+                              "--dry-run")  # --epochs given counts in epochs: the YAML's max_steps silently won
+        assert code == 0 and yaml.safe_load(stdout)["max_steps"] == steps
 
 
 def test_dry_run_says_a_data_file_is_missing(cli, tmp_path):
