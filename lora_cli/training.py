@@ -244,6 +244,9 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 
         train = pack(train, cfg.max_length)
         train_stats.packed = len(train)
     if valid_records is None:
+        if cfg.eval_every and console is not None:
+            console.print(f"note: --eval-every {cfg.eval_every} is not used: there is no eval data (--eval-split, "
+                          "--eval-data)")
         return train, None, train_stats, None
     with RecordProgress(console, "tokenizing eval", len(valid_records)) as advance:
         valid, valid_stats = enc.encode_all(valid_records, "eval data", advance,  # eval unpacked: per-record loss

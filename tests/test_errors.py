@@ -204,6 +204,8 @@ CASES = {
                            ["--top-p samples", "--temperature > 0"]),
     "system turn as raw text": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--system", "s",
                                                  "--no-chat"), ["--system", "--no-chat"]),
+    "compare without an adapter": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--compare"),
+                                   ["--compare answers with the base model beside each --adapter"]),
     "export missing adapter": (lambda d, m, c: ("export", d / "nope", "--output", d / "o"), ["does not exist"]),
     "export bad dtype": (lambda d, m, c: ("export", d, "--output", d / "o", "--dtype", "int8"), ["--dtype"]),
 }

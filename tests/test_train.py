@@ -314,3 +314,13 @@ def test_log_every_rows_average_their_steps_and_a_log_gets_progress_lines(cli, t
         n = sum(r["loss_tokens"] for r in window)
         assert row["loss_tokens"] == n
         assert row["loss"] == pytest.approx(sum(r["loss"] * r["loss_tokens"] for r in window) / n, rel=1e-5)
+
+
+def test_eval_every_without_eval_data_says_it_is_not_used(cli, tiny_llama, chat_data, tmp_path):
+    """--eval-every with no eval data did nothing, silently (an unused --eval-split has its note)."""
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "a", *FAST,
+                       "--eval-every", "2")
+    assert code == 0 and "note: --eval-every 2 is not used: there is no eval data" in " ".join(err.split()), err
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "b", *FAST,
+                       "--eval-every", "2", "--eval-split", "0.25")
+    assert code == 0 and "--eval-every 2 is not used" not in " ".join(err.split()), err

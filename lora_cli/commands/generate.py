@@ -63,6 +63,9 @@ def generate_command(
         given = [f for f, on in (("--top-p", top_p < 1), ("--top-k", top_k is not None)) if on]
         raise UserError(f"{' and '.join(given)} sample{'' if len(given) > 1 else 's'}, and --temperature 0 decodes "
                         "greedily: give --temperature > 0 too")
+    if compare and not adapters:
+        raise UserError("--compare answers with the base model beside each --adapter: give one (without an adapter "
+                        "the base model answers alone anyway)")
     if system is not None and no_chat:
         raise UserError("--system is a chat turn and --no-chat sends raw text: drop one of them")
     from lora_cli.lora.peft_format import adapter_files
