@@ -22,6 +22,11 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def counted(n: int, noun: str) -> str:
+    """1 module, 2 modules, 1,024 records."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def size_text(n: float) -> str:
     """Bytes for people: '512 bytes', '37.5 KiB', '3.55 MiB', '1.20 GiB' (binary units, named as such)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):

@@ -53,7 +53,7 @@ from lora_cli.data import (
     pack,
     split_eval,
 )
-from lora_cli.display import RecordProgress, TrainProgress, kv_table, plot_loss
+from lora_cli.display import RecordProgress, TrainProgress, counted, kv_table, plot_loss
 from lora_cli.errors import UserError, atomic_write_text, read_text, sweep_stale_temps
 from lora_cli.lora import (
     AdapterConfig,
@@ -856,8 +856,8 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engin
         ("parameters", str(report)),
         ("LoRA", f"r={cfg.rank} alpha={cfg.lora_alpha:g} dropout={cfg.dropout}{' rsLoRA' if cfg.rslora else ''}"
                  f"{' DoRA' if cfg.dora else ''}"),
-        ("targets", f"{len(paths)} modules: {', '.join(kinds)}"),
-        ("data", f"{tstats.records:,} records ({tstats.shape}) → {tstats.examples:,} sequences, {tstats.tokens:,} tokens, "
+        ("targets", f"{counted(len(paths), 'module')}: {', '.join(kinds)}"),
+        ("data", f"{counted(tstats.records, 'record')} ({tstats.shape}) → {counted(tstats.examples, 'sequence')}, {tstats.tokens:,} tokens, "
                  f"{tstats.loss_tokens:,} with loss"),
     ]
     if tstats.packed:
@@ -870,7 +870,7 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engin
                                 "nothing (an empty completion, output or assistant turn: an empty CSV cell?); the "
                                 "model learns to say nothing there"))
     if estats:
-        rows.append(("eval", f"{estats.examples:,} sequences, {estats.loss_tokens:,} loss tokens"))
+        rows.append(("eval", f"{counted(estats.examples, 'sequence')}, {estats.loss_tokens:,} loss tokens"))
     rows.append(("steps", f"{plan.total_steps} (global batch {plan.global_size} = {cfg.batch_size} × {world} × "
                           f"{cfg.grad_accum}; warmup {plan.warmup}; {cfg.scheduler})"))
     rows.append(("output", cfg.output))

@@ -324,3 +324,9 @@ def test_eval_every_without_eval_data_says_it_is_not_used(cli, tiny_llama, chat_
     code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "b", *FAST,
                        "--eval-every", "2", "--eval-split", "0.25")
     assert code == 0 and "--eval-every 2 is not used" not in " ".join(err.split()), err
+
+
+def test_the_header_counts_in_the_singular_too(cli, tiny_llama, chat_data, tmp_path):
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "a", "--max-steps",
+                       "1", "--targets", "lm_head")
+    assert code == 0 and "1 module: lm_head" in err and "1 modules" not in err, err

@@ -20,7 +20,7 @@ def inspect_command(
         return
     from rich.console import Console
 
-    from lora_cli.display import kv_table, size_text
+    from lora_cli.display import counted, kv_table, size_text
 
     ranks = ", ".join(f"r={k} ×{v}" for k, v in facts["ranks"].items())
     rows = [
@@ -36,7 +36,7 @@ def inspect_command(
                                if facts["alpha_pattern"] else "")),
         *([("method", "DoRA: LoRA plus a learned magnitude per output row")] if facts["use_dora"] else []),
         ("targets", ", ".join(f"{k} ×{v}" for k, v in facts["modules"].items())
-                    + f"  ({facts['num_modules']} modules)"),
+                    + f"  ({counted(facts['num_modules'], 'module')})"),
         *([("saved whole", ", ".join(facts["modules_to_save"]) + " (modules_to_save: trained in full)")]
           if facts.get("modules_to_save") else []),
         *([("unsupported", ", ".join(facts["unsupported"]) + " (lora describes it; its other commands refuse it)")]
