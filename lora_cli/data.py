@@ -801,6 +801,8 @@ class Encoder:
         # one template, or None: the tokenizer holds named ones ({"default": …, "tool_use": …}), picked per record
         self.template = chat_template or (own if isinstance(own, str) else None) or (None if own else builtin_template(tokenizer))
         self.train_on_prompt = train_on_prompt
+        if max_length < 2:
+            raise UserError(f"max length must be >= 2 (a token is learned from the ones before it), got {max_length}")
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise UserError("the tokenizer has no EOS token; set one in its tokenizer_config.json")

@@ -29,6 +29,7 @@ messages = st.lists(st.fixed_dictionaries({"role": roles, "content": ascii_text}
 
 @SETTINGS
 @given(st.lists(records, min_size=1, max_size=3), st.integers(1, 64))
+@example([{"text": "0"}], 1)  # (chunked with a step of 0: a ValueError)
 def test_any_records_encode_or_fail_clearly(recs, max_length):
     try:
         exs, stats = Encoder(TOK, max_length).encode_all(recs)
