@@ -747,9 +747,10 @@ def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
             if not done:  # an error, a signal or a generator closed early: the rest is not wanted
                 for process in list((pool._processes or {}).values()):
                     process.terminate()
-            # waits for the pool's thread too: left running to the interpreter's exit, it races Python's own
-            # clean-up of the pool (3.11: "Exception ignored … OSError: Bad file descriptor")
-            pool.shutdown(wait=True, cancel_futures=not done)
+            manager = getattr(pool, "_executor_manager_thread", None)  # (shutdown forgets it)
+            pool.shutdown(wait=done, cancel_futures=not done)
+            if manager is not None:  # left running to the interpreter's exit, the pool's thread races Python's own
+                manager.join(timeout=5)  # clean-up of it (3.11: "Exception ignored … OSError: Bad file descriptor")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
