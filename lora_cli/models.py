@@ -118,8 +118,12 @@ def check_shards(directory: Path) -> None:
 def check_known_architecture(directory: Path) -> None:
     """A config.json whose model_type this transformers does not know (and no code of its own to build it):
     one error before transformers' words about it (a warning line, then an error)."""
-    kind = model_type_of(directory)
-    if not isinstance(kind, str) or "auto_map" in json.loads((directory / "config.json").read_text()):
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # (transformers names what is wrong with it)
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(kind, str) or "auto_map" in config:
         return
     from transformers import __version__
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
