@@ -475,7 +475,9 @@ def test_top_k_chooses_from_the_k_likeliest(cli, tiny_llama):
         code, out, err = cli(*common, "--temperature", "2", "--top-k", "1", "--seed", seed)
         assert code == 0 and out == greedy, err
     code, _, err = cli(*common, "--top-k", "5")
-    assert code == 1 and "--top-k samples, and --temperature 0 decodes greedily" in err
+    assert code == 1 and "--top-k is for sampling, and --temperature 0 decodes greedily" in err
+    code, _, err = cli(*common, "--seed", "3", "--top-k", "5")  # a seed alone would be as silently unused
+    assert code == 1 and "--top-k and --seed are for sampling, and --temperature 0" in err
     code, _, err = cli(*common, "--temperature", "1", "--top-k", "-1")
     assert code == 1 and "--top-k must be >= 0" in err
     code, _, err = cli("generate", "--model", tiny_llama, "--prompt", " ")

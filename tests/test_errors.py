@@ -201,7 +201,7 @@ CASES = {
                                                              "--rank", "2", "--output", d / "o"),
                                             ["cannot get model 'nobody-xyz/none'", "pass --tuned"]),
     "top-p while greedy": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--top-p", "0.9"),
-                           ["--top-p samples", "--temperature > 0"]),
+                           ["--top-p is for sampling", "--temperature > 0"]),
     "system turn as raw text": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--system", "s",
                                                  "--no-chat"), ["--system", "--no-chat"]),
     "compare without an adapter": (lambda d, m, c: ("generate", "--model", m, "--prompt", "x", "--compare"),

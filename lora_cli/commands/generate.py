@@ -28,7 +28,8 @@ def generate_command(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k likeliest tokens (with --temperature "
                                         "> 0); 0 = all [default: the model's generation config, else 50, as in "
                                         "transformers]."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: each answer draws from it afresh (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: each answer draws from it afresh (with "
+                                       "--temperature > 0) [default: 0]."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code "
                                            "(models that need it): only from sources you trust."),
@@ -59,10 +60,12 @@ def generate_command(
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
     if top_k is not None and top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 = all tokens), got {top_k}")
-    if (top_p < 1 or top_k is not None) and temperature == 0:
-        given = [f for f, on in (("--top-p", top_p < 1), ("--top-k", top_k is not None)) if on]
-        raise UserError(f"{' and '.join(given)} sample{'' if len(given) > 1 else 's'}, and --temperature 0 decodes "
-                        "greedily: give --temperature > 0 too")
+    given = [f for f, on in (("--top-p", top_p < 1), ("--top-k", top_k is not None), ("--seed", seed is not None))
+             if on]
+    if given and temperature == 0:
+        raise UserError(f"{', '.join(given[:-1])}{' and ' if len(given) > 1 else ''}{given[-1]} "
+                        f"{'are' if len(given) > 1 else 'is'} for sampling, and --temperature 0 decodes greedily: "
+                        "give --temperature > 0 too")
     if compare and not adapters:
         raise UserError("--compare answers with the base model beside each --adapter: give one (without an adapter "
                         "the base model answers alone anyway)")
@@ -77,6 +80,7 @@ def generate_command(
     if twice:
         raise UserError(f"--adapter {twice} is given twice")
     dtype = dtype_name(dtype, ("auto", "float32", "bfloat16", "float16"))
+    seed = 0 if seed is None else seed
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32) (got {seed})")
     _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
