@@ -121,6 +121,21 @@ def test_forward_equals_peft_with_same_weights(arch, rslora):
     assert (logits(ours) - logits(tiny_model(arch))).abs().max() > 1e-3  # the adapter does something
 
 
+def test_target_names_never_end_in_a_bare_index():
+    """CTRL's feed-forward is an nn.Sequential: its second linear is `ffn.2`. A bare `2` also matched only it in
+    a 2-layer model, but names any third child of anything in PEFT's suffix match (a third layer's block)."""
+    from torch import nn
+
+    def block():
+        return nn.ModuleDict({"attn": nn.Linear(4, 4), "ffn": nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))})
+
+    model = nn.ModuleDict({"h": nn.ModuleList([block(), block()])})
+    assert peft_target_names(model, ["h.0.ffn.2", "h.1.ffn.2"]) == ["ffn.2"]
+    assert peft_target_names(model, ["h.0.ffn.0", "h.0.ffn.2", "h.1.ffn.0", "h.1.ffn.2"]) == ["ffn.0", "ffn.2"]
+    assert peft_target_names(model, ["h.0.attn", "h.1.attn"]) == ["attn"]
+    assert peft_target_names(model, ["h.1.ffn.2"]) == ["1.ffn.2"]  # suffix-unique, but ends in a name
+
+
 @pytest.mark.parametrize("arch,targets,misread", [
     ("deepseek_v3", "all-linear", ["down_proj", "gate_proj", "up_proj"]),  # dense layer 0 and the shared experts
     ("deepseek_v3", "attention", []),

@@ -143,14 +143,16 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 def peft_target_names(model: nn.Module, wrapped: list[str]) -> list[str]:
     """The shortest dotted suffixes that make PEFT's suffix match wrap exactly `wrapped`, sorted.
 
-    GPT-2's attention `c_proj` becomes `attn.c_proj`, since a bare `c_proj` would also hit the MLP.
+    GPT-2's attention `c_proj` becomes `attn.c_proj`, since a bare `c_proj` would also hit the MLP. A layer of
+    an nn.Sequential keeps its container's name (`ffn.2`, never a bare `2`, which would name any third child).
     """
     wrapped_set = set(wrapped)
     all_names = [n for n, _ in model.named_modules() if n]
     names = set()
     for path in wrapped:
         parts = path.split(".")
-        for k in range(1, len(parts) + 1):
+        first = next((k for k in range(1, len(parts) + 1) if not parts[-k].isdigit()), len(parts))
+        for k in range(first, len(parts) + 1):
             key = ".".join(parts[-k:])
             if all(n in wrapped_set for n in all_names if suffix_matches(n, key)):
                 names.add(key)
