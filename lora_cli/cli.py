@@ -64,8 +64,40 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+# options that name what a command reads or writes: given twice, click keeps the last one and drops the other
+# without a word (`--data a.jsonl --data b.jsonl` trained on b only), so that is an error; a setting given twice
+# (`--rank 8 … --rank 16`, a script's default overridden) keeps the last, as usual
+ONCE = {"--data": "to train on several files, put them in one folder and give --data FOLDER: files named train* "
+                  "(or in a train/ subfolder) form its train split, as datasets reads a folder",
+        "--eval-data": "put the eval files in one folder and give --eval-data FOLDER",
+        "--model": "", "--base": "", "--tuned": "", "--output": "", "--config": "", "--chat-template": "",
+        "--prompt": "to ask several prompts, write them to a file, one per line, and give --prompt-file FILE",
+        "--prompt-file": "put the prompts in one file"}
+
+
+def check_given_once(command, args: list[str]) -> None:
+    """UserError for an option of ONCE given more than once to the subcommand in `args` (its long or short form,
+    `--opt value` or `--opt=value`). (`command` is typer's click Group: typer carries its own click.)"""
+    sub = command.commands.get(next((a for a in args if not a.startswith("-")), ""))
+    if sub is None:
+        return
+    args = args[: args.index("--")] if "--" in args else args
+    for param in sub.params:
+        names = param.opts + param.secondary_opts if param.param_type_name == "option" else []
+        flag = next((n for n in names if n in ONCE), None)
+        if flag is None or param.multiple:
+            continue
+        given = [a for a in args if a in names or a.startswith(tuple(f"{n}=" for n in names if n.startswith("--")))]
+        if len(given) > 1:
+            hint = ONCE[flag]
+            raise UserError(f"{flag} is given {len(given)} times, and only one is used; give it once"
+                            + (f"; {hint}" if hint else ""))
+
+
 def _run(args: list[str], debug: bool, terminated: list[int]) -> None:
     try:
+        if isinstance(app, typer.Typer):  # (tests put a function in its place)
+            check_given_once(typer.main.get_command(app), args)  # (3 ms)
         app(args=args, prog_name="lora", standalone_mode=True)
     except UserError as e:
         if debug:

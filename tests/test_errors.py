@@ -93,6 +93,14 @@ CASES = {
     "missing model": (lambda d, m, c: train_args(d / "nope", c, d / "o"), ["does not exist"]),
     "unknown hub model": (lambda d, m, c: train_args("nobody-xyz/no-such-model", c, d / "o"), ["cannot load"]),
     "missing data": (lambda d, m, c: train_args(m, d / "nope.jsonl", d / "o"), ["does not exist"]),
+    "data given twice": (lambda d, m, c: train_args(m, c, d / "o", "--data=" + str(c)),  # click kept the last, silently
+                         ["--data is given 2 times, and only one is used", "--data FOLDER"]),
+    "eval data given twice": (lambda d, m, c: train_args(m, c, d / "o", "--eval-data", c, "--eval-data", c),
+                              ["--eval-data is given 2 times"]),
+    "model given twice, short and long": (lambda d, m, c: train_args(m, c, d / "o", "-m", m),
+                                          ["--model is given 2 times"]),
+    "prompt given twice": (lambda d, m, c: ("generate", "-m", m, "-p", "a", "--prompt", "b"),
+                           ["--prompt is given 2 times", "--prompt-file"]),
     "rank 0": (lambda d, m, c: train_args(m, c, d / "o", "--rank", "0"), ["--rank must be >= 1"]),
     "rank beyond 64 bits": (lambda d, m, c: train_args(m, c, d / "o", "--rank", str(10**20)),  # was a C++ backtrace
                             ["--rank is too large (got 100000000000000000000)"]),
@@ -707,3 +715,10 @@ def test_an_ascii_terminal_gets_escapes_not_a_crash(run_dir, tmp_path):
                        env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert r.returncode == 0, r.stderr
     assert "dir \\xfc" in " ".join(r.stdout.split()) and "rank" in r.stdout
+
+
+def test_a_setting_given_twice_keeps_the_last(cli, tiny_llama, chat_data, tmp_path):
+    """Only options that name inputs and outputs must be given once; a setting overridden later on the line (a
+    script's defaults, then the user's) keeps the last value, as click does."""
+    code, out, err = cli(*train_args(tiny_llama, chat_data, tmp_path / "o", "--rank", "4", "--rank", "8", "--dry-run"))
+    assert code == 0 and "\nrank: 8\n" in out, err
