@@ -173,7 +173,11 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
     as a single file is (so shards may differ in columns, and errors name the file and line)."""
     import datasets
 
+    files = [f for f in p.rglob("*") if f.is_file() and _format(f)[0] in DATA_SUFFIXES
+             and not any(part.startswith(".") for part in f.relative_to(p).parts)]  # (datasets skips hidden ones)
     flat = {name: f for name in ("train", *EVAL_SPLIT_NAMES) if (f := _split_file(p, name))}
+    if set(flat.values()) != set(files):  # more files than train.jsonl, valid.jsonl…: datasets' rules take all of
+        flat = {}  # them (train-part2.jsonl, more_train.jsonl are train too), not the exact names alone
     saved = (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
     if config is not None and (flat or saved):
         raise UserError(f"{flag} {config!r} picks a configuration of a folder laid out as a Hub dataset, but {spec!r} "
@@ -192,7 +196,7 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
                                              name, d) for name, d in parts.items()}
     if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
         raise UserError(f"data directory {spec!r} holds a model (config.json and weights), not training data")
-    if not any(_format(f)[0] in DATA_SUFFIXES for f in p.rglob("*") if f.is_file()):
+    if not files:
         raise UserError(f"data directory {spec!r} holds no data file ({', '.join(DATA_SUFFIXES)})")
     try:
         with quiet_logs():
@@ -212,7 +216,21 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
     if left:  # datasets takes one file format per folder and leaves the others' shards out, silently
         raise UserError(f"data directory {spec!r} mixes file formats: datasets reads its {_format(next(iter(read)))[0]} "
                         f"files and would leave out {few(left)}; convert them to one format")
+    unread = sorted(str(f.relative_to(p)) for f in files if f not in read and f.name.startswith(tuple(splits)))
+    if unread and not _readme_configs(p):  # (a README that lists the files says which are meant)
+        raise UserError(f"data directory {spec!r} holds two layouts: datasets reads "
+                        f"{few(sorted(str(f.relative_to(p)) for f in read))} and leaves out {few(unread)}; move one "
+                        "of them out")
     return {name: functools.partial(_read_files, files) for name, files in splits.items()}
+
+
+def _readme_configs(folder: Path) -> bool:
+    """Whether the folder's README.md has a YAML header with `configs:` (a Hub dataset's list of its files)."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return False
+    head = readme.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+    return head.startswith("---") and re.search(r"^configs:", head, re.MULTILINE) is not None
 
 
 def _read_files(files: list[Path]) -> Records:

@@ -373,6 +373,45 @@ def test_a_named_eval_split_is_the_one_read(cli, tiny_llama, tmp_path):
         load_eval_records(str(hub))
 
 
+@pytest.mark.parametrize("layout", [
+    {"train.jsonl": 3, "more_train.jsonl": 5},  # train.jsonl alone was read: 5 records left out, silently
+    {"train.jsonl": 3, "train-2.jsonl": 2, "valid.jsonl": 1},
+    {"train-part1.jsonl": 3, "train-part2.jsonl": 5, "test.jsonl": 2},  # was "has no train split (it holds test)"
+    {"train.jsonl": 2, "test.jsonl": 1, "notes.txt.bak": 0},
+])
+def test_a_folder_splits_as_datasets_splits_it(tmp_path, layout):
+    """The exact train.* / valid.* names were a shortcut that skipped datasets' rules whenever one existed; a
+    folder's splits are the ones datasets.load_dataset gives it, record for record."""
+    import datasets
+
+    from lora_cli.data import folder_splits
+
+    for name, n in layout.items():
+        if n:
+            write(tmp_path / name, [{"prompt": f"{name} {i}", "completion": "x"} for i in range(n)])
+        else:
+            (tmp_path / name).write_text("not data")
+    ours = {split: read() for split, read in folder_splits(tmp_path, str(tmp_path)).items()}
+    theirs = datasets.load_dataset(str(tmp_path))
+    assert {split: sorted(r["prompt"] for r in recs) for split, recs in ours.items()} == \
+        {split: sorted(theirs[split]["prompt"]) for split in theirs}
+
+
+def test_a_folder_with_two_layouts_says_which_it_leaves_out(tmp_path):
+    """datasets reads data/train-*.jsonl and leaves train.jsonl beside it out: one would be lost without a word."""
+    from lora_cli.data import load_records
+
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "train-00000-of-00001.jsonl", SHAPES["prompt_completion"][:3])
+    write(tmp_path / "train.jsonl", SHAPES["prompt_completion"][3:])
+    with pytest.raises(UserError, match=r"holds two layouts: datasets reads data/train-00000-of-00001.jsonl and "
+                                        r"leaves out train.jsonl; move one of them out"):
+        load_records(str(tmp_path))
+    (tmp_path / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                        "    path: data/*.jsonl\n---\n")  # a README that names its files decides
+    assert load_records(str(tmp_path))[0] == SHAPES["prompt_completion"][:3]
+
+
 def test_hub_layout_shards_are_read_as_single_files_are(tmp_path):
     """Each shard is read as --data FILE would be: shards may differ in columns, CSV cells stay text, and a
     broken line or a non-UTF-8 byte is named by shard and line."""
