@@ -838,6 +838,10 @@ class Encoder:
         if first is None:
             raise UserError(f"{name} record 1: unknown shape (keys: {_keys(records[0])}); "
                             f"expected one of: {', '.join(ACCEPTED_SHAPES)}")
+        if first == "prompt_completion" and isinstance(records[0].get("label"), bool):  # TRL's KTO layout
+            raise UserError(f"{name} record 1: a prompt, a completion and a true/false label is unpaired preference "
+                            "data (KTO): its label=false completions are answers not to give, and fine-tuning on "
+                            "them teaches them; keep the label=true records and drop the label column")
         stats.shape = first
         examples: list[Example] = []
         size = BLOCK if workers <= 1 else min(BLOCK, max(64, -(-len(records) // (8 * workers))))  # even shares

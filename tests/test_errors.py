@@ -35,6 +35,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "truncated.jsonl").write_text('{"text": "hello"}\n{"text": "wor')
     (d / "notjson.jsonl").write_text("this is not json\n")
     (d / "shape.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    (d / "kto.jsonl").write_text('{"prompt": "2+2?", "completion": "5", "label": false}\n')
     (d / "broken.yaml").write_text("rank: [1, 2\n")
     (d / "unknown.yaml").write_text("rnak: 8\n")
     (d / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
@@ -118,6 +119,8 @@ CASES = {
     "non-JSON dataset": (lambda d, m, c: train_args(m, d / "notjson.jsonl", d / "o"), ["line 1", "not valid JSON"]),
     "JSONL of lists": (lambda d, m, c: train_args(m, d / "arrays.jsonl", d / "o"),
                        ["arrays.jsonl line 1: expected a JSON object, got list"]),  # (was "line 2: Extra data")
+    "KTO preference data": (lambda d, m, c: train_args(m, d / "kto.jsonl", d / "o"),  # trained on the bad answers
+                            ["record 1", "unpaired preference data (KTO)", "keep the label=true records"]),
     "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
                              ["record 1", "unknown shape", "question", "messages"]),
     "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
