@@ -843,7 +843,10 @@ def _summary(cfg, state, plan, engine, world, tstats, estats, report, device) ->
         "truncated": tstats.truncated,
         "chunked": tstats.chunked,  # text records split at --max-length
         "packed_sequences": tstats.packed or None,  # what --packing made of train_examples
+        "eval_records": estats.records if estats else 0,
         "eval_examples": estats.examples if estats else 0,
+        "eval_dropped_no_loss": estats.dropped_no_loss if estats else 0,
+        "eval_truncated": estats.truncated if estats else 0,
     }
 
 
@@ -862,19 +865,28 @@ def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engin
     ]
     if tstats.packed:
         rows.append(("packing", f"{tstats.examples:,} sequences packed into {tstats.packed:,} of ≤ {cfg.max_length} tokens"))
-    if tstats.dropped_no_loss or tstats.truncated or tstats.chunked:
-        rows.append(("", f"dropped {tstats.dropped_no_loss:,} with nothing to learn · truncated {tstats.truncated:,} · "
-                         f"chunked {tstats.chunked:,} (max length {cfg.max_length})"))
-    if tstats.empty_answers:
-        rows.append(("warning", f"{tstats.empty_answers} record{'s' if tstats.empty_answers > 1 else ''} answer with "
-                                "nothing (an empty completion, output or assistant turn: an empty CSV cell?); the "
-                                "model learns to say nothing there"))
+    rows += _losses(tstats, cfg.max_length, "learn", "the model learns to say nothing there")
     if estats:
-        rows.append(("eval", f"{counted(estats.examples, 'sequence')}, {estats.loss_tokens:,} loss tokens"))
+        rows.append(("eval", f"{counted(estats.records, 'record')} → {counted(estats.examples, 'sequence')}, "
+                             f"{estats.loss_tokens:,} loss tokens"))
+        rows += _losses(estats, cfg.max_length, "score", "the eval loss scores saying nothing there")
     rows.append(("steps", f"{plan.total_steps} (global batch {plan.global_size} = {cfg.batch_size} × {world} × "
                           f"{cfg.grad_accum}; warmup {plan.warmup}; {cfg.scheduler})"))
     rows.append(("output", cfg.output))
     return kv_table("lora train", rows)
+
+
+def _losses(stats, max_length: int, verb: str, empty_means: str) -> list[tuple[str, str]]:
+    """Rows on what the length limit and empty answers did to a set's records (train: `verb` learn; eval: score)."""
+    rows = []
+    if stats.dropped_no_loss or stats.truncated or stats.chunked:
+        rows.append(("", f"dropped {stats.dropped_no_loss:,} with nothing to {verb} · truncated {stats.truncated:,} · "
+                         f"chunked {stats.chunked:,} (max length {max_length})"))
+    if stats.empty_answers:
+        rows.append(("warning", f"{stats.empty_answers} record{'s answer' if stats.empty_answers > 1 else ' answers'} with "
+                                f"nothing (an empty completion, output or assistant turn: an empty CSV cell?); "
+                                f"{empty_means}"))
+    return rows
 
 
 def _after_table(summary: dict, run_dir: Path, drew: bool):

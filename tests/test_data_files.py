@@ -95,6 +95,22 @@ def test_records_that_answer_with_nothing_are_counted_in_a_warning(cli, tiny_lla
     assert code == 0 and "answer with nothing" not in out + err
 
 
+def test_eval_records_cut_or_empty_are_counted_as_training_ones_are(cli, tiny_llama, tmp_path):
+    """An eval record whose answer the length limit cut away vanished from the eval without a count, and empty
+    eval answers went unmentioned: the header says both, and train_summary.json counts them."""
+    (tmp_path / "train.csv").write_text("prompt,completion\nhello,world\nsize,big\n")
+    (tmp_path / "eval.csv").write_text(f"prompt,completion\n{'hello ' * 100},world\ncolor,\nname,Ann\n")
+    code, out, err = cli("train", "--model", tiny_llama, "--data", tmp_path / "train.csv", "--eval-data",
+                         tmp_path / "eval.csv", "--max-length", "64", "--output", tmp_path / "r", *RUN)
+    said = " ".join((out + err).split())
+    assert code == 0, said
+    assert "eval 3 records → 2 sequences" in said and "dropped 1 with nothing to score · truncated 1" in said
+    assert "warning 1 record answers with nothing" in said and "the eval loss scores saying nothing there" in said
+    summary = json.loads((tmp_path / "r" / "train_summary.json").read_text())
+    assert (summary["eval_records"], summary["eval_examples"], summary["eval_dropped_no_loss"],
+            summary["eval_truncated"]) == (3, 2, 1, 1)
+
+
 def test_txt_paragraphs_split_at_lines_of_only_spaces(tmp_path):
     from lora_cli.data import load_records
 
@@ -242,7 +258,7 @@ def test_a_hub_layout_folder_with_named_splits(cli, tiny_llama, tmp_path):
     code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--data-split", "train_sft",
                        "--output", tmp_path / "run", *RUN)
     assert code == 0, err
-    assert "6 records (messages)" in err and "eval        2 sequences" in err
+    assert "6 records (messages)" in err and "→ 2 sequences, " in err.split("eval  ", 1)[1].splitlines()[0]
     code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--output", tmp_path / "run2", *RUN)
     assert code == 1 and "has no train split (it holds" in err and "pick one with --data-split" in err
     code, _, err = cli("train", "--model", tiny_llama, "--data", d.parent, "--data-split", "train_sft", "--eval-data",
@@ -360,7 +376,7 @@ def test_a_named_eval_split_is_the_one_read(cli, tiny_llama, tmp_path):
     code, _, err = cli("train", "--model", tiny_llama, "--data", hub, "--eval-data-split", "test",
                        "--output", tmp_path / "run", *RUN)
     assert code == 0, err
-    assert "eval        2 sequences" in err
+    assert "→ 2 sequences, " in err.split("eval  ", 1)[1].splitlines()[0]
     code, _, err = cli("train", "--model", tiny_llama, "--data", flat / "train.jsonl", "--eval-data-split", "valid",
                        "--output", tmp_path / "run2", *RUN)
     assert code == 1 and "--eval-data-split 'valid' picks a split of a Hub dataset or a folder, but --data" in err
@@ -609,7 +625,7 @@ def test_a_dataset_configuration_is_picked_with_data_config(cli, tiny_llama, tmp
     (d / "README.md").write_text(readme)
     code, _, err = cli("train", "--model", tiny_llama, "--data", d, "--data-config", "main", "--output", tmp_path / "r", *RUN)
     assert code == 0, err
-    assert "5 records (prompt_completion)" in err and "eval        3 sequences" in err
+    assert "5 records (prompt_completion)" in err and "→ 3 sequences, " in err.split("eval  ", 1)[1].splitlines()[0]
     code, _, err = cli("train", "--model", tiny_llama, "--data", d / "main" / "train-00000-of-00001.jsonl",
                        "--data-config", "main", "--output", tmp_path / "r2", *RUN)
     assert code == 1 and "--data-config 'main' picks a configuration of a Hub dataset" in err and "is a file" in err
