@@ -240,6 +240,9 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 
     with RecordProgress(console, "tokenizing", len(train_records)) as advance:
         train, train_stats = enc.encode_all(train_records, "training data", advance,
                                             tokenize_workers(cfg.num_proc, len(train_records), processes))
+    if template is not None and train_stats.shape == "text" and console is not None:
+        console.print(f"note: --chat-template {cfg.chat_template} is not used: text records are learned as written "
+                      "(no turns to render), and the run keeps no template")
     if cfg.packing:
         train = pack(train, cfg.max_length)
         train_stats.packed = len(train)

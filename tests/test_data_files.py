@@ -285,6 +285,13 @@ def test_custom_chat_template_file(cli, tiny_gpt2, tmp_path):
     code, _, err = cli("merge", tmp_path / "x", "--output", tmp_path / "mx")  # the export carries it too
     assert code == 0, err
     assert AutoTokenizer.from_pretrained(tmp_path / "mx").chat_template == body
+    text = write(tmp_path / "t.jsonl", SHAPES["text"])  # plain text has no turns: the template is unused, said so
+    tpl.write_text(body)
+    code, out, err = cli("train", "--model", tiny_gpt2, "--data", text, "--output", tmp_path / "run-text", *RUN,
+                         "--chat-template", tpl)
+    said = " ".join((out + err).split())
+    assert code == 0 and f"note: --chat-template {tpl} is not used: text records are learned as written" in said, said
+    assert not (tmp_path / "run-text" / "chat_template.jinja").exists()
 
 
 def test_a_run_on_a_base_without_a_template_prompts_the_way_it_trained(cli, tmp_path):
