@@ -191,28 +191,38 @@ def prune_checkpoints(run_dir: Path, keep: int, best_step: int | None) -> None:
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """An OS file lock on the run directory (released automatically if the process dies).
+    """An OS file lock on the run directory (released automatically if the process dies), held through
+    `.lock`, which is removed at the end: a finished run folder holds only what the run wrote.
 
     A directory this lock created and that is still empty afterwards (the run failed early) is removed.
     """
     import fcntl
+    import os
 
     created = not run_dir.exists()
     with creating(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
-    fh = open(lock, "a+")
-    try:
+    while True:
+        fh = open(lock, "a+")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            fh.close()
             raise UserError(f"{run_dir} is in use by another lora run (locked); wait for it or pick another "
                             "--output") from None
+        try:  # the file a run that just ended removed is not the lock any more: take the one now there
+            if os.stat(lock).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
         yield
     finally:
+        lock.unlink(missing_ok=True)  # (while held: a run that opened it now finds it gone and takes a new one)
         fh.close()
-        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
-            lock.unlink(missing_ok=True)
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
 

@@ -491,6 +491,9 @@ def _json_records(path: Path, text: str) -> list[dict]:
         except json.JSONDecodeError:
             whole = None  # one object per line
         if isinstance(whole, dict):
+            if orient := _pandas_orient(whole):
+                raise UserError(f"{path} is a pandas table saved with to_json(orient={orient!r}), not records: save "
+                                "it with df.to_json(path, orient='records', lines=True)")
             lists = [v for v in whole.values() if isinstance(v, list)]
             if (len(lists) == len(whole) and len({len(v) for v in lists}) == 1 and lists[0]
                     and not any(isinstance(x, dict) for v in lists for x in v)):  # a record's turns are objects
@@ -524,6 +527,18 @@ def _json_records(path: Path, text: str) -> list[dict]:
     records.starts.append(0)
     records.labels.append(f"{path.name} line")
     return records
+
+
+def _pandas_orient(whole: dict) -> str | None:
+    """'columns' ({column: {row: value}}: to_json's default), 'index' ({row: {column: value}}) or 'split'
+    ({"columns", "index", "data"}) for what DataFrame.to_json writes, else None."""
+    if whole and {"columns", "data"} <= set(whole) <= {"columns", "index", "data"} and isinstance(whole["data"], list):
+        return "split"
+    if not whole or not all(isinstance(v, dict) and v for v in whole.values()):
+        return None
+    if all(k.isdigit() for v in whole.values() for k in v):
+        return "columns"
+    return "index" if all(k.isdigit() for k in whole) else None
 
 
 def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--data-config") -> Records:
@@ -837,7 +852,7 @@ class Encoder:
         first = record_shape(records[0])
         if first is None:
             raise UserError(f"{name} record 1: unknown shape (keys: {_keys(records[0])}); "
-                            f"expected one of: {', '.join(ACCEPTED_SHAPES)}")
+                            f"expected one of: {', '.join(ACCEPTED_SHAPES)}{_shape_hint(records[0])}")
         if first == "prompt_completion" and isinstance(records[0].get("label"), bool):  # TRL's KTO layout
             raise UserError(f"{name} record 1: a prompt, a completion and a true/false label is unpaired preference "
                             "data (KTO): its label=false completions are answers not to give, and fine-tuning on "
@@ -1066,6 +1081,18 @@ def fingerprint(examples: list[Example]) -> str:
         for seq in (e.input_ids, e.labels, () if e.position_ids is None else e.position_ids):
             h.update(np.asarray(seq, dtype="<i8").tobytes() + b"|")
     return h.hexdigest()[:16]
+
+
+def _shape_hint(rec: Any) -> str:
+    """What a record of an unknown shape may have gone through: a CSV header with spaces after its commas, or a
+    file separated by tabs or semicolons read as comma-separated (one column named 'prompt\tcompletion')."""
+    keys = [str(k) for k in rec] if isinstance(rec, dict) else []
+    if any(k != k.strip() for k in keys):
+        return " (a column name has spaces around it, as after the commas of 'prompt, completion': remove them)"
+    if len(keys) == 1 and ("\t" in keys[0] or ";" in keys[0]):
+        return " (one column named by the whole header: is the file separated by tabs or semicolons? a .csv is read " \
+               "as comma-separated)"
+    return ""
 
 
 def _keys(rec: Any) -> str:

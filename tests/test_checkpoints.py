@@ -153,6 +153,27 @@ def test_locked_run_directory_is_refused(cli, tiny_llama, chat_data, tmp_path):
         code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--force",
                            "--max-steps", "1")
     assert code == 1 and "in use by another lora run" in err
+    assert (run / ".lock").exists()  # (another run's lock: never removed by the run it refused)
+
+
+def test_a_run_folder_keeps_no_lock_file_after_the_run(cli, tiny_llama, chat_data, tmp_path):
+    """`.lock` stayed in every finished run folder (and went along when the folder was uploaded as is)."""
+    from lora_cli.checkpoints import run_lock
+    from lora_cli.errors import UserError
+
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "1")
+    assert code == 0, err
+    assert not (run / ".lock").exists() and (run / "adapter_model.safetensors").exists()
+    with run_lock(run):
+        assert (run / ".lock").exists()
+        with pytest.raises(UserError, match="in use by another lora run"), run_lock(run):
+            pass
+        assert (run / ".lock").exists()  # the refused one leaves the holder's lock alone
+    assert not (run / ".lock").exists()
+    with run_lock(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()  # created for nothing: removed
 
 
 @pytest.mark.parametrize("lr", ["1e30", "1e9"])
@@ -253,7 +274,7 @@ def test_a_damaged_checkpoint_is_named_without_torchs_unsafe_advice(cli, tiny_ll
 
 
 def test_the_best_eval_is_kept_when_evals_and_saves_do_not_line_up(cli, tiny_llama, chat_data, tmp_path):
-    """--eval-every 3 with --save-every 4: the best eval (step 6, with an lr that overshoots after it) fell
+    """--eval-every 3 with --save-every 4: the best eval (step 3 or 6, with an lr that overshoots after it) fell
     between saves and was lost."""
     from conftest import write_jsonl
 
@@ -267,7 +288,8 @@ def test_the_best_eval_is_kept_when_evals_and_saves_do_not_line_up(cli, tiny_lla
     assert code == 0, err
     summary = json.loads((run / "train_summary.json").read_text())
     kept = [s for s, _ in list_checkpoints(run)]
-    assert summary["best_eval_step"] == 6 and kept == [6, 8], (kept, summary)
+    best = summary["best_eval_step"]  # 6 or 3 (library versions differ in the last digits): between saves either way
+    assert best in (3, 6) and kept == [best, 8], (kept, summary["eval_history"])
     state = json.loads((run / f"checkpoints/step-{summary['best_eval_step']:06d}/trainer_state.json").read_text())
     assert state["eval_history"][-1]["eval_loss"] == summary["best_eval_loss"]
 

@@ -69,6 +69,29 @@ def test_a_file_mixing_record_shapes_names_the_record_that_differs(cli, tiny_lla
     assert f"differs from the first record's ({first})" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("orient", ["columns", "index", "split"])
+def test_a_pandas_table_saved_as_json_says_how_to_save_records(tmp_path, orient):
+    """DataFrame.to_json()'s default (orient='columns') failed with 'prompt must be a string, got dict', the
+    other layouts as an unknown shape with keys columns, data, index."""
+    df = pd.DataFrame(SHAPES["prompt_completion"][:3])
+    df.to_json(tmp_path / "d.json", orient=orient)
+    with pytest.raises(UserError, match=rf"saved with to_json\(orient='{orient}'\), not records: save it with "
+                                        r"df.to_json\(path, orient='records', lines=True\)"):
+        read_file(tmp_path / "d.json")
+    df.to_json(tmp_path / "r.json", orient="records")  # and what it says to do reads
+    assert read_file(tmp_path / "r.json") == SHAPES["prompt_completion"][:3]
+
+
+@pytest.mark.parametrize("header,hint", [("prompt, completion", "a column name has spaces around it"),
+                                         ("prompt\tcompletion", "separated by tabs or semicolons"),
+                                         ("prompt;completion", "separated by tabs or semicolons")])
+def test_a_csv_header_read_wrong_gets_a_hint(tmp_path, tok, header, hint):
+    sep = {"prompt\tcompletion": "\t", "prompt;completion": ";"}.get(header, ",")
+    (tmp_path / "d.csv").write_text(f"{header}\nhello{sep}world\n")
+    with pytest.raises(UserError, match=rf"unknown shape .*\({hint}"):
+        Encoder(tok, 64).encode_all(read_file(tmp_path / "d.csv"))
+
+
 def test_csv_cells_are_text_as_written(tmp_path):
     """pandas' defaults would read 'None', 'NA' and empty cells as null and '007' as the number 7."""
     from lora_cli.data import load_records
