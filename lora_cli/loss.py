@@ -3,7 +3,8 @@
 The fast path runs the decoder body, keeps the hidden states of positions that carry a label, and
 computes the LM head + cross-entropy there in chunks, with a custom backward that stores only the
 gradient w.r.t. those hidden states: the (tokens × vocab) logits never exist in full. It applies when
-the LM head is a plain frozen linear and the model does nothing after it (no soft-capping or scale);
+the LM head is a plain frozen linear applied to the body's last hidden state with nothing between or after
+(no head transform, soft-capping or scale), which a forward of a few tokens checks before training;
 otherwise the model's own forward computes full logits.
 """
 
@@ -56,16 +57,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
 
 
-def plain_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output head if the fast path may use it, else None."""
+def plain_head(model: nn.Module, frozen: bool = True) -> nn.Linear | None:
+    """The model's output head if the fast path may use it (it must be frozen: its backward gives the head no
+    gradient, unless `frozen` is False: asked before the weights are frozen), else None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.weight.requires_grad:
+    if type(head) is not nn.Linear or (frozen and head.weight.requires_grad):
         return None
     if any(getattr(model.config, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESS):
         return None
     if not hasattr(model, "base_model") or model.base_model is model:
         return None
     return head
+
+
+def head_is_last(model: nn.Module, input_ids: torch.Tensor) -> bool:
+    """Whether the model's logits are its plain output head applied to its body's last hidden state, with nothing
+    between (BERT-style heads' dense + LayerNorm, ModernBERT's) or after (a soft-cap or scale under a name
+    `plain_head` does not know): one forward of a few tokens, watched at the body's output and at the head. The
+    fast path computes exactly that, so anything else would train on another loss than the model's."""
+    head = plain_head(model, frozen=False)
+    if head is None:
+        return False
+    seen: dict[str, list] = {"body": [], "head": []}
+    hooks = [model.base_model.register_forward_hook(lambda m, a, out: seen["body"].append(out[0])),
+             head.register_forward_hook(lambda m, a, out: seen["head"].append((a[0], out)))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if len(seen["body"]) != 1 or len(seen["head"]) != 1:  # a head used twice (multi-token prediction), or none
+        return False
+    (body,), ((head_in, head_out),) = seen["body"], seen["head"]
+    return (head_in.shape == body.shape and torch.equal(head_in, body) and head_out.shape == logits.shape
+            and torch.equal(head_out.to(logits.dtype), logits))
 
 
 def attention_mask_for(model: nn.Module, block: torch.Tensor) -> torch.Tensor | dict | None:

@@ -68,7 +68,7 @@ from lora_cli.lora.adapter import read_adapter_tensors
 from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
 from lora_cli.lora.peft_format import CONFIG_NAME, GGUF_BASE_KEY, KEY_PREFIX, WEIGHTS_NAME
-from lora_cli.loss import CausalLMLoss
+from lora_cli.loss import CausalLMLoss, head_is_last
 from lora_cli.merging import shared_weight_groups
 from lora_cli.models import (
     check_token_ids,
@@ -352,6 +352,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         if model is None:  # under ZeRO-3 loading partitions the weights: a collective of all processes
             model = load()
         check_token_ids(model, tokenizer, max(int(e.input_ids.max()) for e in train_ex + (eval_ex or [])))
+        # the fused head + loss only where it computes the model's own logits (checked before LoRA or compiling;
+        # ZeRO-3 has partitioned the weights: a forward outside its engine cannot run, and the rules decide)
+        fast_head = engine == "DeepSpeed" or head_is_last(
+            model, torch.as_tensor(train_ex[0].input_ids[:4], device=next(model.parameters()).device).long()[None])
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         misread = peft_misread_targets(model, adapter_cfg.target_modules)
@@ -383,7 +387,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, plan.total_steps, plan.warmup, cfg.scheduler))
-        loss_model = CausalLMLoss(model)
+        loss_model = CausalLMLoss(model, fused=fast_head)
         if engine == "DeepSpeed":  # our flags rule (no DataLoader to infer the batch from); DeepSpeed clips
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,

@@ -68,3 +68,57 @@ def test_chunk_rows_keep_cpu_logits_under_the_mmap_limit():
     assert loss_mod.chunk_rows(49_152, cpu) == 128
     assert loss_mod.chunk_rows(10**7, cpu) == loss_mod.MIN_CHUNK_ROWS
     assert loss_mod.chunk_rows(49_152, cuda) == 5461
+
+
+def _own_loss(model, b):
+    """The model's own summed cross-entropy over the label positions (its forward, its logits)."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+    keep = b["labels"][:, 1:] != IGNORE
+    return torch.nn.functional.cross_entropy(logits[keep], b["labels"][:, 1:][keep], reduction="sum")
+
+
+def _capped_gemma():
+    """RecurrentGemma soft-caps its logits under a name (`logits_soft_cap`) of its own; made to exceed the cap,
+    as trained models' logits do."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.RecurrentGemmaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=1, intermediate_size=96, lru_width=64, head_dim=16,
+                                     attention_window_size=16, conv1d_width=4, block_types=["recurrent", "attention"])
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.model.final_norm.weight.add_(40.0)
+    return model
+
+
+def _bert_decoder():
+    """BERT-style causal LMs put a dense + LayerNorm between the body and the output embedding."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, is_decoder=True, hidden_dropout_prob=0, attention_probs_dropout_prob=0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("make", [_capped_gemma, _bert_decoder, lambda: tiny_model("llama")],
+                         ids=["soft-capped", "head-transform", "plain"])
+def test_the_fused_head_is_used_only_where_it_gives_the_models_own_loss(make):
+    """The fused path computes body → output embedding → CE. It trained RecurrentGemma on uncapped logits (a
+    step-1 loss of 93.9 against the model's 28.2) and BERT-style heads without their transform; a forward of a
+    few tokens now decides, and the loss is the model's own either way."""
+    from lora_cli.loss import head_is_last
+
+    model = make()
+    b = batch()
+    fused = head_is_last(model, b["input_ids"][:1, :4])  # (asked before the weights are frozen, as train does)
+    model.requires_grad_(False)
+    assert fused == (make not in (_capped_gemma, _bert_decoder))
+    with torch.no_grad():
+        ours, _ = CausalLMLoss(model, fused=fused)(**b)
+        own = _own_loss(model, b)
+        assert torch.allclose(ours, own, rtol=1e-5), (ours, own)
+        if not fused:  # (what the fast path would have trained on)
+            wrong, _ = CausalLMLoss(model, fused=True)(**b)
+            assert not torch.allclose(wrong, own, rtol=1e-3)

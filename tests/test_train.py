@@ -330,3 +330,21 @@ def test_the_header_counts_in_the_singular_too(cli, tiny_llama, chat_data, tmp_p
     code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "a", "--max-steps",
                        "1", "--targets", "lm_head")
     assert code == 0 and "1 module: lm_head" in err and "1 modules" not in err, err
+
+
+def test_train_takes_the_fused_head_where_it_is_the_models_own(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """The check runs before the weights are frozen; a check that said no to every model would cost every run the
+    full-vocabulary logits (no wrong number to show it): a plain Llama must get the fused head."""
+    import lora_cli.training
+    from lora_cli.loss import CausalLMLoss
+
+    made = []
+
+    class Watched(CausalLMLoss):
+        def __init__(self, model, fused=True):
+            super().__init__(model, fused)
+            made.append(self.head is not None)
+
+    monkeypatch.setattr(lora_cli.training, "CausalLMLoss", Watched)
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "r", "--max-steps", "1")
+    assert code == 0 and made == [True], err
