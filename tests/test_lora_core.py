@@ -84,6 +84,20 @@ def test_attention_targets_by_name(arch):
     assert not any(".mlp." in p for p in paths)
 
 
+@pytest.mark.parametrize("arch,expected", [
+    ("bart", ["self_attn.k_proj", "self_attn.out_proj", "self_attn.q_proj", "self_attn.v_proj"]),  # no encoder_attn
+    ("jetmoe", ["self_attention.kv_proj"]),  # not experts.router.layer, the top-k gate of its attention experts
+])
+def test_attention_leaves_out_cross_attention_and_routers(arch, expected):
+    """BART's causal LM took its cross-attention (which never runs without an encoder: half the adapter stayed
+    zero, and the run told the user to drop targets they never chose); JetMoE's took its attention router."""
+    model = tiny_model(arch)
+    paths = resolve_targets(model, "attention")
+    assert sorted({".".join(p.split(".")[-2:]) for p in paths}) == expected, paths
+    assert len(paths) == 2 * len(expected)
+    assert any("encoder_attn" in p or ".router." in p for p in linear_modules(model))  # (there to be left out)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_init_is_identity_and_only_lora_trains(arch):
     base = tiny_model(arch)

@@ -84,6 +84,14 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
                                        image_size=28, patch_size=14)
         return tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
                                image_token_index=3, boi_token_index=1, eoi_token_index=2)
+    if arch == "bart":  # BartForCausalLM: a decoder with cross-attention layers that run only beside an encoder
+        return tf.BartConfig(vocab_size=vocab, d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                             encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64,
+                             max_position_embeddings=256, is_decoder=True, is_encoder_decoder=False)
+    if arch == "jetmoe":  # mixture of attention experts: a top-k router Linear inside the attention module
+        return tf.JetMoeConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                               kv_channels=16, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+                               max_position_embeddings=256)
     if arch == "mamba":  # no attention; its slow path reads dt_proj.weight directly
         return tf.MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8)
     raise ValueError(arch)

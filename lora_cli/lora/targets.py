@@ -61,16 +61,39 @@ def _is_attention(module: nn.Module) -> bool:
     return "attention" in type(module).__name__.lower()
 
 
+CROSS_ATTENTION = ("encoder_attn", "crossattention", "cross_attn", "cross_attention")  # attends to an encoder's output
+ROUTERS = ("router", "gate", "gating")  # a mixture-of-attention's top-k gate (JetMoE) is no projection
+
+
 def attention_projections(model: nn.Module, linears: dict[str, nn.Module] | None = None) -> list[str]:
     """Linear layers inside the model's innermost attention modules, detected by class name; of its text
-    decoder only, when it has one inside (a multimodal model's vision tower never runs on text)."""
+    decoder only, when it has one inside (a multimodal model's vision tower never runs on text). Not the
+    cross-attention of a decoder made for an encoder (BART's or Whisper's causal LM: it never runs on text
+    alone) nor a router inside attention, when there are other projections."""
     attn = {name: m for name, m in model.named_modules() if name and _is_attention(m)}
     innermost = [n for n in attn if not any(o != n and o.startswith(n + ".") for o in attn)]
     linears = linear_modules(model) if linears is None else linears
     found = sorted(name for name in linears if any(name.startswith(a + ".") for a in innermost))
     decoder = _decoder_path(model)
-    in_decoder = [n for n in found if decoder is None or n.startswith(decoder + ".")]
-    return in_decoder or found
+    in_decoder = [n for n in found if decoder is None or n.startswith(decoder + ".")] or found
+    projections = [n for n in in_decoder if not _cross_or_router(model, n, innermost)]
+    return projections or in_decoder
+
+
+def _cross_or_router(model: nn.Module, name: str, innermost: list[str]) -> bool:
+    """Whether linear `name` is in a cross-attention module, or is (or is inside) a router of its attention."""
+    attention = max((a for a in innermost if name.startswith(a + ".")), key=len)
+    if attention.split(".")[-1].lower() in CROSS_ATTENTION or "crossattention" in \
+            type(model.get_submodule(attention)).__name__.lower():
+        return True
+    inside = name[len(attention) + 1 :].split(".")
+    path = attention
+    for part in inside:
+        path = f"{path}.{part}"
+        kind = type(model.get_submodule(path)).__name__.lower()
+        if part.lower() in ROUTERS or "router" in kind or "gating" in kind:
+            return True
+    return False
 
 
 def _decoder_path(model: nn.Module) -> str | None:
