@@ -102,8 +102,8 @@ def _bert_decoder():
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("make", [_capped_gemma, _bert_decoder, lambda: tiny_model("llama")],
-                         ids=["soft-capped", "head-transform", "plain"])
+@pytest.mark.parametrize("make", [_capped_gemma, _bert_decoder, lambda: tiny_model("llama"), lambda: tiny_model("opt")],
+                         ids=["soft-capped", "head-transform", "plain", "plain-called-as-decoder"])
 def test_the_fused_head_is_used_only_where_it_gives_the_models_own_loss(make):
     """The fused path computes body → output embedding → CE. It trained RecurrentGemma on uncapped logits (a
     step-1 loss of 93.9 against the model's 28.2) and BERT-style heads without their transform; a forward of a
