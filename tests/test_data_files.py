@@ -85,11 +85,15 @@ def test_a_pandas_table_saved_as_json_says_how_to_save_records(tmp_path, orient)
 @pytest.mark.parametrize("header,hint", [("prompt, completion", "a column name has spaces around it"),
                                          ("prompt\tcompletion", "separated by tabs or semicolons"),
                                          ("prompt;completion", "separated by tabs or semicolons")])
-def test_a_csv_header_read_wrong_gets_a_hint(tmp_path, tok, header, hint):
+def test_a_csv_header_read_wrong_gets_a_hint(tmp_path, header, hint):
+    from tiny import tiny_tokenizer
+
     sep = {"prompt\tcompletion": "\t", "prompt;completion": ";"}.get(header, ",")
     (tmp_path / "d.csv").write_text(f"{header}\nhello{sep}world\n")
-    with pytest.raises(UserError, match=rf"unknown shape .*\({hint}"):
-        Encoder(tok, 64).encode_all(read_file(tmp_path / "d.csv"))
+    with pytest.raises(UserError, match=rf"unknown shape .*\(.*{hint}"):
+        Encoder(tiny_tokenizer(), 64).encode_all(read_file(tmp_path / "d.csv"))
+    (tmp_path / "ok.csv").write_text("prompt,completion\nhello,world\n")  # (a header read right has no hint)
+    assert len(Encoder(tiny_tokenizer(), 64).encode_all(read_file(tmp_path / "ok.csv"))[0]) == 1
 
 
 def test_csv_cells_are_text_as_written(tmp_path):
