@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import MARK
+from lora_cli.errors import MARK, UserError, few
 from lora_cli.lora.peft_format import (
     GGUF_BASE_KEY,
     KEY_PREFIX,
@@ -32,7 +32,14 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     config = read_adapter_config(path, lenient=True)  # an adapter lora cannot use is still described
     _, weights = adapter_files(path)
     header, meta = read_safetensors_header(weights)
-    check_ranks(config, {k.removeprefix(KEY_PREFIX): v["shape"] for k, v in header.items()}, weights)
+    embeddings = sorted({k.removeprefix(KEY_PREFIX).split(".lora_embedding_")[0] for k in header
+                         if ".lora_embedding_" in k})
+    unsupported = [*config.unsupported, *([f"LoRA on embedding layers ({few(embeddings)})"] if embeddings else [])]
+    try:
+        check_ranks(config, {k.removeprefix(KEY_PREFIX): v["shape"] for k, v in header.items()}, weights)
+    except UserError:
+        if not unsupported:  # otherwise a feature lora does not implement (target_parameters, BD-LoRA's blocks,
+            raise  # a tied head's embedding) lays the tensors out its own way: named below, not misread as damage
     if broken := [k.removeprefix(KEY_PREFIX) for k in nonfinite_tensors(weights, header)]:
         raise broken_adapter_error(weights, broken)  # as every other command refuses it
     modules = Counter()
@@ -73,8 +80,9 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "dtype": _dtype_name(dtypes.most_common(1)[0][0]) if dtypes else None,
         "fan_in_fan_out": config.fan_in_fan_out,
         **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules", "modules_to_save",
-                          "ensure_weight_tying", "unsupported")
+                          "ensure_weight_tying")
            if (v := getattr(config, k))},
+        **({"unsupported": unsupported} if unsupported else {}),
     }
     summary, state = path / "train_summary.json", path / "trainer_state.json"  # a run; a checkpoint of one
     try:

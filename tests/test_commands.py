@@ -643,3 +643,27 @@ def _streamed(streamer, prompt, new):
             streamer.put(t.view(1))
         streamer.end()
     return torch.cat([prompt, new], dim=1)
+
+
+@pytest.mark.parametrize("arch,config,unsupported", [
+    ("qwen2_moe", dict(target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]),
+     'target_parameters=["mlp.experts.gate_up_proj"]'),  # was: "PEFT ignores them; add them to target_modules"
+    ("llama-tied", dict(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True),
+     "LoRA on embedding layers (model.embed_tokens)"),  # was: "holds LoRA weights for lm_head … PEFT ignores them"
+    ("llama", dict(target_modules=["q_proj"], layers_to_transform=[0]), None),
+])
+def test_inspect_names_the_feature_not_a_damaged_file(cli, tmp_path, arch, config, unsupported):
+    """Adapters whose tensors a feature lora refuses lays out its own way were reported by inspect as damaged
+    or as holding weights PEFT ignores, with advice that would not work; merge named the feature."""
+    base_dir = save_tiny(tmp_path / "base", arch)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                 peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **config))
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, out, err = cli("inspect", tmp_path / "adapter", "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts.get("unsupported", [None])[0] == unsupported
+    code, _, err = cli("merge", tmp_path / "adapter", "--output", tmp_path / "m")
+    assert (code == 1) == (unsupported is not None), err
+    if unsupported:
+        assert unsupported.split(" (")[0].split("=")[0] in err, err

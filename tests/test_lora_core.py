@@ -616,3 +616,21 @@ def test_safetensors_files_are_the_same_bytes_for_the_same_tensors(tmp_path):
     assert len({f.read_bytes() for f in files}) == 1
     with safe_open(files[0], "pt") as f:
         assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "olora", "corda", "loftq", "lora_ga"])
+def test_an_adapter_made_on_a_changed_base_is_refused(init):
+    """These initialisations subtract their first B A from the base weights: applied to the original base the
+    adapter is another model (LoRA-GA's merged logits were 2.9 off, accepted without a word)."""
+    d = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "init_lora_weights": init}
+    with pytest.raises(UserError, match=rf"init_lora_weights='{init}' \(it changes the base weights\)"):
+        AdapterConfig.from_peft_dict(d)
+    for harmless in (True, False, "gaussian", "eva", "orthogonal"):
+        assert AdapterConfig.from_peft_dict({**d, "init_lora_weights": harmless}).r == 4
+
+
+def test_unsupported_values_are_cut_visibly():
+    d = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "use_bdlora": {"target_modules_bd_a": ["q_proj"], "target_modules_bd_b": ["v_proj"], "nblocks": 2}}
+    with pytest.raises(UserError, match=r'use_bdlora=\{"target_modules_bd_a": \["q_proj"\], "target_modules_bd_b": …$'):
+        AdapterConfig.from_peft_dict(d)

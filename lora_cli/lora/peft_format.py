@@ -32,7 +32,7 @@ _BENIGN_KEYS = {
     "modules_to_save",
 }
 # init_lora_weights values that change the *base* weights: such adapters need the modified base.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass
@@ -133,7 +133,8 @@ class AdapterConfig:
         for key, value in d.items():
             if key in _BENIGN_KEYS or value in (None, False, {}, [], "", 0):
                 continue
-            problems.append(f"{key}={json.dumps(value)[:60]}")
+            shown = json.dumps(value)
+            problems.append(f"{key}={shown if len(shown) <= 60 else shown[:59] + '…'}")
         if d.get("bias", "none") not in ("none", None):
             problems.append(f"bias={d['bias']!r} (bias training)")
         init = d.get("init_lora_weights", True)
