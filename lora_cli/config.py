@@ -353,4 +353,23 @@ def run_chat_template(adapter_dir: str | Path) -> str | None:
         if kept.is_file():
             return kept.read_text(encoding="utf-8-sig")
     path = run_settings(adapter_dir).get("chat_template")
-    return Path(path).read_text(encoding="utf-8-sig") if path and Path(path).is_file() else None
+    if path and Path(path).is_file():
+        return Path(path).read_text(encoding="utf-8-sig")
+    return shipped_chat_template(Path(adapter_dir))
+
+
+def shipped_chat_template(adapter_dir: Path) -> str | None:
+    """The template of a tokenizer saved beside an adapter the way transformers before 4.43 saved it (in
+    tokenizer_config.json, or chat_template.json): Hub adapters trained on a template of their own ship it so."""
+    from lora_cli.errors import read_json_object
+
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if not (adapter_dir / name).is_file():
+            continue
+        template = read_json_object(adapter_dir / name).get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if isinstance(template, str) and template.strip():
+            return template
+    return None

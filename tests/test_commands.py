@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import save_tiny, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_cli.lora.adapter import load_adapter
 
@@ -667,3 +667,28 @@ def test_inspect_names_the_feature_not_a_damaged_file(cli, tmp_path, arch, confi
     assert (code == 1) == (unsupported is not None), err
     if unsupported:
         assert unsupported.split(" (")[0].split("=")[0] in err, err
+
+
+def test_a_template_in_the_adapters_tokenizer_config_is_the_one_used(cli, tmp_path):
+    """Hub adapters saved with transformers before 4.43 keep their chat template in tokenizer_config.json (or
+    chat_template.json); generate prompted with the base's instead and merge wrote the base's."""
+    from lora_cli.generation import chat_template_for
+
+    base_dir = save_tiny(tmp_path / "base", "llama")
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[a]{% endif %}"
+    for name, content in (("tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": own}),
+                          ("chat_template.json", {"chat_template": [{"name": "default", "template": own},
+                                                                    {"name": "tool_use", "template": "x"}]})):
+        adapter = tmp_path / name
+        theirs.save_pretrained(adapter)
+        (adapter / name).write_text(json.dumps(content))
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        assert tok.chat_template != own and chat_template_for(tok, [str(adapter)]) == own
+        code, _, err = cli("merge", adapter, "--output", tmp_path / f"m-{name}")
+        assert code == 0, err
+        assert AutoTokenizer.from_pretrained(tmp_path / f"m-{name}").chat_template == own
+    (tmp_path / "tokenizer_config.json" / "tokenizer_config.json").write_text("{broken")
+    code, _, err = cli("merge", tmp_path / "tokenizer_config.json", "--output", tmp_path / "m3")
+    assert code == 1 and "tokenizer_config.json: not valid JSON" in err
