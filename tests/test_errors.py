@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -415,15 +416,15 @@ def test_a_pickled_adapter_is_refused_with_the_conversion_to_run(cli, run_dir, t
     nothing of it); the error gives the one-liner."""
     from safetensors.torch import load_file
 
-    old = tmp_path / "old"
+    old = tmp_path / "it's old"  # a quote in the path: the one-liner still pastes
     old.mkdir()
     shutil.copy(run_dir / "adapter_config.json", old)
     torch.save(load_file(str(run_dir / "adapter_model.safetensors")), old / "adapter_model.bin")
     code, _, err = cli("inspect", old)
     assert code == 1 and "lora reads adapters as safetensors only, --allow-pickle is for base models" in err
     command = err.split("convert it once: ")[1].strip()
-    assert command.startswith('python -c "')
-    subprocess.run([sys.executable, "-c", command[len('python -c "'):-1]], check=True)
+    assert command.startswith("python -c ")
+    subprocess.run(shlex.quote(sys.executable) + command[len("python"):], shell=True, check=True)
     code, out, err = cli("inspect", old, "--json")
     assert code == 0 and json.loads(out)["trainable_params"] == json.loads(cli("inspect", run_dir, "--json")[1])["trainable_params"]
 
@@ -725,3 +726,12 @@ def test_a_setting_given_twice_keeps_the_last(cli, tiny_llama, chat_data, tmp_pa
     script's defaults, then the user's) keeps the last value, as click does."""
     code, out, err = cli(*train_args(tiny_llama, chat_data, tmp_path / "o", "--rank", "4", "--rank", "8", "--dry-run"))
     assert code == 0 and "\nrank: 8\n" in out, err
+
+
+def test_a_folder_of_named_adapters_says_to_pass_one(cli, run_dir, tmp_path):
+    """PEFT saves adapters other than "default" in folders of their names: the parent was 'not an adapter'."""
+    for name in ("alpha", "beta"):
+        shutil.copytree(run_dir, tmp_path / "many" / name, ignore=shutil.ignore_patterns("checkpoints"))
+    assert_user_error(cli("inspect", tmp_path / "many"), "is not an adapter itself: it holds the adapters alpha, beta",
+                      f"pass one of them, e.g. {tmp_path / 'many' / 'alpha'}")
+    assert cli("inspect", tmp_path / "many" / "beta")[0] == 0

@@ -299,13 +299,19 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
             raise UserError(f"{str(path)!r} is a run that stopped before its first checkpoint (no {CONFIG_NAME}): "
                             f"start it again with lora train --config {shlex.quote(str(path / 'train_config.yaml'))} "
                             "--force")
+        named = sorted(d.name for d in path.iterdir() if (d / CONFIG_NAME).is_file())
+        if named:  # PEFT's save_pretrained of several adapters: each but "default" in a folder of its name
+            raise UserError(f"{str(path)!r} is not an adapter itself: it holds the adapters {few(named)} (PEFT saves "
+                            f"each in a folder of its name); pass one of them, e.g. {path / named[0]}")
         raise UserError(f"{str(path)!r} is not an adapter: it has no {CONFIG_NAME}")
     if not weights.is_file():
         if (path / "adapter_model.bin").is_file():
+            convert = (f"import torch, safetensors.torch as s; s.save_file(torch.load("
+                       f"{str(path / 'adapter_model.bin')!r}, weights_only=True), {str(weights)!r})")
             raise UserError(
                 f"{str(path)!r} holds only adapter_model.bin (pickle: lora reads adapters as safetensors only, "
-                f"--allow-pickle is for base models); if you trust its source, convert it once: python -c \"import torch, safetensors.torch as s; s.save_file(torch.load("
-                f"'{path}/adapter_model.bin', weights_only=True), '{path}/{WEIGHTS_NAME}')\""
+                f"--allow-pickle is for base models); if you trust its source, convert it once: python -c "
+                f"{shlex.quote(convert)}"
             )
         raise UserError(f"{str(path)!r} is not a complete adapter: it has no {WEIGHTS_NAME}")
     return config, weights
