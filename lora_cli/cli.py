@@ -123,7 +123,7 @@ def _run(args: list[str], debug: bool, terminated: list[int]) -> None:
         if isinstance(e, OSError) and e.strerror:  # the file system said no: a missing or read-only folder,
             _fail(f"{e.strerror}: {e.filename}" if e.filename else e.strerror)  # a full disk, permissions
         rank = os.environ.get("RANK", "0")
-        if rank != "0" and any(m in str(e) for m in ("Connection closed by peer", "Connection reset by peer")):
+        if "RANK" in os.environ and any(m in str(e) for m in ("Connection closed by peer", "Connection reset by peer")):
             _fail(f"process {rank} stopped: another process of this run ended first (its error says why)")
         if "out of memory" in str(e).lower():
             _fail("out of memory; try a smaller --batch-size or --max-length, or --gradient-checkpointing")

@@ -133,6 +133,8 @@ class TrainConfig:
         (2 × rank), also when the saved train_config.yaml is run again with another --rank."""
         c = dataclasses.replace(self)
         c.dtype = DTYPE_ALIASES.get(c.dtype, c.dtype)
+        if isinstance(c.targets, str) and not c.targets.startswith("re:"):  # "q_proj, v_proj" is q_proj,v_proj
+            c.targets = ",".join(t.strip() for t in c.targets.split(",") if t.strip()) or c.targets
         for k in LOCAL_PATH_FIELDS:  # the run directory names local files absolutely: it is read from anywhere
             v = getattr(c, k)
             if v and Path(v).expanduser().exists():

@@ -508,3 +508,18 @@ def test_tokenizing_workers_end_with_their_parent(tiny_llama, tmp_path):
         time.sleep(0.1)
     assert not any(map(_running, workers))
     assert "Traceback" not in err, err
+
+
+def test_resume_reads_a_target_list_however_it_was_spaced(cli, tiny_llama, chat_data, tmp_path):
+    """A run started with --targets "q_proj, v_proj" refused --resume --targets q_proj,v_proj (the same modules)."""
+    from lora_cli.config import TrainConfig
+
+    assert TrainConfig(targets=" q_proj , v_proj,").resolved().targets == "q_proj,v_proj"
+    assert TrainConfig(targets="re:.*(q|v)_proj, ").resolved().targets == "re:.*(q|v)_proj, "  # a pattern as written
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "1",
+                       "--targets", "q_proj, v_proj")
+    assert code == 0, err
+    assert "targets: q_proj,v_proj\n" in (run / "train_config.yaml").read_text()
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "2", "--targets", "q_proj,v_proj")
+    assert code == 0, err

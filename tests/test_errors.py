@@ -519,7 +519,8 @@ def test_without_a_network_hub_ids_are_read_from_the_cache_at_once(cli, tiny_lla
     assert datasets.config.HF_HUB_OFFLINE
 
 
-def test_a_peer_gone_is_not_an_internal_error(monkeypatch, capsys):
+@pytest.mark.parametrize("rank", ["1", "0"])  # process 0 too: the one that failed may be another (a checkpoint's
+def test_a_peer_gone_is_not_an_internal_error(monkeypatch, capsys, rank):  # rng_state_1.pt missing on resume)
     """Under torchrun, when process 0 stopped on a user error, process 1 printed gloo's 'Connection closed by
     peer' as an internal error, which read as a crash of the tool."""
     import lora_cli.cli
@@ -528,12 +529,12 @@ def test_a_peer_gone_is_not_an_internal_error(monkeypatch, capsys):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:4")
 
     monkeypatch.setattr(lora_cli.cli, "app", app)
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", rank)
     with pytest.raises(SystemExit) as e:
         lora_cli.cli.main(["train"])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.strip() == ("error: process 1 stopped: another process of this run ended first "
-                                                 "(its error says why)")
+    assert e.value.code == 1 and err.strip() == (f"error: process {rank} stopped: another process of this run ended "
+                                                 "first (its error says why)")
 
 
 @pytest.mark.parametrize("raised", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16192 vs 16080"),
