@@ -59,9 +59,27 @@ def main(argv: list[str] | None = None) -> None:
         previous = None
     try:
         _run(args, debug, terminated)
+    except SystemExit as e:
+        if argv is None and e.code in (130, 128 + signal.SIGTERM) and _stuck_threads():
+            sys.stdout.flush()  # stopped, and a library's thread would keep the interpreter's exit waiting for it
+            sys.stderr.flush()  # (a tokenizing pool's, cut short): the user asked to stop, so stop
+            os._exit(e.code)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stuck_threads(wait_s: float = 2.0) -> list:
+    """The threads that the interpreter's exit would wait for and that do not end within `wait_s`."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + wait_s
+    alive = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in alive:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [t for t in alive if t.is_alive()]
 
 
 # options that name what a command reads or writes: given twice, click keeps the last one and drops the other

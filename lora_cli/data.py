@@ -777,13 +777,19 @@ def ordered_map(fn: Callable, items: list, workers: int) -> Iterator:
             raise UserError(f"a tokenizing worker process died (killed, or out of memory?); run again with fewer "
                             f"(--num-proc {max(1, workers // 2)})") from None
         finally:
-            if not done:  # an error, a signal or a generator closed early: the rest is not wanted
-                for process in list((pool._processes or {}).values()):
-                    process.terminate()
-            manager = getattr(pool, "_executor_manager_thread", None)  # (shutdown forgets it)
-            pool.shutdown(wait=done, cancel_futures=not done)
-            if manager is not None:  # left running to the interpreter's exit, the pool's thread races Python's own
-                manager.join(timeout=5)  # clean-up of it (3.11: "Exception ignored … OSError: Bad file descriptor")
+            # whole, or the pool's thread waits forever (and the interpreter's exit with it): a second Ctrl-C (or
+            # `timeout` passing one on) cut the clean-up half-way; the signals wait for its end
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                if not done:  # an error, a signal or a generator closed early: the rest is not wanted
+                    for process in list((pool._processes or {}).values()):
+                        process.terminate()
+                manager = getattr(pool, "_executor_manager_thread", None)  # (shutdown forgets it)
+                pool.shutdown(wait=done, cancel_futures=not done)
+                if manager is not None:  # left running to the interpreter's exit, the pool's thread races Python's
+                    manager.join(timeout=5)  # clean-up of it (3.11: "Exception ignored … Bad file descriptor")
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -736,3 +736,17 @@ def test_a_folder_of_named_adapters_says_to_pass_one(cli, run_dir, tmp_path):
     assert_user_error(cli("inspect", tmp_path / "many"), "is not an adapter itself: it holds the adapters alpha, beta",
                       f"pass one of them, e.g. {tmp_path / 'many' / 'alpha'}")
     assert cli("inspect", tmp_path / "many" / "beta")[0] == 0
+
+
+def test_a_stopped_run_exits_though_a_librarys_thread_would_not(tmp_path):
+    """A second Ctrl-C cut the tokenizing pool's clean-up half-way: its thread waited forever, and the
+    interpreter's exit with it, after 'error: interrupted'. A stopped run now ends anyway."""
+    code = ("import sys, threading; import lora_cli.inspection as i, lora_cli.cli as c\n"
+            "def stuck(*_):\n"
+            "    threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon\n"
+            "    raise KeyboardInterrupt\n"
+            "i.adapter_facts = stuck\n"
+            "sys.argv = ['lora', 'inspect', '.']\n"
+            "c.main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 130 and r.stderr == "error: interrupted\n", r.stderr
