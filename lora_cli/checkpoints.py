@@ -246,6 +246,8 @@ class StopFlag:
         for s in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not in the main thread
                 self._old[s] = signal.signal(s, self._handle)
+        if getattr(self._old.get(signal.SIGINT), "received", False):  # a Ctrl-C a library swallowed before (the
+            self.signal = "SIGINT"  # CLI's handler marks it): stop at the first step, as if it came now
         return self
 
     def __exit__(self, *exc) -> None:

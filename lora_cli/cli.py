@@ -53,10 +53,17 @@ def main(argv: list[str] | None = None) -> None:
         terminated.append(signum)
         raise KeyboardInterrupt
 
+    def on_sigint(signum, frame):  # Python's own, remembered: raised inside a library's clean-up (a __del__ while
+        on_sigint.received = True  # modules import), the KeyboardInterrupt is swallowed ("Exception ignored") and
+        raise KeyboardInterrupt  # the run went on; training's loop reads the mark and stops at its first step
+
+    on_sigint.received = False
     try:
         previous = signal.signal(signal.SIGTERM, on_sigterm)  # (training's loop installs its own while it runs)
+        previous_int = signal.signal(signal.SIGINT, on_sigint) \
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler else None  # (not where it is ignored)
     except ValueError:  # not the main thread
-        previous = None
+        previous = previous_int = None
     try:
         _run(args, debug, terminated)
     except SystemExit as e:
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _stuck_threads(wait_s: float = 2.0) -> list:
