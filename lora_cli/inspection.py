@@ -57,8 +57,9 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         dtypes[info["dtype"]] += 1
         a = next((s for s in (".lora_A.weight", ".lora_embedding_A") if key.endswith(s)), None)
         if a:  # a linear layer's A (r, in), or an embedding's (r, vocab)
-            modules[key[len(KEY_PREFIX):-len(a)].split(".")[-1]] += 1
+            modules[key[len(KEY_PREFIX):-len(a)]] += 1
             ranks[info["shape"][0]] += 1
+    modules = short_names(modules)
     scaling = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
     facts: dict[str, Any] = {
         "path": str(path),
@@ -97,6 +98,23 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, AttributeError, TypeError):
         facts["train_summary"] = None
     return facts
+
+
+def short_names(paths: Counter) -> Counter:
+    """Module paths counted by their last name, or by their parent's and last name where one last name is used
+    under different parents (RWKV's attention.key and feed_forward.key; GPT-2's attn.c_proj and mlp.c_proj), or
+    is an nn.Sequential's index (CTRL's ffn.0)."""
+    def parent(path: str) -> str:
+        return next((p for p in reversed(path.split(".")[:-1]) if not p.isdigit()), "")
+
+    parents: dict[str, set] = {}
+    for path in paths:
+        parents.setdefault(path.split(".")[-1], set()).add(parent(path))
+    out = Counter()
+    for path, n in paths.items():
+        last = path.split(".")[-1]
+        out[f"{parent(path)}.{last}" if (len(parents[last]) > 1 or last.isdigit()) and parent(path) else last] += n
+    return out
 
 
 def gguf_adapter_facts(path: Path) -> dict[str, Any]:

@@ -692,3 +692,20 @@ def test_a_template_in_the_adapters_tokenizer_config_is_the_one_used(cli, tmp_pa
     (tmp_path / "tokenizer_config.json" / "tokenizer_config.json").write_text("{broken")
     code, _, err = cli("merge", tmp_path / "tokenizer_config.json", "--output", tmp_path / "m3")
     assert code == 1 and "tokenizer_config.json: not valid JSON" in err
+
+
+def test_inspect_names_modules_apart_where_one_last_name_has_two_parents(cli, tmp_path):
+    """GPT-2's attention and MLP both have a c_proj: inspect counted them as one 'c_proj ×4' (RWKV's
+    attention.key and feed_forward.key as 'key'); CTRL's nn.Sequential layers showed as '0' and '2'."""
+    from collections import Counter
+
+    from lora_cli.inspection import short_names
+
+    base_dir = save_tiny(tmp_path / "base", "gpt2")
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                 peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, out, err = cli("inspect", tmp_path / "adapter", "--json")
+    assert code == 0, err
+    assert json.loads(out)["modules"] == {"attn.c_proj": 2, "c_attn": 2, "mlp.c_proj": 2}
+    assert short_names(Counter(["h.0.ffn.0", "h.0.ffn.2", "h.1.ffn.2"])) == {"ffn.0": 1, "ffn.2": 2}
