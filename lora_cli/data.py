@@ -211,8 +211,7 @@ def folder_splits(p: Path, spec: str, config: str | None = None, flag: str = "--
                         "name the files of each split)")
     read = {f for files in splits.values() for f in files}
     folders = {f.parent for f in read}
-    left = sorted(f.name for f in p.rglob("*") if f.parent in folders and f not in read and _format(f)[0] in DATA_SUFFIXES
-                  and f.name.startswith(tuple(splits)))
+    left = sorted(f.name for f in files if f.parent in folders and f not in read and f.name.startswith(tuple(splits)))
     if left:  # datasets takes one file format per folder and leaves the others' shards out, silently
         raise UserError(f"data directory {spec!r} mixes file formats: datasets reads its {_format(next(iter(read)))[0]} "
                         f"files and would leave out {few(left)}; convert them to one format")

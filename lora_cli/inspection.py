@@ -8,13 +8,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import MARK, UserError, few
+from lora_cli.errors import MARK, UserError
 from lora_cli.lora.peft_format import (
     GGUF_BASE_KEY,
     KEY_PREFIX,
     adapter_files,
     broken_adapter_error,
     check_ranks,
+    embedding_lora,
     gguf_type,
     is_gguf_file,
     nonfinite_tensors,
@@ -32,9 +33,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     config = read_adapter_config(path, lenient=True)  # an adapter lora cannot use is still described
     _, weights = adapter_files(path)
     header, meta = read_safetensors_header(weights)
-    embeddings = sorted({k.removeprefix(KEY_PREFIX).split(".lora_embedding_")[0] for k in header
-                         if ".lora_embedding_" in k})
-    unsupported = [*config.unsupported, *([f"LoRA on embedding layers ({few(embeddings)})"] if embeddings else [])]
+    unsupported = [*config.unsupported, *filter(None, [embedding_lora(header)])]
     try:
         check_ranks(config, {k.removeprefix(KEY_PREFIX): v["shape"] for k, v in header.items()}, weights)
     except UserError:

@@ -86,7 +86,6 @@ def head_is_last(model: nn.Module, input_ids: torch.Tensor) -> bool:
     try:
         with torch.no_grad():
             logits = model(input_ids=input_ids, use_cache=False).logits
-            hook.remove()
             body = model.base_model(input_ids=input_ids, use_cache=False)[0]
     finally:
         hook.remove()

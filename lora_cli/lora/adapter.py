@@ -23,6 +23,7 @@ from lora_cli.lora.peft_format import (
     adapter_files,
     broken_adapter_error,
     check_ranks,
+    embedding_lora,
     read_adapter_config,
     save_safetensors,
 )
@@ -84,9 +85,7 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                  and not (config.ensure_weight_tying and any(tensors[s].shape == tensors[k].shape
                                                              and torch.equal(tensors[s], tensors[k]) for s in saved)))
     if odd:  # never dropped silently: a merge, export or combine without them would be another adapter
-        embeddings = sorted({k.rsplit(".", 1)[0] for k in odd if ".lora_embedding_" in k})
-        what = (f"LoRA on embedding layers ({', '.join(embeddings)})" if embeddings
-                else f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})")
+        what = embedding_lora(odd) or f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})"
         raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
     check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
     broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())

@@ -317,6 +317,13 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
     return config, weights
 
 
+def embedding_lora(keys) -> str | None:
+    """'LoRA on embedding layers (…)' when tensor names hold PEFT's LoRA on an embedding (lora implements LoRA on
+    linear layers only), else None."""
+    found = sorted({k.removeprefix(KEY_PREFIX).split(".lora_embedding_")[0] for k in keys if ".lora_embedding_" in k})
+    return f"LoRA on embedding layers ({few(found)})" if found else None
+
+
 def read_adapter_config(path: str | Path, lenient: bool = False) -> AdapterConfig:
     """Parse and validate the adapter_config.json of an adapter directory (`lenient`: see from_peft_dict)."""
     config_path, _ = adapter_files(path)
