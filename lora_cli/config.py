@@ -284,6 +284,9 @@ def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
     return data
 
 
+_BOOL_WORDS = {w: True for w in ("true", "yes", "on", "1")} | {w: False for w in ("false", "no", "off", "0")}
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """YAML value → the field's type (int/float/str/bool, optionally None)."""
     args = getattr(hint, "__args__", None)
@@ -296,6 +299,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]  # "true" in quotes, as the flag would take it
         raise TypeError
     if hint is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

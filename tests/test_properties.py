@@ -76,3 +76,14 @@ def test_rank_coercion(value, ok):
     else:
         with pytest.raises(UserError, match="rank: expected int"):
             TrainConfig.from_dict({"rank": value})
+
+
+@pytest.mark.parametrize("value,want", [(True, True), ("true", True), ("No", False), ("0", False),
+                                        ("maybe", None), (1, None), (None, None)])
+def test_bool_coercion(value, want):
+    """A quoted "true" reads as the flag would read it; anything else is refused."""
+    if want is None:
+        with pytest.raises(UserError, match="packing: expected bool"):
+            TrainConfig.from_dict({"packing": value})
+    else:
+        assert TrainConfig.from_dict({"packing": value}).packing is want

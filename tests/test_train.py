@@ -139,6 +139,19 @@ def test_dry_run_says_a_data_file_is_missing(cli, tmp_path):
     assert cli("train", "-m", "m", "--data", "org/dataset", "--dry-run")[0] == 0  # a Hub id is not a file
 
 
+def test_dry_run_refuses_an_output_the_run_would_refuse(cli, tmp_path):
+    """It printed a config for a folder the run then refused (exists, not empty)."""
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ("train", "-m", "m", "--data", tmp_path / "d.jsonl", "-o", out, "--dry-run")
+    code, stdout, err = cli(*args)
+    assert code == 1 and stdout == "" and "exists and is not empty; pass --force" in err
+    code, stdout, _ = cli(*args, "--force")  # --force would replace an earlier run's files: notes.txt stays
+    assert code == 0 and (out / "notes.txt").read_text() == "mine"
+
+
 def test_unknown_yaml_key_is_an_error(cli, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("rnak: 8\n")

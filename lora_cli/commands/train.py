@@ -58,10 +58,14 @@ def train_command(**kwargs) -> None:
         raise UserError("--resume continues the run and --force starts it over; give one of them")
     cfg, given = TrainConfig.from_sources({k: v for k, v in kwargs.items() if v is not None}, config_path)
     if dry_run:
-        from lora_cli.training import resolve_run_config
+        from pathlib import Path
+
+        from lora_cli.checkpoints import check_run_dir
+        from lora_cli.training import RUN_FILES, resolve_run_config
 
         cfg = resolve_run_config(cfg, resume, given).resolved()
         cfg.validate()
+        check_run_dir(Path(cfg.output), force, resume, RUN_FILES)  # the real run would refuse this --output
         sys.stdout.write(cfg.to_yaml())
         return
     if not resume:
