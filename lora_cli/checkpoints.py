@@ -256,18 +256,27 @@ class StopFlag:
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool, run_files: tuple[str, ...]) -> None:
-    """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force:
-    an earlier run's files are removed, nothing else). `run_files`: what a run writes, its config first."""
+    """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force: an
+    earlier run's folder, holding nothing but a run's files). `run_files`: what a run writes, its config first."""
+    import fnmatch
+
     if resume or not run_dir.exists():
         return
     if run_dir.is_file():
         raise UserError(f"--output {run_dir} is a file")
-    if run_dir.is_dir() and not any(p.name != ".lock" for p in run_dir.iterdir()):
+    leftovers = (".lock", ".*.tmp")  # a killed run's: the run sweeps them
+    names = sorted(p.name for p in run_dir.iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in leftovers))
+    if not names:
         return
     if not force:
         raise UserError(f"--output {run_dir} exists and is not empty; pass --force to overwrite it, "
                         "or --resume to continue it")
-    theirs = [n for n in run_files if (run_dir / n).exists()] if not (run_dir / run_files[0]).is_file() else []
-    if theirs:  # --force replaces a run's files: these are another tool's (a PEFT adapter), not a run's
-        raise UserError(f"--output {run_dir} holds {theirs[0]} but is not a lora run (no {run_files[0]}); --force "
-                        "replaces only an earlier run's files: choose a new or empty folder")
+    if not (run_dir / run_files[0]).is_file():  # another tool's adapter holds a run's file names
+        theirs = [n for n in names if n in run_files]
+        what = f"holds {theirs[0]} but is not a lora run" if theirs else f"is not a lora run (it holds {names[0]})"
+    else:  # a data folder, the user's notes: --force would write the run among them
+        other = [n for n in names if n not in run_files]
+        what = f"holds {other[0]}, which a run does not write" if other else ""
+    if what:
+        raise UserError(f"--output {run_dir} {what}; --force replaces only an earlier run's files: choose a new or "
+                        "empty folder")

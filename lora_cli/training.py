@@ -762,8 +762,7 @@ def _require_finite(tensors: dict[str, torch.Tensor], step: int, run_dir: Path, 
 
 
 def clear_run_files(run_dir: Path) -> None:
-    """A fresh run (--force) starts without an earlier run's files (no stale metrics or checkpoints); whatever
-    else the folder holds stays, as with transformers' overwrite_output_dir."""
+    """A fresh run (--force) starts without an earlier run's files (no stale metrics or checkpoints)."""
     import shutil
 
     run_dir.mkdir(parents=True, exist_ok=True)

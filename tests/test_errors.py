@@ -317,18 +317,26 @@ def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
 
 
 def test_force_never_deletes_what_lora_did_not_write(cli, run_dir, tiny_llama, chat_data, tmp_path, monkeypatch):
-    """train --force removes an earlier run's files and nothing else; merge and export replace a whole folder,
-    so they refuse one of other files, the current folder and any folder holding it."""
+    """train --force replaces an earlier run's files, and only in a folder of nothing else (it wrote a run among
+    the user's files, a data folder's too); merge and export replace a whole folder, so they refuse one of other
+    files, the current folder and any folder holding it."""
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_text("meow")
     for args in (("merge", run_dir, "--output", other, "--force"), ("export", run_dir, "--output", other, "--force")):
         assert_user_error(cli(*args), f"--output {other} is a folder lora did not write")
+    assert_user_error(cli(*train_args(tiny_llama, chat_data, other, "--force")),
+                      f"--output {other} is not a lora run (it holds cat.jpg); --force replaces only an earlier run")
     assert [p.name for p in other.iterdir()] == ["cat.jpg"]
-    for _ in range(2):  # into the folder, then over the run it holds
-        code, _, err = cli(*train_args(tiny_llama, chat_data, other, "--force"))
-        assert code == 0, err
-    assert (other / "cat.jpg").read_text() == "meow" and (other / "adapter_model.safetensors").is_file()
+    run_copy = tmp_path / "run_copy"
+    shutil.copytree(run_dir, run_copy)
+    (run_copy / "cat.jpg").write_text("meow")  # a run folder the user added to
+    assert_user_error(cli(*train_args(tiny_llama, chat_data, run_copy, "--force")),
+                      f"--output {run_copy} holds cat.jpg, which a run does not write")
+    (run_copy / "cat.jpg").unlink()
+    (run_copy / ".lock").write_text("")
+    code, _, err = cli(*train_args(tiny_llama, chat_data, run_copy, "--force"))  # over the run it holds
+    assert code == 0, err
     (tmp_path / "notes.txt").write_text("mine")  # a file where a folder goes
     assert_user_error(cli("merge", run_dir, "--output", tmp_path / "notes.txt", "--force"), "is a file")
     assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -148,8 +148,10 @@ def test_dry_run_refuses_an_output_the_run_would_refuse(cli, tmp_path):
     args = ("train", "-m", "m", "--data", tmp_path / "d.jsonl", "-o", out, "--dry-run")
     code, stdout, err = cli(*args)
     assert code == 1 and stdout == "" and "exists and is not empty; pass --force" in err
-    code, stdout, _ = cli(*args, "--force")  # --force would replace an earlier run's files: notes.txt stays
-    assert code == 0 and (out / "notes.txt").read_text() == "mine"
+    code, stdout, err = cli(*args, "--force")  # --force replaces an earlier run's files, not the user's
+    assert code == 1 and stdout == "" and "is not a lora run (it holds notes.txt)" in err
+    (out / "notes.txt").unlink()
+    assert cli(*args)[0] == 0  # an empty folder is the run's to fill
 
 
 def test_unknown_yaml_key_is_an_error(cli, tmp_path):
