@@ -140,10 +140,12 @@ def delta(config: AdapterConfig, path: str, a: torch.Tensor, b: torch.Tensor) ->
 
 def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | None = None,
                        dtype: torch.dtype | None = None, force: bool = False, allow_pickle: bool = False,
-                       chat_template: str | None = None, status=None, check=None) -> MergeResult:
+                       chat_template: str | None = None, status=None, check=None,
+                       trust_remote_code: bool = False) -> MergeResult:
     """Bake the adapter into the base weights and write a plain transformers directory at `output`. `check`,
     if given, is called with the finished directory before it takes `output`'s name (an error there leaves
-    nothing written)."""
+    nothing written). `trust_remote_code`: the base's own code may build its config, model and tokenizer;
+    without it they are read as files (never a prompt to run it)."""
     from lora_cli.lora.adapter import read_adapter_tensors, saved_layers
 
     output = Path(output)
@@ -162,7 +164,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
     if has_tokenizer_files(base_dir):  # the merged model gets its files: they must load
-        load_tokenizer(ModelSource(source.ref, str(base_dir), "dir"))
+        load_tokenizer(ModelSource(source.ref, str(base_dir), "dir"), trust_remote_code)
     elif status:
         status(f"warning: the base {source.ref} has no tokenizer files, so neither has the merged model: copy its "
                f"tokenizer's into {output}")
@@ -172,7 +174,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     whole = saved_layers(tensors)  # modules_to_save: layers the adapter replaces outright
     tensors = {k: v for k, v in tensors.items() if k not in whole}
     paths = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})  # …lora_A / lora_B / lora_magnitude_vector
-    skeleton = meta_model(base_dir)
+    skeleton = meta_model(base_dir, trust_remote_code)
     named = model_key_names(skeleton, all_keys)  # the model's name of each checkpoint key → the key
     shapes = {k: all_keys[c] for k, c in named.items()}
     aliases, own_heads = _shared_weight_aliases(config, tensors, paths, skeleton, shapes)
@@ -184,7 +186,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
         if warning:
             status(warning)
-    replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir).items()}  # → checkpoint key
+    replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir, trust_remote_code).items()}  # → checkpoint key
     kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
     for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
@@ -217,7 +219,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         _copy_side_files(base_dir, tmp, shards, dtype)
         if untie or kept:
             _untie(tmp, untie, shards[-1])
-        _write_tokenizer_and_generation(base_dir, tmp, chat_template)
+        _write_tokenizer_and_generation(base_dir, tmp, chat_template, trust_remote_code)
         if check:
             check(tmp)
     return MergeResult(output, merged + len(own_heads), len(shards), str(dtype).replace("torch.", "") if dtype else None)
@@ -237,10 +239,11 @@ def _merged_weight(config: AdapterConfig, path: str, w: torch.Tensor, tensors: d
     return new
 
 
-def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[int]], base_dir: Path) -> dict[str, str]:
+def _saved_layer_keys(whole: dict[str, torch.Tensor], all_keys: dict[str, list[int]], base_dir: Path,
+                      trust_remote_code: bool = False) -> dict[str, str]:
     """Checkpoint key of each whole layer an adapter carries; a tied output head (no key of its own in the
     checkpoint) gets one, written into the last shard."""
-    text = _read_config(base_dir).get_text_config() if whole else None
+    text = _read_config(base_dir, trust_remote_code).get_text_config() if whole else None
     keys, problems = {}, []
     for k, t in whole.items():
         cands = _checkpoint_keys_for(k, all_keys)
@@ -292,14 +295,15 @@ def _read_tensor(base_dir: Path, keys_by_shard: dict[str, dict], key: str) -> to
         return f.get_tensor(key)
 
 
-def meta_model(base_dir: Path):
+def meta_model(base_dir: Path, trust_remote_code: bool = False):
     """The model of `base_dir` built on the meta device (its modules and ties; no memory, no weights read),
     or None when it cannot be built without its own code."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(_read_config(base_dir))
+            return AutoModelForCausalLM.from_config(_read_config(base_dir, trust_remote_code),
+                                                    trust_remote_code=trust_remote_code)
     except Exception:  # remote code, or not a causal LM: what does not fit is reported where it matters
         return None
 
@@ -424,26 +428,23 @@ def _copy_side_files(base_dir: Path, out: Path, shards: list[str], dtype) -> Non
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
-def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: str | None) -> None:
+def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: str | None,
+                                    trust_remote_code: bool = False) -> None:
     """The tokenizer with its chat template, and a generation config whose EOS includes the end of turn."""
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from lora_cli.models import has_vocabulary
+    from transformers import GenerationConfig
 
     try:
-        tok = AutoTokenizer.from_pretrained(base_dir)
-    except Exception:
-        tok = None
-    if tok is not None and has_vocabulary(tok):
+        tok = load_tokenizer(ModelSource(str(base_dir), str(base_dir), "dir"), trust_remote_code)
+    except UserError:
+        tok = None  # a base without a tokenizer: nothing to carry over
+    if tok is not None:
         if chat_template:
             tok.chat_template = chat_template
         tok.save_pretrained(out)
-    else:
-        tok = None  # a base without a tokenizer: nothing to carry over
     try:
         gen = GenerationConfig.from_pretrained(base_dir)
     except Exception:
-        gen = GenerationConfig.from_model_config(_read_config(base_dir))
+        gen = GenerationConfig.from_model_config(_read_config(base_dir, trust_remote_code))
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     eos = [e for e in eos if e is not None]
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
@@ -454,10 +455,17 @@ def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: st
     gen.save_pretrained(out)
 
 
-def _read_config(base_dir: Path):
-    from transformers import AutoConfig
+def _read_config(base_dir: Path, trust_remote_code: bool = False):
+    """The base's config. A model with its own code runs it only if trusted, and is read as a plain config
+    otherwise (unset, transformers would ask on the terminal)."""
+    from transformers import AutoConfig, PretrainedConfig
 
-    return AutoConfig.from_pretrained(base_dir)
+    try:
+        return AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        return PretrainedConfig.from_json_file(str(Path(base_dir) / "config.json"))
 
 
 @dataclass
@@ -478,7 +486,7 @@ class Verification:
 
 def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | None = None,
                  prompts: tuple[str, ...] = ("Hello, how are you?", "The capital of France is", "1, 2, 3,"),
-                 allow_pickle: bool = False) -> Verification:
+                 allow_pickle: bool = False, trust_remote_code: bool = False) -> Verification:
     """The merged model's logits against the base with the adapter on a few prompts, both in fp32, and the
     difference that rounding base + adapter to the merged dtype explains (measured: the in-memory merge,
     rounded)."""
@@ -488,10 +496,11 @@ def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | No
 
     ref = base or read_adapter_config(adapter_dir).base_model_name_or_path
     source = resolve_model(ref, allow_pickle)
-    tok = load_tokenizer(source)
-    with_adapter = load_model(source, torch.float32, allow_pickle=allow_pickle).eval()
+    code = trust_remote_code
+    tok = load_tokenizer(source, trust_remote_code=code)
+    with_adapter = load_model(source, torch.float32, trust_remote_code=code, allow_pickle=allow_pickle).eval()
     load_adapter(with_adapter, adapter_dir)
-    merged = load_model(resolve_model(str(merged_dir)), torch.float32).eval()
+    merged = load_model(resolve_model(str(merged_dir)), torch.float32, trust_remote_code=code).eval()
     floats = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     stored = Counter(floats[t["dtype"]] for s in weight_shards(Path(merged_dir))
                      for t in read_safetensors_header(Path(merged_dir) / s)[0].values() if t["dtype"] in floats)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,7 +272,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
     if source.kind == "dir" and not has_tokenizer_files(Path(path)):
         raise no_tokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _no_own_type_notice():
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except UserError:
         raise
     except Exception as e:
@@ -278,6 +281,22 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
     if not has_vocabulary(tok):
         raise no_tokenizer
     return tok
+
+
+def _not_own_type_notice(record: logging.LogRecord) -> bool:
+    return "to instantiate a model of type ``" not in record.getMessage()
+
+
+@contextmanager
+def _no_own_type_notice():
+    """Without transformers' 'You are using a model of type `x` to instantiate a model of type ``', which every
+    model with its own code gets (its type is unknown to transformers) as its config is read as a plain one."""
+    log = logging.getLogger("transformers.configuration_utils")
+    log.addFilter(_not_own_type_notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(_not_own_type_notice)
 
 
 def has_tokenizer_files(directory: Path) -> bool:
@@ -354,10 +373,11 @@ def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allo
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            local_path(source, status), dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True, **kwargs,
-        )
+        with _no_own_type_notice():
+            model = AutoModelForCausalLM.from_pretrained(
+                local_path(source, status), dtype=dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True, **kwargs,
+            )
     except UserError:
         raise
     except Exception as e:

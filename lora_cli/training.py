@@ -565,7 +565,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")  # last: the run is done
             say(_after_table(summary, run_dir, drew))
             say("[bold cyan]next[/]")
-            say(_next_commands(run_dir, cfg.model, cfg.allow_pickle), soft_wrap=True, markup=False, highlight=False)
+            say(_next_commands(run_dir, cfg.model, cfg.allow_pickle, cfg.trust_remote_code), soft_wrap=True,
+                markup=False, highlight=False)
         if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
             acc.wait_for_everyone()
             acc.end_training()
@@ -910,11 +911,13 @@ def _after_table(summary: dict, run_dir: Path, drew: bool):
     return kv_table("done", rows)
 
 
-def _next_commands(run_dir: Path, model: str, allow_pickle: bool = False) -> str:
+def _next_commands(run_dir: Path, model: str, allow_pickle: bool = False, remote_code: bool = False) -> str:
     """What to run next; printed with soft_wrap (one line each): a command broken inside a quoted path does
-    not paste. A base read with --allow-pickle needs it again (generate, merge)."""
+    not paste. A base read with --allow-pickle needs it again (generate, merge); one with its own code, to run
+    (generate)."""
     q = shlex.quote
     pickle = " --allow-pickle" if allow_pickle else ""
-    return (f"lora generate --model {q(model)} --adapter {q(str(run_dir))} --prompt '…'{pickle}\n"
+    code = " --trust-remote-code" if remote_code else ""
+    return (f"lora generate --model {q(model)} --adapter {q(str(run_dir))} --prompt '…'{pickle}{code}\n"
             f"lora merge {q(str(run_dir))} --output {q(f'{run_dir}-merged')}{pickle}\n"
             f"lora export {q(str(run_dir))} --output {q(f'{run_dir}-adapter')}")

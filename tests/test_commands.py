@@ -503,6 +503,46 @@ def test_the_printed_next_commands_paste_as_they_are(cli, tiny_llama, chat_data,
     assert shlex.split(merge) == ["lora", "merge", str(run), "--output", f"{run}-merged"]
 
 
+def test_a_model_with_its_own_code_trains_merges_verifies_and_generates(cli, tiny_llama, chat_data, tmp_path,
+                                                                         monkeypatch):
+    """merge --verify said 'pass --trust-remote-code', a flag merge did not have; the printed generate command
+    left it out, so it failed as pasted; merge asked on the terminal whether to run the code (transformers'
+    prompt, when trust_remote_code is left unset), and a tokenizer or model load printed transformers' notice
+    that its type is unknown before the error."""
+    import shlex
+    import shutil
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = tmp_path / "custom"
+    shutil.copytree(tiny_llama, model)
+    (model / "modeling_custom.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'customllama'\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="customllama", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    code, out, err = cli("train", "--model", model, "--data", chat_data, "--output", run, "--max-steps", "2",
+                         "--lr", "1e-2", "--trust-remote-code")
+    assert code == 0, err
+    printed = next(line for line in (out + err).splitlines() if line.startswith("lora generate "))
+    assert shlex.split(printed)[-1] == "--trust-remote-code"
+    code, out, err = cli("merge", run, "--output", tmp_path / "unverified")  # reads the files, runs no code
+    assert code == 0 and out == "" and "instantiate a model of type" not in err, out + err
+    code, _, err = cli("merge", run, "--output", merged, "--verify")
+    assert code == 1 and not merged.exists()
+    assert err.splitlines() == [f"error: '{model}' needs its own Python code: pass --trust-remote-code if you trust it"]
+    code, _, err = cli("merge", run, "--output", merged, "--verify", "--trust-remote-code")
+    assert code == 0 and "verify: max |logits(merged)" in err, err
+    assert (merged / "modeling_custom.py").is_file()  # the merged model keeps the code it needs
+    code, out, err = cli("generate", "--model", merged, "--prompt", "hi", "--max-new-tokens", "3",
+                         "--trust-remote-code")
+    assert code == 0, err
+
+
 def test_merge_of_a_run_on_a_pickled_base(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
     """train and generate take a .bin base with --allow-pickle; merge offered the flag and then said 'no
     safetensors weights'. It now converts the pickles once (cached) and merges as from safetensors."""

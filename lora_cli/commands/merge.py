@@ -17,6 +17,9 @@ def merge_command(
                                 "(an error if they differ by more than rounding to the dtype explains)."),
     force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled base weights."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code (models "
+                                           "that need it): only from sources you trust. Without it, merge reads their "
+                                           "files only, and --verify cannot run them."),
 ) -> None:
     """Bake the adapter into the base weights: a plain transformers model, no LoRA code needed to load it."""
     import time
@@ -39,7 +42,7 @@ def merge_command(
 
     def check(merged):
         t = time.perf_counter()
-        v = verify_merge(adapter, merged, base, allow_pickle=allow_pickle)
+        v = verify_merge(adapter, merged, base, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         verify_s.append(time.perf_counter() - t)
         explained = f"rounding to {v.dtype} explains {v.rounding:.3g}; " if v.rounding else ""
         said = f"max |logits(merged) − logits(base + adapter)| = {v.diff:.3g} ({explained}allowed {v.allowed:.3g})"
@@ -50,7 +53,8 @@ def merge_command(
 
     t0 = time.perf_counter()
     result = merge_to_directory(adapter, output, base, getattr(torch, dtype) if dtype else None, force, allow_pickle,
-                                run_chat_template(adapter), status=console.print, check=check if verify else None)
+                                run_chat_template(adapter), status=console.print, check=check if verify else None,
+                                trust_remote_code=trust_remote_code)
     console.print(f"merged {result.merged_modules} weights into {result.output} ({result.shards} shard(s), "
                   f"{result.dtype or 'base dtype'}) in {time.perf_counter() - t0 - sum(verify_s):.1f} s"
                   + (f", verified in {verify_s[0]:.1f} s" if verify_s else ""))
