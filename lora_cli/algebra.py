@@ -76,7 +76,10 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
             ) -> tuple[AdapterConfig, dict[str, Factors], dict[str, float]]:
     """Σ wᵢ · deltaᵢ, exact: stack the ranks (r = Σ rᵢ, zero blocks where an adapter lacks a module);
     with `rank`, compress each module by SVD. Returns (config, factors, retained energy per module).
-    `warn` hears about adapters that name different bases (same shapes, so possibly on purpose)."""
+    `warn` hears about adapters that name different bases (same shapes, so possibly on purpose); bases of
+    different architectures (their config.json, where local) are refused."""
+    from lora_cli.models import model_type_of
+
     if len(adapters) < 2:
         raise UserError("combine needs at least two adapters")
     if len(weights) != len(adapters):
@@ -85,6 +88,11 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
     configs = [c for c, _ in loaded]
     bases = {str(Path(b).resolve()) if b and Path(b).exists() else b for b in (c.base_model_name_or_path for c in configs)
              if b}
+    types = {b: t for b in bases if (t := model_type_of(b))}
+    if len(set(types.values())) > 1:
+        raise UserError("the adapters were trained on different architectures ("
+                        + ", ".join(f"{t}: {b}" for b, t in sorted(types.items())) + "); combine adds adapters of "
+                        "one base model")
     if len(bases) > 1 and warn:
         warn(f"warning: the adapters were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
              "their sum is only meaningful on one of them")
@@ -116,6 +124,8 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
                 a[row : row + k] = f[m].a
                 b[:, row : row + k] = w * f[m].b
             row += r
+        if not b.isfinite().all():  # (each adapter's are: read_factors checks)
+            raise UserError(f"--weights {', '.join(map(str, weights))} overflow float32 in {m}; nothing was written")
         fac = Factors(a, b)
         if rank is not None:
             u, s, v = low_rank_svd(fac)
@@ -230,37 +240,56 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
                         "base's architecture")
     is_conv1d = conv1d_paths(skeleton, lambda module: model_type == "gpt2")  # remote code: GPT-2's are
     wanted = _target_test(skeleton, targets)
-    factors, kept, ranks, left_out = {}, {}, {}, []
-    for key in sorted(saved[1]):
+    factors, kept, ranks = {}, {}, {}
+    changed, resized = [], []  # weights that differ, and weights of another shape: LoRA carries neither here
+    unpaired = sorted(set(saved[0]) ^ set(saved[1]))  # in one model only: a head tied in one, its own in the other
+    targeted_kinds = {_kind(k) for k in saved[0] if k.endswith(".weight") and wanted(k[: -len(".weight")])}
+    for key in unpaired:
+        if _kind(key) in targeted_kinds:  # a targeted layer more or less: another model
+            which = "tuned model" if key in saved[1] else "base"
+            raise UserError(f"{key} is only in the {which}; are they the same architecture?")
+    for key in sorted(set(saved[0]) & set(saved[1])):
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         targeted = module is not None and wanted(module)
-        if key not in saved[0]:
-            raise UserError(f"{key} is in the tuned model but not in the base; are they the same architecture?")
         with safe_open(str(shard_of[1][saved[1][key]]), "pt") as f:
             w_t = f.get_tensor(saved[1][key])
         with safe_open(str(shard_of[0][saved[0][key]]), "pt") as f:
             w_b = f.get_tensor(saved[0][key])
         if w_t.shape != w_b.shape:
-            raise UserError(f"{key}: shape {tuple(w_t.shape)} in the tuned model, {tuple(w_b.shape)} in the base")
+            if targeted and w_t.dim() == 2:
+                raise UserError(f"{key} is {tuple(w_t.shape)} in the tuned model and {tuple(w_b.shape)} in the base: "
+                                "a LoRA update keeps a layer's shape; leave it out of --targets")
+            resized.append(f"{key} {tuple(w_b.shape)} → {tuple(w_t.shape)}")
+            continue
+        # compared, and subtracted, at the lower of the two precisions: a bf16 save of an fp32 base changed
+        # nothing, and a bf16 fine-tune's update is not the base's rounding to bf16
+        low = min((w_t.dtype, w_b.dtype), key=lambda t: torch.finfo(t).bits if t.is_floating_point else 64)
+        w_b = w_b.to(low)
+        if torch.equal(w_t.to(low), w_b):
+            continue
         if not targeted or w_t.dim() != 2:
-            low = min((w_t.dtype, w_b.dtype), key=lambda t: torch.finfo(t).bits if t.is_floating_point else 64)
-            if not torch.equal(w_t.to(low), w_b.to(low)):  # a bf16 save of an fp32 base changed nothing
-                left_out.append(key)
+            changed.append(key)
             continue
         d = (w_t.double() - w_b.double())
         d = d.T if is_conv1d(module) else d  # (out, in)
-        if not d.abs().max() > 0:
-            continue
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
         k = min(rank, len(s))
         factors[module], kept[module], ranks[module] = truncate(u, s, vh.T, k), energy(s, k), k
+    if status and resized:
+        status(f"warning: {_listed(resized)} changed shape in the fine-tune (a vocabulary grown for new tokens?); "
+               "LoRA cannot carry that, so base + adapter keeps the base's: tokens the base lacks stay unknown")
+    if status and unpaired:
+        status(f"warning: {_listed(unpaired, 'is', 'are')} in only one of the two models (an output head tied to "
+               "the embeddings in one, its own in the other?); not in the adapter, so base + adapter will not be the "
+               "tuned model there")
     if not factors:
         raise UserError(f"none of the layers --targets {targets!r} chose differs between the base and the tuned model"
-                        + (f"; {_listed(left_out)} differ (choose them with --targets)" if left_out else ""))
-    if left_out and status:
-        status(f"warning: {_listed(left_out)} differ between the two models but are not in the adapter (LoRA "
-               "holds the targeted linear layers only: not norms, embeddings, biases, routers or fused experts); "
-               "base + adapter will not be the tuned model there")
+                        + (f"; {_listed(changed, 'differs', 'differ')} (choose them with --targets)" if changed else ""))
+    if status and changed:
+        status(f"warning: {_listed(changed, 'differs', 'differ')} between the two models but "
+               f"{'is' if len(changed) == 1 else 'are'} not in the adapter (LoRA holds the targeted linear layers only: "
+               "not norms, embeddings, biases, routers or fused experts); base + adapter will not be the tuned model "
+               "there")
     # PEFT takes the layout of each module from the module itself; the flag says whether any is a Conv1D
     like = AdapterConfig(r=rank, lora_alpha=rank, target_modules=[], fan_in_fan_out=any(map(is_conv1d, factors)),
                          base_model_name_or_path=sources[0].path)  # a local base named absolutely
@@ -290,8 +319,15 @@ def _target_test(model, targets: str):
                            and (pattern is None or pattern.fullmatch(module) is not None))
 
 
-def _listed(keys: list[str], most: int = 4) -> str:
-    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({few(keys, most)})"
+def _kind(key: str) -> str:
+    """A weight's name without its layer numbers: model.layers.N.self_attn.q_proj.weight."""
+    return re.sub(r"\.\d+(?=\.)", ".N", key)
+
+
+def _listed(keys: list[str], one: str = "", many: str = "") -> str:
+    """'2 weights (a, b) differ': `one` / `many`, the verb that follows."""
+    verb = (one if len(keys) == 1 else many) and " " + (one if len(keys) == 1 else many)
+    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({few(keys, 4)}){verb}"
 
 
 def _keys(path: Path) -> list[str]:

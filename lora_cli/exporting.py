@@ -242,9 +242,8 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     arch, permute = GGUF_ARCHS[model_type]
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"]
     names = gguf.get_tensor_name_map(_arch_enum(gguf, arch), hp["num_hidden_layers"])
-    np_dtype = {torch.float16: "float16", torch.float32: "float32"}.get(dtype)
-    if np_dtype is None:
-        raise UserError("--format gguf writes float16 or float32")
+    qtype = {torch.float16: gguf.GGMLQuantizationType.F16, torch.float32: gguf.GGMLQuantizationType.F32,
+             torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]  # (as llama.cpp's convert_lora_to_gguf.py)
     tensors = []
     for module, f in sorted(factors.items()):
         name = names.get_name(module + ".weight", try_suffixes=(".weight",))
@@ -265,7 +264,8 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
             w.add_string(key, value)
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.lora_alpha))
         for name, t in tensors:
-            w.add_tensor(name, t.to(torch.float32).numpy().astype(np_dtype))
+            data = gguf.quants.quantize(t.to(torch.float32).numpy(), qtype)  # (bfloat16: bytes, rounded to even)
+            w.add_tensor(name, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.BF16 else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -143,12 +143,12 @@ def gguf_adapter_facts(path: Path) -> dict[str, Any]:
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}  # fastest first: a (in, r), b (r, out)
     for t in reader.tensors:
         dtypes[t.tensor_type.name] += 1
-        if t.tensor_type.name in ("F16", "F32") and not np.isfinite(t.data).all():
+        values = _gguf_floats(t)
+        if values is not None and not np.isfinite(values).all():
             broken.append(t.name)
         if t.name.endswith(".lora_a"):  # (data: r × in) rows of zeros pad a lower rank up to the file's one
             modules[t.name.removesuffix(".weight.lora_a").split(".")[-1]] += 1
-            rank = int((np.abs(t.data.astype(np.float32)).sum(axis=1) > 0).sum()) if t.tensor_type.name in (
-                "F16", "F32") else int(t.shape[-1])
+            rank = int((np.abs(values).sum(axis=1) > 0).sum()) if values is not None else int(t.shape[-1])
             ranks[rank] += 1
             params += rank * (shapes[t.name][0] + shapes.get(t.name.removesuffix("_a") + "_b", [0])[-1])
     if broken:
@@ -181,6 +181,17 @@ def gguf_adapter_facts(path: Path) -> dict[str, Any]:
         "size_bytes": path.stat().st_size,
         "dtype": _dtype_name(dtypes.most_common(1)[0][0]),
     }
+
+
+def _gguf_floats(t):
+    """A GGUF tensor's values as float32 (rows × columns), or None for a quantized type."""
+    import numpy as np
+
+    if t.tensor_type.name in ("F16", "F32"):
+        return t.data.astype(np.float32)
+    if t.tensor_type.name == "BF16":  # raw bytes: the high half of a float32
+        return (np.ascontiguousarray(t.data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return None
 
 
 def eval_loss_text(summary: dict) -> str | None:

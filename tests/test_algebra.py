@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 from tiny import save_tiny
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lora_cli.algebra import read_factors
 from lora_cli.lora.adapter import load_adapter
@@ -132,6 +132,10 @@ def test_combine_refuses_mismatched_bases(cli, two, tmp_path):
     gpt2 = save_tiny(tmp_path / "gpt2", "gpt2")  # another architecture: modules of its own, nothing shared
     peft_adapter(gpt2, tmp_path / "g", 0, r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
     code, _, err = cli("combine", two[0], tmp_path / "g", "--output", tmp_path / "o")  # was written: fit neither
+    assert code == 1 and "the adapters were trained on different architectures (" in err
+    config = json.loads((tmp_path / "g" / "adapter_config.json").read_text())
+    (tmp_path / "g" / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/gpt"}))
+    code, _, err = cli("combine", two[0], tmp_path / "g", "--output", tmp_path / "o")  # a base not at hand
     assert code == 1 and "the adapters are for different models (their layers are model.layers, transformer.h)" in err
     assert not (tmp_path / "o").exists()
     code, _, err = cli("combine", two[0], "--output", tmp_path / "o")
@@ -371,6 +375,82 @@ def test_outputs_keep_their_inputs_dtype(cli, two, tmp_path):
         assert (dc[m] - want).abs().max() < 2e-3 * want.abs().max(), m  # float16's rounding of the factors
     code, _, err = cli("combine", tmp_path / "a", two[1], "--output", tmp_path / "mixed")
     assert code == 0 and dtypes(tmp_path / "mixed") == {"F32"}
+    code, _, err = cli("resize", tmp_path / "a", "--rank", "2", "--output", tmp_path / "r32", "--dtype", "fp32")
+    assert code == 0 and dtypes(tmp_path / "r32") == {"F32"}  # (float16's rounding: the message said --dtype)
+    code, _, err = cli("combine", *two, "--output", tmp_path / "c16", "--dtype", "bfloat16")
+    assert code == 0 and dtypes(tmp_path / "c16") == {"BF16"} and "bfloat16)" in err, err
+
+
+def test_combine_refuses_other_architectures_and_weights_past_float32(cli, two, tmp_path):
+    """A llama and a qwen2 adapter of the same shapes were summed with a warning; --weights 1e39 wrote inf."""
+    qwen = save_tiny(tmp_path / "qwen", "qwen2")
+    peft_adapter(qwen, tmp_path / "q", 0, r=2, lora_alpha=4, target_modules=["q_proj"])
+    code, _, err = cli("combine", two[0], tmp_path / "q", "--output", tmp_path / "o")
+    assert code == 1 and "the adapters were trained on different architectures (" in err
+    assert "combine adds adapters of one base model" in err and not (tmp_path / "o").exists()
+    code, _, err = cli("combine", *two, "--weights", "1e39,1", "--output", tmp_path / "o")
+    assert code == 1 and "--weights 1e+39, 1.0 overflow float32 in model.layers.0.self_attn.q_proj" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_extract_of_fine_tunes_lora_cannot_hold_whole(cli, tmp_path):
+    """A base only saved in bf16 gave an adapter of rounding noise (14 modules, 19.76% energy kept), and a bf16
+    fine-tune put that noise into every layer; a grown vocabulary was refused, its cause unsaid, whatever the
+    targets; a head untied in the fine-tune was 'not the same architecture', and one tied there was skipped
+    silently."""
+    base = save_tiny(tmp_path / "base", "llama", chat_template=None)
+
+    def tuned(name, edit=None, dtype=torch.float32):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "q_proj" in n:
+                    p += 0.1 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g)
+        if edit:
+            edit(model)
+        model.to(dtype).save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    def extract(path, code=0):
+        result = cli("extract", "--base", base, "--tuned", path, "--rank", "2", "--output", tmp_path / f"x-{path.name}")
+        assert result[0] == code, result[2]
+        return " ".join(result[2].split())
+
+    g = torch.Generator().manual_seed(0)
+    saved = tmp_path / "bf16-copy"
+    AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(saved)
+    assert "none of the layers --targets 'all-linear' chose differs" in extract(saved, 1)
+    extract(tuned("bf16", dtype=torch.bfloat16))
+    assert sorted(read_factors(tmp_path / "x-bf16")[1]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+    said = extract(tuned("grown", lambda m: m.resize_token_embeddings(m.config.vocab_size + 8)))
+    assert "warning: 2 weights (lm_head.weight (320, 32) → (328, 32), model.embed_tokens.weight (320, 32) → "            "(328, 32)) changed shape in the fine-tune (a vocabulary grown for new tokens?)" in said
+    assert_peft_matches_ours(base, tmp_path / "x-grown")
+    code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "grown", "--rank", "2", "--targets", "lm_head",
+                       "--output", tmp_path / "head")
+    assert code == 1 and "lm_head.weight is (328, 32) in the tuned model and (320, 32) in the base: a LoRA update "         "keeps a layer's shape" in err
+
+    def tie(model):
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+
+    said = extract(tuned("tied", tie))
+    assert "warning: 1 weight (lm_head.weight) is in only one of the two models" in said
+    tied_base = save_tiny(tmp_path / "tied-base", "llama-tied", chat_template=None)
+    untied = AutoModelForCausalLM.from_pretrained(tied_base)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach() + 0.1)
+    untied.save_pretrained(tmp_path / "untied")
+    code, _, err = cli("extract", "--base", tied_base, "--tuned", tmp_path / "untied", "--rank", "2", "--targets",
+                       "lm_head", "--output", tmp_path / "x-untied")  # (it was: 'the same architecture?')
+    assert code == 1 and "none of the layers --targets 'lm_head' chose differs" in err, err
+    assert "warning: 1 weight (lm_head.weight) is in only one of the two models" in " ".join(err.split())
+    deeper = tmp_path / "deeper"
+    config = AutoConfig.from_pretrained(base)
+    config.num_hidden_layers = 3
+    AutoModelForCausalLM.from_config(config).save_pretrained(deeper)
+    assert "model.layers.2.mlp.down_proj.weight is only in the tuned model; are they the same architecture?" in \
+        extract(deeper, 1)
 
 
 def test_tensors_the_config_does_not_target_are_refused_by_every_command(cli, base, tmp_path):

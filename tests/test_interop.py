@@ -112,6 +112,16 @@ def test_gguf_export_reads_back(cli, tmp_path, chat_data, arch):
     assert (facts["r"], facts["lora_alpha"], facts["scaling"], facts["dtype"]) == (16, 16.0, 1.0, "float32")
     assert facts["modules"] == {GGUF_NAMES[p]: 2 for p in projections}
     assert facts["trainable_params"] == ours["trainable_params"] == sum(t.numel() for t in tensors.values())
+    if arch == "llama":  # bfloat16, as llama.cpp's converter writes it (--outtype bf16): was refused
+        code, _, err = cli("export", run, "--format", "gguf", "--dtype", "bf16", "--output", tmp_path / "b.gguf")
+        assert code == 0, err
+        halves = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "b.gguf")).tensors}
+        assert {t.tensor_type.name for t in halves.values()} == {"BF16"}
+        for name, t in halves.items():
+            back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            assert torch.equal(back, tensors[name].to(torch.bfloat16).float()), name
+        code, out, _ = cli("inspect", tmp_path / "b.gguf", "--json")
+        assert code == 0 and (json.loads(out)["dtype"], json.loads(out)["r"]) == ("bfloat16", 16)
     code, _, err = cli("merge", tmp_path / "a.gguf", "--output", tmp_path / "m")
     assert code == 1 and "is a GGUF file, which llama.cpp loads (lora inspect describes it)" in " ".join(err.split())
     for command in (["generate", "--prompt", "hi"], ["train", "--data", chat_data, "--output", tmp_path / "r"]):
