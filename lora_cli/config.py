@@ -179,7 +179,8 @@ class TrainConfig:
             p.append(f"--max-steps must be >= 1 (got {self.max_steps})")
         for name in ("eval_every", "save_every", "weight_decay", "max_grad_norm"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):  # NaN too
-                p.append(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})")
+                kind = "a finite number" if isinstance(getattr(self, name), float) else "an integer"
+                p.append(f"--{name.replace('_', '-')} must be {kind} >= 0 (got {getattr(self, name)})")
         if self.num_proc is not None and self.num_proc < 1:
             p.append(f"--num-proc must be >= 1 (got {self.num_proc})")
         elif (self.num_proc or 1) > 1 and sys.platform != "linux":
@@ -275,6 +276,11 @@ def read_yaml_config(path: str, what: str | None = None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{what}: expected a mapping of option: value, got {type(data).__name__}")
+    spelled = {}
+    for k in data:  # batch-size, as the flag spells it, is batch_size: both in one file is one key twice
+        spelled.setdefault(str(k).replace("-", "_"), []).append(str(k))
+    if twice := next((ks for ks in spelled.values() if len(ks) > 1), None):
+        raise UserError(f"{what}: {' and '.join(twice)} are one option given twice; keep one")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     TrainConfig.from_dict(data, source=what)  # report unknown keys / types now
     source = data.get("eval_data") or data.get("data")

@@ -18,8 +18,11 @@ from rich.table import Table
 
 
 def stderr_console() -> Console:
-    """Human output goes to stderr, so stdout stays clean for machine output (--dry-run, --json)."""
-    return Console(stderr=True, highlight=False)
+    """Human output goes to stderr, so stdout stays clean for machine output (--dry-run, --json). Into a file or
+    a pipe, a message stays on one line (rich would break it at 80 columns: a log's lines would not grep)."""
+    console = Console(stderr=True, highlight=False)
+    console.soft_wrap = not console.is_terminal
+    return console
 
 
 def counted(n: int, noun: str) -> str:

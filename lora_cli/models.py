@@ -6,6 +6,7 @@ file's absolute path, size and mtime (tokenizer included), so later loads take a
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -59,9 +60,9 @@ def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
                     base = json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"] or "BASE"
                 except (ValueError, KeyError, TypeError, OSError):
                     base = "BASE"
-                raise UserError(f"{ref!r} is a LoRA adapter, not a model; its base is {base!r}: give --model {base} "
-                                f"(generate: with --adapter {ref}), or merge it (`lora merge {ref}`) and give the "
-                                "merged model, to train on top of it")
+                raise UserError(f"{ref!r} is a LoRA adapter, not a model; its base is {base!r}: give that as the "
+                                f"model (and {ref} as the adapter: generate --adapter), or merge it (`lora merge "
+                                f"{ref}`) and give the merged model, to train on top of it")
             raise UserError(f"model directory {ref!r} has no config.json; is it a transformers model directory?")
         check_no_pickle(p, allow_pickle)
         check_known_architecture(p)
@@ -187,7 +188,26 @@ def ensure_gguf_converted(gguf_path: str | Path, status=None) -> Path:
         tok.save_pretrained(tmp)
         info = {"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}
         (tmp / "lora_cli_gguf.json").write_text(json.dumps(info, indent=2))
+    if (stale := evict_stale_conversions(gguf_path, target)) and status:
+        status(f"removed {stale} conversion(s) of an earlier version of {gguf_path.name} from the cache")
     return target
+
+
+def evict_stale_conversions(gguf_path: Path, current: Path) -> int:
+    """Remove the cached conversions of the same GGUF path other than `current` (the file changed since: its
+    size or mtime differs, so nothing reads them again; each is the whole model in float32)."""
+    import shutil
+
+    removed = 0
+    for d in current.parent.glob(f"{glob.escape(gguf_path.stem)}-*"):
+        try:
+            same = json.loads((d / "lora_cli_gguf.json").read_text())["gguf"] == str(gguf_path.resolve())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a finished conversion (another process may be writing it), or not ours
+        if same and d != current:
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _check_cache_writable(folder: Path, what: str) -> None:

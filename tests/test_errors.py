@@ -40,6 +40,7 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "broken.yaml").write_text("rank: [1, 2\n")
     (d / "unknown.yaml").write_text("rnak: 8\n")
     (d / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
+    (d / "twice-spelled.yaml").write_text("batch_size: 2\nbatch-size: 8\n")
     pickled = d / "pickled"
     pickled.mkdir()
     shutil.copy(tiny_llama / "config.json", pickled / "config.json")
@@ -138,6 +139,8 @@ CASES = {
     "broken yaml": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "broken.yaml"), ["not valid YAML"]),
     "yaml key given twice": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "twice.yaml"),
                              ["not valid YAML ('rank' is given twice (line 3))"]),
+    "yaml key spelled twice": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "twice-spelled.yaml"),
+                               ["batch_size and batch-size are one option given twice; keep one"]),  # (8 won)
     "unknown yaml key": (lambda d, m, c: train_args(m, c, d / "o", "--config", d / "unknown.yaml"),
                          ["unknown key 'rnak'"]),
     "unknown dtype": (lambda d, m, c: train_args(m, c, d / "o", "--dtype", "float8"), ["--dtype must be one of"]),
@@ -288,8 +291,16 @@ def test_merge_onto_base_with_other_shapes(cli, run_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unknown_merge_dtype(cli, run_dir, tmp_path):
-    assert_user_error(cli("merge", run_dir, "--output", tmp_path / "o", "--dtype", "float8"), "--dtype")
+def test_merge_dtype_values(cli, run_dir, tmp_path):
+    """auto (the base's dtype) as train and generate read it; the short names the message lists work."""
+    assert_user_error(cli("merge", run_dir, "--output", tmp_path / "o", "--dtype", "float8"),
+                      "--dtype 'float8' is not one of auto, float32, bfloat16, float16 (or fp32, bf16, fp16)")
+    from safetensors.torch import load_file
+
+    for value, stored in (("auto", torch.float32), ("bf16", torch.bfloat16)):  # (the tiny base is float32)
+        code, _, err = cli("merge", run_dir, "--output", tmp_path / value, "--dtype", value)
+        assert code == 0, err
+        assert {t.dtype for t in load_file(tmp_path / value / "model.safetensors").values()} == {stored}
 
 
 def test_merge_onto_a_base_without_tokenizer_writes_none(cli, run_dir, bad_inputs):

@@ -300,3 +300,28 @@ def test_the_model_card_gives_vllm_a_rank_it_accepts(rank, line):
     facts = {"use_dora": False, "modules_to_save": None, "ranks": {str(rank): 4}, "r": rank, "use_rslora": False,
              "rank_pattern": {}, "alpha_pattern": {}}
     assert line in _serving(facts, "BASE")
+
+
+def test_a_changed_gguf_leaves_no_stale_conversion_in_the_cache(tmp_path, monkeypatch):
+    """The cache is keyed by the file's path, size and mtime: each touch of a .gguf kept another full float32
+    copy of the model (538 MB for SmolLM2). A new conversion removes the same path's older ones, and nothing
+    else."""
+    from lora_cli.models import evict_stale_conversions, gguf_cache_dir
+
+    monkeypatch.setenv("LORA_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    old = gguf_cache_dir(model)
+    other = old.parent / "m-0123456789abcdef"  # another m.gguf, elsewhere
+    half = old.parent / "m-fedcba9876543210"  # a conversion being written: no record yet
+    for d, source in ((old, model), (other, tmp_path / "elsewhere" / "m.gguf"), (half, None)):
+        d.mkdir(parents=True)
+        if source:
+            (d / "lora_cli_gguf.json").write_text(json.dumps({"gguf": str(source.resolve()), "size": 4}))
+    model.write_bytes(b"GGUF, changed")
+    new = gguf_cache_dir(model)
+    assert new != old
+    new.mkdir()
+    (new / "lora_cli_gguf.json").write_text(json.dumps({"gguf": str(model.resolve()), "size": 13}))
+    assert evict_stale_conversions(model, new) == 1
+    assert sorted(p.name for p in new.parent.iterdir()) == sorted([new.name, other.name, half.name])

@@ -103,7 +103,7 @@ def test_train_config_yaml_reruns_the_run(cli, tiny_llama, chat_data, tmp_path):
     ta, tb = adapter(a), adapter(b)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     # with another rank, the default alpha follows it (2 × rank), as for a fresh run: it kept the old 2 × 16
-    code, stdout, _ = cli("train", "--config", a / "train_config.yaml", "--rank", "4", "--dry-run")
+    code, stdout, _ = cli("train", "--config", a / "train_config.yaml", "--rank", "4", "--dry-run", "--force")
     assert code == 0 and "\nalpha: null  # 2 × rank = 8\n" in stdout
 
 

@@ -46,7 +46,8 @@ def inspect_command(
     ]
     s = facts.get("train_summary")
     if s:
-        line = f"{s.get('steps')} steps, final loss {s.get('final_loss') or float('nan'):.4f}"
+        steps = counted(s["steps"], "step") if isinstance(s.get("steps"), int) else f"{s.get('steps')} steps"
+        line = f"{steps}, final loss {s.get('final_loss') or float('nan'):.4f}"
         if ev := eval_loss_text(s):
             line += f", eval loss {ev}"
         rows.append(("training", line + f", {s.get('wall_time_s')} s"))

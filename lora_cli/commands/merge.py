@@ -12,7 +12,8 @@ def merge_command(
     output: str = typer.Option(..., "--output", "-o", help="Directory for the merged model."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model [default: the adapter's "
                                        "base_model_name_or_path]."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [default: the base's]."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto (the base's) "
+                                       "[default: auto]."),
     verify: bool = typer.Option(False, "--verify", help="Compare merged logits with base + adapter before writing "
                                 "(an error if they differ by more than rounding to the dtype explains)."),
     force: bool = typer.Option(False, "--force", help="Replace --output if lora wrote it (never a folder of other files)."),
@@ -29,7 +30,8 @@ def merge_command(
     from lora_cli.display import stderr_console
     from lora_cli.errors import UserError
 
-    dtype = dtype_name(dtype)
+    dtype = dtype_name(dtype, ("auto", "float32", "bfloat16", "float16"))
+    dtype = None if dtype == "auto" else dtype  # the base's, as train and generate read auto
     console = stderr_console()
     import torch
 
