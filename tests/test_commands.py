@@ -749,3 +749,21 @@ def test_inspect_names_modules_apart_where_one_last_name_has_two_parents(cli, tm
     assert code == 0, err
     assert json.loads(out)["modules"] == {"attn.c_proj": 2, "c_attn": 2, "mlp.c_proj": 2}
     assert short_names(Counter(["h.0.ffn.0", "h.0.ffn.2", "h.1.ffn.2"])) == {"ffn.0": 1, "ffn.2": 2}
+
+
+def test_messages_into_a_file_stay_on_one_line(tiny_llama, chat_data, tmp_path):
+    """Into a pipe or a file, rich broke every message at 80 columns (a log's 'wrote …' or 'note: …' did not
+    grep whole); a terminal still wraps at its width."""
+    import subprocess
+    import sys
+
+    out = tmp_path / ("a-folder-name-long-enough-to-push-the-line-past-eighty-columns" * 2)
+    run = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--model", tiny_llama, "--data", chat_data,
+                          "--output", out, "--max-steps", "1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "note: max length 1024 → 256, the model's context" in run.stderr
+    assert f"lora merge {out} --output {out}-merged" in run.stderr.splitlines()
+    run = subprocess.run([sys.executable, "-m", "lora_cli", "export", out, "--output", tmp_path / "x"],
+                         capture_output=True, text=True)
+    wrote = [line for line in run.stderr.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and len(wrote[0]) > 80 and "% of the base model files' " in wrote[0], run.stderr
