@@ -18,10 +18,22 @@ from rich.table import Table
 
 
 def stderr_console() -> Console:
-    """Human output goes to stderr, so stdout stays clean for machine output (--dry-run, --json). Into a file or
-    a pipe, a message stays on one line (rich would break it at 80 columns: a log's lines would not grep)."""
-    console = Console(stderr=True, highlight=False)
-    console.soft_wrap = not console.is_terminal
+    """Human output goes to stderr, so stdout stays clean for machine output (--dry-run, --json)."""
+    return console_for(stderr=True)
+
+
+def console_for(stderr: bool) -> Console:
+    """A terminal's width wraps; into a file or a pipe, nothing is cut or broken to fit 80 columns (rich's
+    default there: a log's messages would not grep whole, and a table cut a model's path with '…'), unless
+    $COLUMNS says a width. No console markup: what is printed holds paths, prompts and answers, whose square
+    brackets are text (styles are given as Text)."""
+    import os
+
+    console = Console(stderr=stderr, highlight=False, markup=False)
+    if not console.is_terminal:
+        console.soft_wrap = True
+        if not os.environ.get("COLUMNS"):
+            console.width = 1000  # (tables stay as wide as their content)
     return console
 
 
@@ -109,6 +121,7 @@ class TrainProgress:
             console=console, transient=False, disable=not enabled or self.plain,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-", extra="")
+        self.shown_extra = ""  # the live bar keeps the last eval in view (its width jumped at every eval step)
 
     def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
@@ -118,8 +131,9 @@ class TrainProgress:
         self.progress.__exit__(*exc)
 
     def update(self, step: int, loss: float, lr: float, tps: float, extra: str = "") -> None:
+        self.shown_extra = extra or self.shown_extra
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}",
-                             extra=extra)
+                             extra=self.shown_extra)
         if not self.plain:
             return
         now, decile = time.monotonic(), step * 10 // max(self.total, 1)
@@ -146,6 +160,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     steps = [m["step"] for m in metrics if "loss" in m]
@@ -157,6 +172,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     if ev:
         ax.plot(*zip(*ev), "o-", label="eval loss", lw=1.5)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (a 3-step run had ticks at 1.25, 1.5…)
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -58,7 +58,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         if a:  # a linear layer's A (r, in), or an embedding's (r, vocab)
             modules[key[len(KEY_PREFIX):-len(a)]] += 1
             ranks[info["shape"][0]] += 1
-    modules = short_names(modules)
+    modules = short_names(modules, config.target_modules)
     scaling = config.lora_alpha / (config.r ** 0.5 if config.use_rslora else config.r)
     facts: dict[str, Any] = {
         "path": str(path),
@@ -99,20 +99,24 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     return facts
 
 
-def short_names(paths: Counter) -> Counter:
+def short_names(paths: Counter, targets=()) -> Counter:
     """Module paths counted by their last name, or by their parent's and last name where one last name is used
     under different parents (RWKV's attention.key and feed_forward.key; GPT-2's attn.c_proj and mlp.c_proj), or
-    is an nn.Sequential's index (CTRL's ffn.0)."""
+    is an nn.Sequential's index (CTRL's ffn.0); by the config's own dotted target name where one names the path
+    (GPT-2's attn.c_proj, as lora writes it)."""
     def parent(path: str) -> str:
         return next((p for p in reversed(path.split(".")[:-1]) if not p.isdigit()), "")
 
+    dotted = [t for t in (targets if isinstance(targets, list) else []) if "." in t]
     parents: dict[str, set] = {}
     for path in paths:
         parents.setdefault(path.split(".")[-1], set()).add(parent(path))
     out = Counter()
     for path, n in paths.items():
         last = path.split(".")[-1]
-        out[f"{parent(path)}.{last}" if (len(parents[last]) > 1 or last.isdigit()) and parent(path) else last] += n
+        named = next((t for t in dotted if path == t or path.endswith("." + t)), None)
+        out[named or (f"{parent(path)}.{last}" if (len(parents[last]) > 1 or last.isdigit()) and parent(path)
+                      else last)] += n
     return out
 
 

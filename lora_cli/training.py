@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from rich.text import Text
 
 from lora_cli.checkpoints import (
     CHECKPOINTS,
@@ -423,7 +424,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             factor = lr_factor(state["step"], plan.total_steps, plan.warmup, cfg.scheduler)
             for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base * factor
-            say(f"[bold]resuming[/] {run_dir} from step {state['step']}")
+            say(Text.assemble(("resuming", "bold"), f" {run_dir} from step {state['step']}"))
 
         if main:
             if not resume:
@@ -564,9 +565,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             drew = plot_loss(metrics, run_dir / LOSS_PLOT)
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")  # last: the run is done
             say(_after_table(summary, run_dir, drew))
-            say("[bold cyan]next[/]")
+            say(Text("next", style="bold cyan"))
             say(_next_commands(run_dir, cfg.model, cfg.allow_pickle, cfg.trust_remote_code), soft_wrap=True,
-                markup=False, highlight=False)
+                highlight=False)
         if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
             acc.wait_for_everyone()
             acc.end_training()

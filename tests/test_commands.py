@@ -749,21 +749,48 @@ def test_inspect_names_modules_apart_where_one_last_name_has_two_parents(cli, tm
     assert code == 0, err
     assert json.loads(out)["modules"] == {"attn.c_proj": 2, "c_attn": 2, "mlp.c_proj": 2}
     assert short_names(Counter(["h.0.ffn.0", "h.0.ffn.2", "h.1.ffn.2"])) == {"ffn.0": 1, "ffn.2": 2}
+    # an attention-only GPT-2 adapter as lora writes it (target attn.c_proj): it showed a bare c_proj
+    paths = Counter([f"transformer.h.{i}.attn.{m}" for i in range(2) for m in ("c_attn", "c_proj")])
+    assert short_names(paths, ["attn.c_proj", "c_attn"]) == {"attn.c_proj": 2, "c_attn": 2}
 
 
 def test_messages_into_a_file_stay_on_one_line(tiny_llama, chat_data, tmp_path):
     """Into a pipe or a file, rich broke every message at 80 columns (a log's 'wrote …' or 'note: …' did not
     grep whole); a terminal still wraps at its width."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # (a library here sets them)
     out = tmp_path / ("a-folder-name-long-enough-to-push-the-line-past-eighty-columns" * 2)
     run = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--model", tiny_llama, "--data", chat_data,
-                          "--output", out, "--max-steps", "1"], capture_output=True, text=True)
+                          "--output", out, "--max-steps", "1"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "note: max length 1024 → 256, the model's context" in run.stderr
     assert f"lora merge {out} --output {out}-merged" in run.stderr.splitlines()
+    assert f"output      {out}" in run.stderr  # tables too: they cut a long path with '…' at 80 columns
     run = subprocess.run([sys.executable, "-m", "lora_cli", "export", out, "--output", tmp_path / "x"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     wrote = [line for line in run.stderr.splitlines() if line.startswith("wrote ")]
     assert len(wrote) == 1 and len(wrote[0]) > 80 and "% of the base model files' " in wrote[0], run.stderr
+
+
+def test_generate_prints_prompts_and_names_as_given(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """Square brackets were rich markup: a prompt holding '[/]' was an internal error, and a run folder named
+    '[x]' printed as '' (train's table too); an adapter folder named 'base' took the base model's label, and
+    --compare kept one of the two answers; a --prompt in another encoding was an internal error."""
+    import shutil
+
+    run = tmp_path / "[x]"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "1")
+    assert code == 0 and f"adapter      {run}/adapter_model.safetensors" in err, err
+    code, _, err = cli("generate", "-m", tiny_llama, "--adapter", run, "-p", "is [/] [bold]x?", "--max-new-tokens", "2")
+    assert code == 0 and f"{run} (loaded in " in err and " ▸ is [/] [bold]x?" in err, err
+    shutil.copytree(run, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("generate", "-m", tiny_llama, "--adapter", "base", "-p", "hi", "--max-new-tokens", "2",
+                         "--compare", "--json")
+    assert code == 0 and [json.loads(line)["model"] for line in out.splitlines()] == ["(base)", "base"], err
+    for flag, rest in (("--prompt", []), ("--system", ["-p", "hi"])):
+        code, _, err = cli("generate", "-m", tiny_llama, flag, "caf\udce9", *rest)  # (argv's bytes caf\xe9)
+        assert code == 1 and err == f"error: {flag} is not UTF-8 text (bytes in another encoding?); give it as UTF-8\n"

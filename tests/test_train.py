@@ -363,3 +363,26 @@ def test_train_takes_the_fused_head_where_it_is_the_models_own(cli, tiny_llama, 
     monkeypatch.setattr(lora_cli.training, "CausalLMLoss", Watched)
     code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "r", "--max-steps", "1")
     assert code == 0 and made == [True], err
+
+
+def test_the_live_progress_bar_keeps_the_last_eval_and_the_plot_whole_steps(tmp_path, monkeypatch):
+    """The eval field showed on eval steps only, so a terminal's bar changed width at each (at 80 columns it cut
+    the elapsed time); a 3-step run's loss.png had ticks at 1.25, 1.5…."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from rich.console import Console
+
+    from lora_cli.display import TrainProgress, plot_loss
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=120)
+    with TrainProgress(terminal, total=3) as bar:
+        for step, extra in ((1, ""), (2, "eval 1.2345"), (3, "")):
+            bar.update(step, loss=2.0, lr=1e-4, tps=100.0, extra=extra)
+            shown = bar.progress.tasks[0].fields["extra"]
+            assert shown == ("" if step == 1 else "eval 1.2345")
+    made, subplots = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(subplots(*a, **k)) or made[-1])
+    assert plot_loss([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)], tmp_path / "loss.png")
+    ticks = made[0][1].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)

@@ -43,6 +43,11 @@ def generate_command(
     from lora_cli.errors import UserError, lines, read_text
 
     adapters = adapter or []
+    for flag, text in (("--prompt", prompt), ("--system", system)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:  # (argv bytes that are not UTF-8 arrive as lone surrogates)
+            raise UserError(f"{flag} is not UTF-8 text (bytes in another encoding?); give it as UTF-8") from None
     prompts = [prompt] if prompt else []
     if prompt_file:
         from_file = [line for line in lines(read_text(prompt_file, f"--prompt-file {prompt_file!r}"))
@@ -95,6 +100,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
 
     import torch
     from rich.table import Table
+    from rich.text import Text
 
     from lora_cli.display import stderr_console
     from lora_cli.generation import answer_streamer, chat_template_for, fit_new_tokens, generate, prompt_ids
@@ -137,11 +143,11 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         if variant:
             load_adapter(model, variant, read=read[variant])
             model.to(device)
-        label = variant or "base"
+        label = variant or ("base" if "base" not in adapters else "(base)")  # (an adapter folder named base)
         switch = f" (loaded in {time.perf_counter() - t0:.2f} s)" if variant else ""
         answers[label] = []
         for p, ids in zip(prompts, encodings[template[variant]]):
-            console.print(f"[bold cyan]{label}[/]{switch} ▸ {p}")
+            console.print(Text.assemble((label, "bold cyan"), f"{switch} ▸ {p}"))
             streamer = None if json_lines else answer_streamer(tok)
             ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)

@@ -18,9 +18,7 @@ def inspect_command(
     if as_json:
         print(json.dumps(facts, indent=2))
         return
-    from rich.console import Console
-
-    from lora_cli.display import counted, kv_table, size_text
+    from lora_cli.display import console_for, counted, kv_table, size_text
 
     ranks = ", ".join(f"r={k} ×{v}" for k, v in facts["ranks"].items())
     rows = [
@@ -51,7 +49,7 @@ def inspect_command(
         if ev := eval_loss_text(s):
             line += f", eval loss {ev}"
         rows.append(("training", line + f", {s.get('wall_time_s')} s"))
-    Console(highlight=False).print(kv_table(f"adapter {adapter}", rows))
+    console_for(stderr=False).print(kv_table(f"adapter {adapter}", rows))
 
 
 def register(app: typer.Typer) -> None:
