@@ -194,12 +194,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """An OS file lock on the run directory (released automatically if the process dies), held through
     `.lock`, which is removed at the end: a finished run folder holds only what the run wrote.
 
-    A directory this lock created and that is still empty afterwards (the run failed early) is removed.
+    The directories this lock created (the run's, and parents such as runs/) that are still empty afterwards
+    (the run failed early) are removed.
     """
     import fcntl
+    import itertools
     import os
 
-    created = not run_dir.exists()
+    created = list(itertools.takewhile(lambda d: not d.exists(), (run_dir, *run_dir.absolute().parents)))
     with creating(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".lock"
@@ -222,9 +224,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # (while held: a run that opened it now finds it gone and takes a new one)
         fh.close()
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+        for d in created:  # the deepest first, up to one that holds something
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 class StopFlag:

@@ -854,6 +854,10 @@ class Encoder:
         stats = EncodeStats(records=len(records))
         if not records:
             raise UserError(f"{name}: no records")
+        if {"chosen", "rejected"} <= records[0].keys():  # TRL's DPO layouts (with or without a prompt)
+            raise UserError(f"{name} record 1: chosen and rejected answers are preference data (DPO): fine-tuning "
+                            "learns every answer it is given, the rejected ones too; to learn the chosen ones, "
+                            "give them as completion (prompt + completion, or messages) and drop the rejected")
         first = record_shape(records[0])
         if first is None:
             raise UserError(f"{name} record 1: unknown shape (keys: {_keys(records[0])}); "

@@ -1,8 +1,8 @@
 """Benchmark `lora train` against transformers Trainer + PEFT, full fine-tuning and the frozen-model floor.
 
 Same model (SmolLM2-135M-Instruct, the demo's GGUF unless --model), same data, same settings, in one run,
-contenders alternating; each run is its own process (peak RSS is that process's). Writes docs/benchmarks.md
-(table), docs/benchmarks.json and docs/benchmarks.png.
+contenders alternating; each run is its own process (peak RSS is that process's). Writes docs/benchmarks_table.md
+(the table pasted into docs/benchmarks.md), docs/benchmarks.json and docs/benchmarks.png.
 
     python scripts/bench.py                 # or: make bench
     python scripts/bench.py --repeats 1 --records 24    # quicker

@@ -168,6 +168,10 @@ def main() -> None:
     ap.add_argument("--contenders", default=",".join([*SAVERS, TRAINER]))
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_gpu.json"))
     args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():  # (on a CPU its bf16 0.5B jobs would run for hours)
+        ap.error("needs a CUDA GPU; the CPU benchmark is scripts/bench.py")
     if args.worker:
         LORA["max_length"] = 256 if args.equal else 512
         fn = worker_trainer if args.worker == TRAINER else worker_lora

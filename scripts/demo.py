@@ -28,14 +28,19 @@ def main() -> int:
     ap.add_argument("--eval-records", type=int, default=40, help="held-out records to score")
     args = ap.parse_args()
 
+    import logging
+
     import torch
     from rich.console import Console
     from rich.table import Table
 
+    from lora_cli.cli import _not_deepspeeds_cpu_notice
+    from lora_cli.errors import UserError
     from lora_cli.generation import exact_match
     from lora_cli.lora.adapter import load_adapter
     from lora_cli.models import embedded_gguf, load_model, load_tokenizer, resolve_model
 
+    logging.getLogger("DeepSpeed").addFilter(_not_deepspeeds_cpu_notice)  # (as the CLI: its CPU notice is noise)
     console = Console(highlight=False)
     model_ref = args.model or str(embedded_gguf() or "")
     if not model_ref:
@@ -51,9 +56,13 @@ def main() -> int:
     console.print(f"model  {model_ref}\ntask   {records[0]['messages'][0]['content']!r}\n"
                   f"       → {records[0]['messages'][1]['content']}\n")
 
-    source = resolve_model(model_ref)
-    tok = load_tokenizer(source, status=console.print)
-    base = load_model(source, torch.float32).eval()
+    try:
+        source = resolve_model(model_ref)
+        tok = load_tokenizer(source, status=console.print)
+        base = load_model(source, torch.float32).eval()
+    except UserError as e:  # (a Hub id offline, say: one line, as the CLI says it)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     template = tok.chat_template
 
     def score(model, label):

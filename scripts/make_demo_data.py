@@ -49,4 +49,7 @@ def main(out: Path = Path(__file__).parents[1] / "data" / "demo", n_train: int =
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # (--help says what it does, and does nothing)
     main()

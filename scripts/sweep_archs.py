@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--targets", default="attention")
     ap.add_argument("extra", nargs="*", help="more `lora train` flags, after --")
     args = ap.parse_args()
+    unknown = [a for a in args.archs.split(",") if a not in CONFIGS]
+    if unknown:
+        ap.error(f"--archs: no tiny config for {', '.join(unknown)} (the sweep knows {', '.join(sorted(CONFIGS))})")
     failed = 0
     for arch in args.archs.split(","):
         with tempfile.TemporaryDirectory() as tmp:

@@ -37,6 +37,10 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "notjson.jsonl").write_text("this is not json\n")
     (d / "shape.jsonl").write_text('{"question": "a", "answer": "b"}\n')
     (d / "kto.jsonl").write_text('{"prompt": "2+2?", "completion": "5", "label": false}\n')
+    (d / "dpo.jsonl").write_text('{"prompt": "2+2?", "chosen": "4", "rejected": "5"}\n')
+    (d / "dpo-chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}],
+                                                  "chosen": [{"role": "assistant", "content": "4"}],
+                                                  "rejected": [{"role": "assistant", "content": "5"}]}) + "\n")
     (d / "broken.yaml").write_text("rank: [1, 2\n")
     (d / "unknown.yaml").write_text("rnak: 8\n")
     (d / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
@@ -121,6 +125,10 @@ CASES = {
     "non-JSON dataset": (lambda d, m, c: train_args(m, d / "notjson.jsonl", d / "o"), ["line 1", "not valid JSON"]),
     "JSONL of lists": (lambda d, m, c: train_args(m, d / "arrays.jsonl", d / "o"),
                        ["arrays.jsonl line 1: expected a JSON object, got list"]),  # (was "line 2: Extra data")
+    "DPO preference data": (lambda d, m, c: train_args(m, d / "dpo.jsonl", d / "o"),  # 'unknown shape'
+                            ["chosen and rejected answers are preference data (DPO)", "give them as completion"]),
+    "DPO data beside messages": (lambda d, m, c: train_args(m, d / "dpo-chat.jsonl", d / "o"),  # messages only, silently
+                                 ["chosen and rejected answers are preference data (DPO)"]),
     "KTO preference data": (lambda d, m, c: train_args(m, d / "kto.jsonl", d / "o"),  # trained on the bad answers
                             ["record 1", "unpaired preference data (KTO)", "keep the label=true records"]),
     "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
@@ -234,6 +242,18 @@ def test_bad_input(cli, bad_inputs, tiny_llama, chat_data, name):
     result = cli(*make_args(bad_inputs, tiny_llama, chat_data))
     assert_user_error(result, *fragments)
     assert not (bad_inputs / "o").exists()
+
+
+def test_a_failed_run_leaves_no_folder_it_made(cli, tmp_path, tiny_llama, chat_data, monkeypatch):
+    """The run's folder was removed, but parents it made stayed: an empty runs/ after the README's first
+    command run offline, or sub/dir/ for --output sub/dir/run. A folder that was there stays."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").mkdir()
+    for out in ("sub/dir/run", "kept/new/run", None):
+        flags = ["--output", out] if out else []
+        result = cli("train", "--model", tiny_llama, "--data", chat_data, "--targets", "nosuch", *flags)
+        assert_user_error(result, "--targets")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_all_flag_problems_are_reported_at_once(cli, tmp_path, tiny_llama, chat_data):
