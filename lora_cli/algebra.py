@@ -326,8 +326,8 @@ def _kind(key: str) -> str:
 
 def _listed(keys: list[str], one: str = "", many: str = "") -> str:
     """'2 weights (a, b) differ': `one` / `many`, the verb that follows."""
-    verb = (one if len(keys) == 1 else many) and " " + (one if len(keys) == 1 else many)
-    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({few(keys, 4)}){verb}"
+    verb = one if len(keys) == 1 else many
+    return f"{len(keys)} weight{'s' if len(keys) > 1 else ''} ({few(keys, 4)})" + (f" {verb}" if verb else "")
 
 
 def _keys(path: Path) -> list[str]:

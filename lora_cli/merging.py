@@ -186,7 +186,8 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
         if warning:
             status(warning)
-    replace = {k: named.get(v, v) for k, v in _saved_layer_keys(whole, shapes, base_dir, trust_remote_code).items()}  # → checkpoint key
+    replace = {k: named.get(v, v)  # → checkpoint key
+               for k, v in _saved_layer_keys(whole, shapes, base_dir, trust_remote_code).items()}
     kept = _tied_heads_kept(whole, skeleton, all_keys)  # a head that keeps the weights of an embedding replaced
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
     for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
@@ -496,11 +497,10 @@ def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | No
 
     ref = base or read_adapter_config(adapter_dir).base_model_name_or_path
     source = resolve_model(ref, allow_pickle)
-    code = trust_remote_code
-    tok = load_tokenizer(source, trust_remote_code=code)
-    with_adapter = load_model(source, torch.float32, trust_remote_code=code, allow_pickle=allow_pickle).eval()
+    tok = load_tokenizer(source, trust_remote_code)
+    with_adapter = load_model(source, torch.float32, trust_remote_code, allow_pickle).eval()
     load_adapter(with_adapter, adapter_dir)
-    merged = load_model(resolve_model(str(merged_dir)), torch.float32, trust_remote_code=code).eval()
+    merged = load_model(resolve_model(str(merged_dir)), torch.float32, trust_remote_code).eval()
     floats = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     stored = Counter(floats[t["dtype"]] for s in weight_shards(Path(merged_dir))
                      for t in read_safetensors_header(Path(merged_dir) / s)[0].values() if t["dtype"] in floats)

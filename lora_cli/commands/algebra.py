@@ -118,9 +118,8 @@ def _report(output: str, r: int, kept: dict[str, tuple[float, float]], ranks: di
         k_all, t_all = sum(k for k, _ in kept.values()), sum(t for _, t in kept.values())
         console.print(f"overall: {100 * k_all / t_all if t_all else 100:.2f}% of the energy kept")
     name = str(dtype).replace("torch.", "")
-    console.print(f"wrote {output} (r={r}, scaling folded into B: lora_alpha = r"
-                  + (f"; {name}" + ("" if asked else ", as its input") if dtype is not None and name != "float32"
-                     else "") + ")")
+    stored = "" if dtype is None or name == "float32" else f"; {name}" if asked else f"; {name}, as its input"
+    console.print(f"wrote {output} (r={r}, scaling folded into B: lora_alpha = r{stored})")
 
 
 def register(app: typer.Typer) -> None:

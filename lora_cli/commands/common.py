@@ -12,7 +12,7 @@ def dtype_name(value: str | None, allowed: tuple[str, ...] = ("float32", "bfloat
         return None
     name = DTYPE_ALIASES.get(value.lower(), value.lower())
     if name not in allowed:
-        aliases = [a for a, n in DTYPE_ALIASES.items() if n in allowed and len(a) == 4 and a != "half"]
+        aliases = [a for a in ("fp32", "bf16", "fp16") if DTYPE_ALIASES[a] in allowed]
         raise UserError(f"--dtype {value!r} is not one of {', '.join(allowed)} (or {', '.join(aliases)})")
     return name
 
