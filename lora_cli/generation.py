@@ -36,15 +36,34 @@ def prompt_ids(tokenizer, prompt: str, template: str | None, system: str | None 
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """EOS of the tokenizer and of the generation config (end-of-turn included)."""
-    ids = set()
+def stop_ids(model, tokenizer, template: str | None = None) -> list[int]:
+    """EOS of the tokenizer and of the generation config, and the chat template's end-of-turn token: training
+    puts the loss on it (Llama 3's <|eot_id|>), while a config may list only <|end_of_text|> as EOS."""
+    ids = set(turn_end_ids(tokenizer, template))
     for x in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(x, int):
             ids.add(x)
         elif isinstance(x, list):
             ids.update(i for i in x if isinstance(i, int))
     return sorted(ids)
+
+
+def turn_end_ids(tokenizer, template: str | None) -> list[int]:
+    """The special token that closes an assistant turn in `template` ([] when the text after one starts with
+    plain text, or the template cannot render a short chat)."""
+    if template is None:
+        return []
+    marker = "\u2063lora-turn-end\u2063"  # (text no template adds)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                             chat_template=template, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template's own raise_exception(); then EOS alone stops
+        return []
+    after = text.split(marker, 1)[1] if marker in text else ""
+    first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    added = getattr(tokenizer, "added_tokens_decoder", {})  # (Llama 3's <|eot_id|> is special only there)
+    special = first and (first[0] in tokenizer.all_special_ids or getattr(added.get(first[0]), "special", False))
+    return first if special else []
 
 
 def fit_new_tokens(model, ids: torch.Tensor, max_new_tokens: int, say) -> int:
@@ -63,10 +82,11 @@ def fit_new_tokens(model, ids: torch.Tensor, max_new_tokens: int, say) -> int:
 
 
 def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, streamer=None, seed: int = 0, top_k: int | None = None) -> str:
+             top_p: float = 1.0, streamer=None, seed: int = 0, top_k: int | None = None,
+             template: str | None = None) -> str:
     """Greedy unless temperature > 0 (then sampled from `seed`, so every model and prompt draws from the
-    same stream); stops at EOS / end of turn. Returns the new text."""
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
+    same stream); stops at EOS / the end of a turn of `template`. Returns the new text."""
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer, template),
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p,
@@ -109,7 +129,8 @@ def answer_batch(model, tokenizer, prompts: list[str], template: str | None, max
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                      max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                     top_k=None, eos_token_id=stop_ids(model, tokenizer), pad_token_id=pad)
+                                     top_k=None, eos_token_id=stop_ids(model, tokenizer, template),
+                                     pad_token_id=pad)
             answers += [tokenizer.decode(o[width:], skip_special_tokens=True).rstrip(CUT_CHARACTER).strip() for o in out]
     finally:
         tokenizer.padding_side = old_side

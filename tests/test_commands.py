@@ -794,3 +794,35 @@ def test_generate_prints_prompts_and_names_as_given(cli, tiny_llama, chat_data, 
     for flag, rest in (("--prompt", []), ("--system", ["-p", "hi"])):
         code, _, err = cli("generate", "-m", tiny_llama, flag, "caf\udce9", *rest)  # (argv's bytes caf\xe9)
         assert code == 1 and err == f"error: {flag} is not UTF-8 text (bytes in another encoding?); give it as UTF-8\n"
+
+
+def test_generation_stops_at_the_templates_end_of_turn(cli, tiny_llama, chat_data, tmp_path):
+    """A model whose EOS is <|endoftext|> while its turns end with <|im_end|> (Llama 3's first upload: EOS
+    <|end_of_text|>, turns ending <|eot_id|>): training learns to end an answer with the end of turn, which
+    generate did not stop at ('Paris.is.Paris.'), nor did the merged model's generation config."""
+    import shutil
+
+    from tiny import CHATML
+    from transformers import AutoTokenizer
+
+    from lora_cli.generation import stop_ids, turn_end_ids
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(base)
+    eos, end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps(config | {"eos_token_id": eos}))
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert turn_end_ids(tok, CHATML) == [end] and stop_ids(model, tok, CHATML) == sorted({eos, end})
+    assert stop_ids(model, tok) == [eos]  # raw text: EOS alone
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"  # a turn ends in text
+    assert turn_end_ids(tok, plain) == [] and turn_end_ids(tok, "{{ raise_exception('no') }}") == []
+    run = tmp_path / "run"
+    assert cli("train", "--model", base, "--data", chat_data, "--output", run, "--max-steps", "1")[0] == 0
+    code, _, err = cli("merge", run, "--output", tmp_path / "merged")
+    assert code == 0, err
+    assert json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"] == [eos, end]

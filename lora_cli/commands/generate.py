@@ -151,7 +151,8 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             streamer = None if json_lines else answer_streamer(tok)
             ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
-            answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k))
+            answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k,
+                                           template[variant]))
             if json_lines:  # one line per answer: scripts can tell answers apart (streamed text runs together)
                 row = json.dumps({"model": label, "prompt": p, "answer": answers[label][-1]}, ensure_ascii=False)
                 print(row.translate(LINE_BREAKS_ESCAPED))  # (str.splitlines would split at them)
