@@ -998,8 +998,17 @@ class Encoder:
             if spans and (cut := self._closing(previous, prompt)):  # the EOS closed only the conversation so far
                 previous = previous[:-cut]
                 spans[-1] = (spans[-1][0], min(spans[-1][1], len(previous)))
-            if not (prompt.startswith(previous) and full.startswith(prompt)):
+            if not prompt.startswith(previous):
                 raise UserError(f"{where}: {REWRITES}")
+            if not full.startswith(prompt):
+                earlier = self.render(messages[:i], add_generation_prompt=False, where=where, tools=tools)
+                if not full.startswith(earlier):  # adding the answer changed the turns before it
+                    raise UserError(f"{where}: {REWRITES}")
+                # the turns before are kept, the prompt for the answer is not: DeepSeek-R1's opens <think>
+                tail = prompt[len(os.path.commonprefix([prompt, full])):]
+                raise UserError(f"{where}: the chat template's generation prompt ends with {tail[-40:]!r}, which the "
+                                "rendered answer does not start with, so the answer's tokens cannot be told apart; use "
+                                "--chat-template FILE with a template whose answers follow its generation prompt")
             spans.append((len(prompt), len(full)))
             previous = full
         text = self.render(messages, add_generation_prompt=False, where=where, tools=tools)

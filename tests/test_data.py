@@ -210,6 +210,17 @@ def test_template_that_rewrites_earlier_turns_is_refused(tok):
         Encoder(tok, 512, chat_template=rewriting).encode_all([{"messages": msgs}])
 
 
+def test_a_generation_prompt_the_answer_does_not_follow_is_named(tok):
+    """DeepSeek-R1's template opens <think> in the generation prompt, and its rendered answers drop the
+    thinking: refused (rightly), but as a template that 'rewrites earlier turns', on a one-turn record."""
+    r1 = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(UserError, match=r"record 1: the chat template's generation prompt ends with "
+                                        r"'<think>\\n', which the rendered answer does not start with"):
+        Encoder(tok, 512, chat_template=r1).encode_all([{"messages": msgs}])
+
+
 PHI3 = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
