@@ -549,15 +549,28 @@ def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--d
     if offline:
         datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy of the setting
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # ('Using the latest cached version…': the note said so already)
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:
+        if offline and (folder := _hub_cache_folder(name)):  # (`hf download`'s: offline, datasets reads its own
+            return _pick(folder_splits(folder, name, config, flag), split, name, "--data-split")()  # cache only)
         msg = _dataset_error(e, flag)
         if offline and "is not cached" in msg:  # datasets says "… is not cached in None"
             msg = "there is no network, and it is not in the local Hugging Face cache"
         raise UserError(f"cannot load dataset {name!r} (split {split!r}): not a local path, and the Hub "
                         f"did not provide it: {msg}") from None
     return Records.numbered(arrow_records(ds.to_list()), f"{name} {split} record")
+
+
+def _hub_cache_folder(name: str) -> Path | None:
+    """The dataset repo's snapshot in the Hugging Face hub cache, if one is there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid id): the caller's error stands
+        return None
 
 
 def split_eval(records: Records, fraction: float, seed: int) -> tuple[Records, Records]:

@@ -62,16 +62,20 @@ def base_directory(source: ModelSource, status=None, flag: str = "--base", allow
     if source.is_gguf:
         return ensure_gguf_converted(source.path, status)
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
     try:
-        d = Path(snapshot_download(source.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                               "*.jinja", "*.tiktoken"]))
+        d = Path(snapshot_download(source.ref, allow_patterns=patterns))
+        if allow_pickle and not any(d.glob("*.safetensors")):  # (pickles only where there are no safetensors)
+            d = Path(snapshot_download(source.ref, allow_patterns=patterns + [f"*{s}" for s in PICKLE_SUFFIXES]))
     except Exception as e:
         what = "base model" if flag == "--base" else "model"
-        raise UserError(f"cannot get {what} {source.ref!r} from the Hub ({type(e).__name__}); pass {flag} "
-                        "with a local directory or .gguf file") from None
-    check_model_files(d)
-    return d
+        why = ("not in the local Hugging Face cache, and the Hub cannot be reached" if isinstance(
+            e, LocalEntryNotFoundError) else type(e).__name__)
+        raise UserError(f"cannot get {what} {source.ref!r} from the Hub ({why}); pass {flag} with a local "
+                        "directory or .gguf file") from None
+    return base_directory(ModelSource(source.ref, str(d), "dir"), status, flag, allow_pickle)
 
 
 def check_model_files(directory: Path) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,17 +402,20 @@ def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allo
     except UserError:
         raise
     except Exception as e:
-        raise UserError(_load_failure(source, "model", e)) from None
+        raise UserError(_load_failure(source, "model", e, allow_pickle)) from None
     return model
 
 
-def _load_failure(source: ModelSource, what: str, e: Exception) -> str:
+def _load_failure(source: ModelSource, what: str, e: Exception, allow_pickle: bool = False) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "trust_remote_code" in str(e) or "contains custom code" in str(e):  # the hint is on a later line
         return f"{source.ref!r} needs its own Python code: pass --trust-remote-code if you trust it"
-    if "safetensors" in msg.lower() and "pickle" not in msg.lower():
-        return (f"cannot load {what} {source.ref!r}: no safetensors weights; pass --allow-pickle to load "
-                f"pickled weights from a source you trust ({msg})")
+    if shard := re.search(r"file named (model-\d+-of-\d+\.safetensors)", msg):  # an unfinished download
+        return (f"cannot load {what} {source.ref!r}: {shard[1]}, one of its weight shards, is missing (an unfinished "
+                "download or copy?); download it again, or give a complete local directory")
+    if "safetensors" in msg and not allow_pickle and source.kind != "gguf":  # (pickles: only when asked for)
+        return (f"cannot load {what} {source.ref!r}: no safetensors weights; if its weights are pickled (*.bin), "
+                f"--allow-pickle loads them from a source you trust ({msg})")
     if source.kind == "hub":
         return (f"cannot load {what} {source.ref!r}: not a local path, and the Hub did not provide it "
                 f"(offline, private, or misspelled?): {msg}")

@@ -543,6 +543,45 @@ def test_a_model_with_its_own_code_trains_merges_verifies_and_generates(cli, tin
     assert code == 0, err
 
 
+def test_merge_of_a_run_on_a_pickled_hub_base(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """A Hub id whose weights are pytorch_model.bin only: train and generate take it with --allow-pickle, and
+    the merge the run printed said 'pass --allow-pickle' with the flag given (its download left *.bin out).
+    The download is stood in for: what snapshot_download returns for the patterns asked."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    monkeypatch.setenv("LORA_CACHE", str(tmp_path / "cache"))
+    pickled = tmp_path / "hub" / "snapshot"
+    shutil.copytree(tiny_llama, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=(), **kw):
+        asked.append(allow_patterns)
+        got = tmp_path / "hub" / f"got-{len(asked)}"  # the files the patterns take, as the cache would hold them
+        got.mkdir()
+        for f in pickled.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, got / f.name)
+        return str(got)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    run = tmp_path / "run"
+    assert cli("train", "--model", pickled, "--data", chat_data, "--output", run, "--max-steps", "1",
+               "--allow-pickle")[0] == 0
+    config = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/pickled"}))
+    code, _, err = cli("merge", run, "--output", tmp_path / "m")
+    assert code == 1 and "has no safetensors weights" in err
+    assert not any("*.bin" in a for a in asked)  # (not even downloaded without the flag)
+    code, _, err = cli("merge", run, "--output", tmp_path / "m", "--allow-pickle")
+    assert code == 0, err
+    assert "*.bin" in asked[-1] and list((tmp_path / "m").glob("model*.safetensors"))
+
+
 def test_merge_of_a_run_on_a_pickled_base(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
     """train and generate take a .bin base with --allow-pickle; merge offered the flag and then said 'no
     safetensors weights'. It now converts the pickles once (cached) and merges as from safetensors."""

@@ -663,3 +663,26 @@ def test_a_dataset_configuration_is_picked_with_data_config(cli, tiny_llama, tmp
     code, _, err = cli("train", "--model", tiny_llama, "--data", d / "main" / "train-00000-of-00001.jsonl",
                        "--data-config", "main", "--output", tmp_path / "r2", *RUN)
     assert code == 1 and "--data-config 'main' picks a configuration of a Hub dataset" in err and "is a file" in err
+
+
+def test_a_hub_dataset_in_the_hub_cache_loads_offline(tmp_path, monkeypatch):
+    """A dataset fetched with `hf download` lives in the hub cache, which datasets does not read offline (only
+    its own cache of an earlier load_dataset): 'it is not in the local Hugging Face cache', though it was."""
+    import huggingface_hub
+
+    from lora_cli.data import load_records
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "datasets--org--chats"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for split, n in (("train", 3), ("test", 2)):
+        rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(n)]
+        (snapshot / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held = load_records("org/chats", "train", "test")
+    assert [r["prompt"] for r in train] == ["q0", "q1", "q2"] and [r["completion"] for r in held] == ["a0", "a1"]
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        load_records("org/other")

@@ -817,3 +817,17 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_run(cli, tiny_llama, chat_
     assert code == 130 and err.strip().splitlines()[-1].startswith("error: stopped by SIGINT after step 1; checkpoint"), err
     assert json.loads((tmp_path / "r" / "checkpoints" / "step-000001" / "trainer_state.json").read_text())["step"] == 1
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_missing_shard_is_named_and_pickles_are_offered_once():
+    """A Hub model whose download stopped between shards was told to 'pass --allow-pickle' (a security switch
+    for an unfinished download), and so was one loaded with --allow-pickle already."""
+    from lora_cli.models import ModelSource, _load_failure
+
+    hub = ModelSource("org/m", "org/m", "hub")
+    shard = OSError("org/m does not appear to have a file named model-00002-of-00002.safetensors. Checkout …")
+    said = _load_failure(hub, "model", shard)
+    assert "model-00002-of-00002.safetensors, one of its weight shards, is missing" in said and "pickle" not in said
+    none = OSError("org/m does not appear to have a file named model.safetensors or model.safetensors.index.json")
+    assert "if its weights are pickled (*.bin), --allow-pickle loads them" in _load_failure(hub, "model", none)
+    assert "--allow-pickle" not in _load_failure(hub, "model", none, allow_pickle=True)
