@@ -277,6 +277,12 @@ def _dataset_error(e: BaseException, flag: str) -> str:
         return f"it has no configuration {unknown.group(1)}; it has {named}: pick one with {flag}"
     if named and "Config name is missing" in whole:
         return f"it has several configurations ({named}): pick one with {flag}"
+    if cached := re.search(r"There are multiple '[^']*' configurations in the cache: (.*)", whole):
+        return f"the cache holds several of its configurations ({cached.group(1).strip()}): pick one with {flag}"
+    if split := re.search(r"Unknown split \"([^\"]*)\"\. Should be one of (\[[^\]]*\])", whole):
+        with contextlib.suppress(ValueError, SyntaxError):
+            return (f"it has no split {split.group(1)!r} (it has {', '.join(ast.literal_eval(split.group(2)))}): "
+                    f"{flag.replace('-config', '-split')} names one")
     return _root_message(e)
 
 
@@ -554,7 +560,8 @@ def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--d
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:
         if offline and (folder := _hub_cache_folder(name)):  # (`hf download`'s: offline, datasets reads its own
-            return _pick(folder_splits(folder, name, config, flag), split, name, "--data-split")()  # cache only)
+            return _pick(folder_splits(folder, name, config, flag), split, name,  # cache only)
+                         flag.replace("-config", "-split"))()
         msg = _dataset_error(e, flag)
         if offline and "is not cached" in msg:  # datasets says "… is not cached in None"
             msg = "there is no network, and it is not in the local Hugging Face cache"

@@ -831,3 +831,16 @@ def test_a_missing_shard_is_named_and_pickles_are_offered_once():
     none = OSError("org/m does not appear to have a file named model.safetensors or model.safetensors.index.json")
     assert "if its weights are pickled (*.bin), --allow-pickle loads them" in _load_failure(hub, "model", none)
     assert "--allow-pickle" not in _load_failure(hub, "model", none, allow_pickle=True)
+
+
+def test_hub_dataset_split_and_configuration_errors_name_the_flag():
+    """datasets' 'Unknown split "validation". Should be one of [...]' and its offline 'multiple configurations
+    in the cache' named neither --data-split nor --data-config."""
+    from lora_cli.data import _dataset_error
+
+    split = ValueError('Unknown split "validation". Should be one of [\'train\', \'test\'].')
+    assert _dataset_error(split, "--eval-data-config") == ("it has no split 'validation' (it has train, test): "
+                                                          "--eval-data-split names one")
+    cached = ValueError("There are multiple 'org/two' configurations in the cache: b, a\nPlease specify which …")
+    assert _dataset_error(cached, "--data-config") == ("the cache holds several of its configurations (b, a): pick "
+                                                       "one with --data-config")
