@@ -407,7 +407,8 @@ def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allo
 
 
 def _load_failure(source: ModelSource, what: str, e: Exception, allow_pickle: bool = False) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    said = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    msg = " ".join(said[:2]) if said[0].endswith(":") else said[0]  # ('… from one of:' goes on below)
     if "trust_remote_code" in str(e) or "contains custom code" in str(e):  # the hint is on a later line
         return f"{source.ref!r} needs its own Python code: pass --trust-remote-code if you trust it"
     if shard := re.search(r"file named (model-\d+-of-\d+\.safetensors)", msg):  # an unfinished download

@@ -831,6 +831,8 @@ def test_a_missing_shard_is_named_and_pickles_are_offered_once():
     none = OSError("org/m does not appear to have a file named model.safetensors or model.safetensors.index.json")
     assert "if its weights are pickled (*.bin), --allow-pickle loads them" in _load_failure(hub, "model", none)
     assert "--allow-pickle" not in _load_failure(hub, "model", none, allow_pickle=True)
+    cut = ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` file,\n(2) …")
+    assert _load_failure(hub, "tokenizer", cut).endswith("from one of: (1) a `tokenizers` file,")  # (ended at ':')
 
 
 def test_hub_dataset_split_and_configuration_errors_name_the_flag():
