@@ -559,9 +559,9 @@ def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--d
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:
-        if offline and (folder := _hub_cache_folder(name)):  # (`hf download`'s: offline, datasets reads its own
-            return _pick(folder_splits(folder, name, config, flag), split, name,  # cache only)
-                         flag.replace("-config", "-split"))()
+        # offline, datasets reads only its own cache: a dataset fetched with `hf download` is in the hub's
+        if offline and (folder := _hub_cache_folder(name)):
+            return _pick(folder_splits(folder, name, config, flag), split, name, flag.replace("-config", "-split"))()
         msg = _dataset_error(e, flag)
         if offline and "is not cached" in msg:  # datasets says "… is not cached in None"
             msg = "there is no network, and it is not in the local Hugging Face cache"
