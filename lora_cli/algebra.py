@@ -276,7 +276,7 @@ def extract(base: str, tuned: str, rank: int, targets: str = "all-linear", statu
         k = min(rank, len(s))
         factors[module], kept[module], ranks[module] = truncate(u, s, vh.T, k), energy(s, k), k
     if status and resized:
-        status(f"warning: {_listed(resized)} changed shape in the fine-tune (a vocabulary grown for new tokens?); "
+        status(f"warning: {_listed(resized)} changed shape in the fine-tune (a vocabulary resized for new tokens?); "
                "LoRA cannot carry that, so base + adapter keeps the base's: tokens the base lacks stay unknown")
     if status and unpaired:
         status(f"warning: {_listed(unpaired, 'is', 'are')} in only one of the two models (an output head tied to "

@@ -260,27 +260,23 @@ class StopFlag:
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool, run_files: tuple[str, ...]) -> None:
-    """Raise unless `run_dir` may hold this run: absent or empty, continued (--resume) or replaced (--force: an
-    earlier run's folder, holding nothing but a run's files). `run_files`: what a run writes, its config first."""
-    import fnmatch
-
+    """Raise unless `run_dir` may hold this run: absent or empty (hidden files aside: .gitkeep, a killed run's
+    .lock and temporary files), continued (--resume) or an earlier run (--force replaces its files; what else
+    it holds, an export of it say, stays). Never a folder of other files: the run would be written among them.
+    `run_files`: what a run writes, its config first."""
     if resume or not run_dir.exists():
         return
     if run_dir.is_file():
         raise UserError(f"--output {run_dir} is a file")
-    leftovers = (".lock", ".*.tmp")  # a killed run's: the run sweeps them
-    names = sorted(p.name for p in run_dir.iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in leftovers))
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     if not names:
         return
-    if not force:
-        raise UserError(f"--output {run_dir} exists and is not empty; pass --force to overwrite it, "
-                        "or --resume to continue it")
-    if not (run_dir / run_files[0]).is_file():  # another tool's adapter holds a run's file names
-        theirs = [n for n in names if n in run_files]
-        what = f"holds {theirs[0]} but is not a lora run" if theirs else f"is not a lora run (it holds {names[0]})"
-    else:  # a data folder, the user's notes: --force would write the run among them
-        other = [n for n in names if n not in run_files]
-        what = f"holds {other[0]}, which a run does not write" if other else ""
-    if what:
-        raise UserError(f"--output {run_dir} {what}; --force replaces only an earlier run's files: choose a new or "
-                        "empty folder")
+    if (run_dir / run_files[0]).is_file():
+        if not force:
+            raise UserError(f"--output {run_dir} holds an earlier run; pass --force to replace it, or --resume to "
+                            "continue it")
+        return
+    theirs = [n for n in names if n in run_files]  # another tool's adapter holds a run's file names
+    what = f"holds {theirs[0]} but is not a lora run" if theirs else f"is not a lora run (it holds {names[0]})"
+    raise UserError(f"--output {run_dir} {what}; the run would be written among its files (--force replaces only "
+                    "an earlier run's): choose a new or empty folder")

@@ -307,6 +307,8 @@ def _coerce(value: Any, hint: Any) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
             return _BOOL_WORDS[value.strip().lower()]  # "true" in quotes, as the flag would take it
+        if type(value) is int and value in (0, 1):  # (as the flag takes 1 and 0)
+            return bool(value)
         raise TypeError
     if hint is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

@@ -508,7 +508,7 @@ def _json_records(path: Path, text: str) -> list[dict]:
                 lengths = ", ".join(f"{k} {len(v)}" for k, v in whole.items())
                 raise UserError(f"{path} holds columns of different lengths ({lengths}); each column needs a value "
                                 "for every record")
-            if record_shape(whole) is not None:
+            if record_shape(whole) is not None or {"chosen", "rejected"} <= whole.keys():  # (DPO's: refused later)
                 return [whole]
             records = {k: v for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
             if len(records) == 1:

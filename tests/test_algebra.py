@@ -316,7 +316,7 @@ def test_algebra_refuses_non_finite_numbers_and_keeps_ranks_tight(cli, two, base
     for args in (("export", broken, "--output", tmp_path / "x"), ("combine", broken, two[0], "--output", tmp_path / "y"),
                  ("export", broken, "--output", tmp_path / "g", "--format", "gguf"), ("inspect", broken)):
         code, _, err = cli(*args)
-        assert code == 1 and "hold NaN or inf; the adapter is broken" in err, err
+        assert code == 1 and "holds NaN or inf; the adapter is broken" in err, err
 
 
 def test_values_beyond_float16_are_refused_not_written_as_inf(cli, base, tmp_path):
@@ -424,7 +424,7 @@ def test_extract_of_fine_tunes_lora_cannot_hold_whole(cli, tmp_path):
     assert sorted(read_factors(tmp_path / "x-bf16")[1]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
 
     said = extract(tuned("grown", lambda m: m.resize_token_embeddings(m.config.vocab_size + 8)))
-    assert "warning: 2 weights (lm_head.weight (320, 32) → (328, 32), model.embed_tokens.weight (320, 32) → "            "(328, 32)) changed shape in the fine-tune (a vocabulary grown for new tokens?)" in said
+    assert "warning: 2 weights (lm_head.weight (320, 32) → (328, 32), model.embed_tokens.weight (320, 32) → "            "(328, 32)) changed shape in the fine-tune (a vocabulary resized for new tokens?)" in said
     assert_peft_matches_ours(base, tmp_path / "x-grown")
     code, _, err = cli("extract", "--base", base, "--tuned", tmp_path / "grown", "--rank", "2", "--targets", "lm_head",
                        "--output", tmp_path / "head")

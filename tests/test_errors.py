@@ -41,6 +41,9 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "dpo-chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}],
                                                   "chosen": [{"role": "assistant", "content": "4"}],
                                                   "rejected": [{"role": "assistant", "content": "5"}]}) + "\n")
+    (d / "dpo-turns.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}],
+                                                   "chosen": [{"role": "assistant", "content": "4"}],
+                                                   "rejected": [{"role": "assistant", "content": "5"}]}) + "\n")
     (d / "broken.yaml").write_text("rank: [1, 2\n")
     (d / "unknown.yaml").write_text("rnak: 8\n")
     (d / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
@@ -127,6 +130,8 @@ CASES = {
                        ["arrays.jsonl line 1: expected a JSON object, got list"]),  # (was "line 2: Extra data")
     "DPO preference data": (lambda d, m, c: train_args(m, d / "dpo.jsonl", d / "o"),  # 'unknown shape'
                             ["chosen and rejected answers are preference data (DPO)", "give them as completion"]),
+    "DPO data in turns, one record": (lambda d, m, c: train_args(m, d / "dpo-turns.jsonl", d / "o"),  # 'several lists'
+                                      ["chosen and rejected answers are preference data (DPO)"]),
     "DPO data beside messages": (lambda d, m, c: train_args(m, d / "dpo-chat.jsonl", d / "o"),  # messages only, silently
                                  ["chosen and rejected answers are preference data (DPO)"]),
     "KTO preference data": (lambda d, m, c: train_args(m, d / "kto.jsonl", d / "o"),  # trained on the bad answers
@@ -343,31 +348,35 @@ def test_output_the_file_system_refuses_names_the_users_path(cli, run_dir, tmp_p
 
 def test_output_exists_without_force(cli, run_dir, tiny_llama, chat_data):
     before = sorted(p.name for p in run_dir.iterdir())
-    assert_user_error(cli(*train_args(tiny_llama, chat_data, run_dir)), "exists", "--force")
+    assert_user_error(cli(*train_args(tiny_llama, chat_data, run_dir)), "holds an earlier run; pass --force")
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
 def test_force_never_deletes_what_lora_did_not_write(cli, run_dir, tiny_llama, chat_data, tmp_path, monkeypatch):
-    """train --force replaces an earlier run's files, and only in a folder of nothing else (it wrote a run among
-    the user's files, a data folder's too); merge and export replace a whole folder, so they refuse one of other
+    """train --force replaces an earlier run's files (what else its folder holds, an export of it say, stays), and
+    never writes a run among a folder of other files (it did: the user's, a data folder's), nor tells to pass
+    --force where --force would not help; merge and export replace a whole folder, so they refuse one of other
     files, the current folder and any folder holding it."""
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_text("meow")
     for args in (("merge", run_dir, "--output", other, "--force"), ("export", run_dir, "--output", other, "--force")):
         assert_user_error(cli(*args), f"--output {other} is a folder lora did not write")
-    assert_user_error(cli(*train_args(tiny_llama, chat_data, other, "--force")),
-                      f"--output {other} is not a lora run (it holds cat.jpg); --force replaces only an earlier run")
+    for force in ((), ("--force",)):
+        assert_user_error(cli(*train_args(tiny_llama, chat_data, other, *force)),
+                          f"--output {other} is not a lora run (it holds cat.jpg); the run would be written among "
+                          "its files (--force replaces only an earlier run's)")
     assert [p.name for p in other.iterdir()] == ["cat.jpg"]
     run_copy = tmp_path / "run_copy"
     shutil.copytree(run_dir, run_copy)
-    (run_copy / "cat.jpg").write_text("meow")  # a run folder the user added to
-    assert_user_error(cli(*train_args(tiny_llama, chat_data, run_copy, "--force")),
-                      f"--output {run_copy} holds cat.jpg, which a run does not write")
-    (run_copy / "cat.jpg").unlink()
+    assert cli("export", run_copy, "--output", run_copy / "export")[0] == 0  # a run folder holding its export
     (run_copy / ".lock").write_text("")
     code, _, err = cli(*train_args(tiny_llama, chat_data, run_copy, "--force"))  # over the run it holds
-    assert code == 0, err
+    assert code == 0 and (run_copy / "export" / "adapter_model.safetensors").is_file(), err
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".gitkeep").write_text("")  # an empty folder, to the run
+    assert cli(*train_args(tiny_llama, chat_data, hidden))[0] == 0 and (hidden / ".gitkeep").is_file()
     (tmp_path / "notes.txt").write_text("mine")  # a file where a folder goes
     assert_user_error(cli("merge", run_dir, "--output", tmp_path / "notes.txt", "--force"), "is a file")
     assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -78,8 +78,8 @@ def test_rank_coercion(value, ok):
             TrainConfig.from_dict({"rank": value})
 
 
-@pytest.mark.parametrize("value,want", [(True, True), ("true", True), ("No", False), ("0", False),
-                                        ("maybe", None), (1, None), (None, None)])
+@pytest.mark.parametrize("value,want", [(True, True), ("true", True), ("No", False), ("0", False), (1, True),
+                                        (0, False), ("maybe", None), (2, None), (1.0, None), (None, None)])
 def test_bool_coercion(value, want):
     """A quoted "true" reads as the flag would read it; anything else is refused."""
     if want is None:

@@ -146,10 +146,9 @@ def test_dry_run_refuses_an_output_the_run_would_refuse(cli, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     args = ("train", "-m", "m", "--data", tmp_path / "d.jsonl", "-o", out, "--dry-run")
-    code, stdout, err = cli(*args)
-    assert code == 1 and stdout == "" and "exists and is not empty; pass --force" in err
-    code, stdout, err = cli(*args, "--force")  # --force replaces an earlier run's files, not the user's
-    assert code == 1 and stdout == "" and "is not a lora run (it holds notes.txt)" in err
+    for force in ((), ("--force",)):  # --force replaces an earlier run's files, never writes among the user's
+        code, stdout, err = cli(*args, *force)
+        assert code == 1 and stdout == "" and "is not a lora run (it holds notes.txt)" in err
     (out / "notes.txt").unlink()
     assert cli(*args)[0] == 0  # an empty folder is the run's to fill
 

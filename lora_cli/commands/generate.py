@@ -164,7 +164,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             table.add_column(label)
         for i, p in enumerate(prompts):
             table.add_row(p, *(answers[label][i].strip() for label in answers))
-        console.print(table)
+        console.print(table, width=None if console.is_terminal else 160)  # (answers wrap in a log too)
 
 
 def register(app: typer.Typer) -> None:

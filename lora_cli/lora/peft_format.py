@@ -433,8 +433,8 @@ def tied_copies(path: str | Path, header: dict[str, dict], config: AdapterConfig
 
 
 def broken_adapter_error(weights: str | Path, broken: list[str]) -> UserError:
-    return UserError(f"{weights}: {broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''} "
-                     "hold NaN or inf; the adapter is broken")
+    return UserError(f"{weights}: {broken[0]}{f' and {len(broken) - 1} more hold' if len(broken) > 1 else ' holds'} "
+                     "NaN or inf; the adapter is broken")
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
