@@ -264,6 +264,8 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool, run_files: tuple[str
     .lock and temporary files), continued (--resume) or an earlier run (--force replaces its files; what else
     it holds, an export of it say, stays). Never a folder of other files: the run would be written among them.
     `run_files`: what a run writes, its config first."""
+    if blocking := next((a for a in run_dir.absolute().parents if a.exists() and not a.is_dir()), None):
+        raise UserError(f"cannot write {run_dir}: {blocking} is a file, not a folder")
     if resume or not run_dir.exists():
         return
     if run_dir.is_file():

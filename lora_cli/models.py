@@ -411,10 +411,13 @@ def _load_failure(source: ModelSource, what: str, e: Exception, allow_pickle: bo
     msg = " ".join(said[:2]) if said[0].endswith(":") else said[0]  # ('… from one of:' goes on below)
     if "trust_remote_code" in str(e) or "contains custom code" in str(e):  # the hint is on a later line
         return f"{source.ref!r} needs its own Python code: pass --trust-remote-code if you trust it"
-    if shard := re.search(r"file named (model-\d+-of-\d+\.safetensors)", msg):  # an unfinished download
+    shard = re.search(r"(?:file named|No such file or directory:) '?[^']*?((?:pytorch_)?model-\d+-of-\d+\."
+                      r"(?:safetensors|bin))", msg)
+    if shard:  # an unfinished download
         return (f"cannot load {what} {source.ref!r}: {shard[1]}, one of its weight shards, is missing (an unfinished "
                 "download or copy?); download it again, or give a complete local directory")
-    if "safetensors" in msg and not allow_pickle and source.kind != "gguf":  # (pickles: only when asked for)
+    absent = "safetensors" in msg and ("file named" in msg or "use_safetensors" in msg)  # (not a damaged file)
+    if absent and not allow_pickle and source.kind != "gguf":  # (pickles: only when asked for)
         return (f"cannot load {what} {source.ref!r}: no safetensors weights; if its weights are pickled (*.bin), "
                 f"--allow-pickle loads them from a source you trust ({msg})")
     if source.kind == "hub":

@@ -830,6 +830,10 @@ def test_generate_prints_prompts_and_names_as_given(cli, tiny_llama, chat_data, 
     code, out, err = cli("generate", "-m", tiny_llama, "--adapter", "base", "-p", "hi", "--max-new-tokens", "2",
                          "--compare", "--json")
     assert code == 0 and [json.loads(line)["model"] for line in out.splitlines()] == ["(base)", "base"], err
+    shutil.copytree(run, tmp_path / "(base)")
+    code, out, err = cli("generate", "-m", tiny_llama, "--adapter", "base", "--adapter", "(base)", "-p", "hi",
+                         "--max-new-tokens", "2", "--compare", "--json")
+    assert code == 0 and [json.loads(line)["model"] for line in out.splitlines()] == ["((base))", "base", "(base)"]
     for flag, rest in (("--prompt", []), ("--system", ["-p", "hi"])):
         code, _, err = cli("generate", "-m", tiny_llama, flag, "caf\udce9", *rest)  # (argv's bytes caf\xe9)
         assert code == 1 and err == f"error: {flag} is not UTF-8 text (bytes in another encoding?); give it as UTF-8\n"

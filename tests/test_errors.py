@@ -840,6 +840,9 @@ def test_a_missing_shard_is_named_and_pickles_are_offered_once():
     none = OSError("org/m does not appear to have a file named model.safetensors or model.safetensors.index.json")
     assert "if its weights are pickled (*.bin), --allow-pickle loads them" in _load_failure(hub, "model", none)
     assert "--allow-pickle" not in _load_failure(hub, "model", none, allow_pickle=True)
+    gone = FileNotFoundError("[Errno 2] No such file or directory: '/c/snapshots/1/pytorch_model-00002-of-00002.bin'")
+    assert "pytorch_model-00002-of-00002.bin, one of its weight shards, is missing" in _load_failure(hub, "model", gone,
+                                                                                                    allow_pickle=True)
     cut = ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a `tokenizers` file,\n(2) …")
     assert _load_failure(hub, "tokenizer", cut).endswith("from one of: (1) a `tokenizers` file,")  # (ended at ':')
 

@@ -151,6 +151,10 @@ def test_dry_run_refuses_an_output_the_run_would_refuse(cli, tmp_path):
         assert code == 1 and stdout == "" and "is not a lora run (it holds notes.txt)" in err
     (out / "notes.txt").unlink()
     assert cli(*args)[0] == 0  # an empty folder is the run's to fill
+    (tmp_path / "afile").write_text("")
+    code, stdout, err = cli("train", "-m", "m", "--data", tmp_path / "d.jsonl", "-o", tmp_path / "afile" / "run",
+                            "--dry-run")
+    assert code == 1 and stdout == "" and f"{tmp_path / 'afile'} is a file, not a folder" in err
 
 
 def test_unknown_yaml_key_is_an_error(cli, tmp_path):

@@ -137,13 +137,16 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     encodings = {t: [prompt_ids(tok, p, t, system) for p in prompts] for t in {template[v] for v in variants}}
     check_token_ids(model, tok, max(int(ids.max()) if ids.numel() else -1 for e in encodings.values() for ids in e))
     answers: dict[str, list[str]] = {}
+    base_label = "base"
+    while base_label in adapters:  # (an adapter folder named base)
+        base_label = f"({base_label})"
     for variant in variants:
         t0 = time.perf_counter()
         unload_lora(model)
         if variant:
             load_adapter(model, variant, read=read[variant])
             model.to(device)
-        label = variant or ("base" if "base" not in adapters else "(base)")  # (an adapter folder named base)
+        label = variant or base_label
         switch = f" (loaded in {time.perf_counter() - t0:.2f} s)" if variant else ""
         answers[label] = []
         for p, ids in zip(prompts, encodings[template[variant]]):
