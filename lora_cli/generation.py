@@ -83,10 +83,10 @@ def fit_new_tokens(model, ids: torch.Tensor, max_new_tokens: int, say) -> int:
 
 def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, streamer=None, seed: int = 0, top_k: int | None = None,
-             template: str | None = None) -> str:
+             stop: list[int] | None = None) -> str:
     """Greedy unless temperature > 0 (then sampled from `seed`, so every model and prompt draws from the
-    same stream); stops at EOS / the end of a turn of `template`. Returns the new text."""
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer, template),
+    same stream); stops at `stop` (stop_ids: EOS and the chat template's end of turn). Returns the new text."""
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop if stop is not None else stop_ids(model, tokenizer),
                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p,
@@ -119,7 +119,7 @@ def answer_batch(model, tokenizer, prompts: list[str], template: str | None, max
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
+    answers, stop = [], stop_ids(model, tokenizer, template)
     try:
         for i in range(0, len(prompts), batch_size):
             seqs = [prompt_ids(tokenizer, p, template)[0].tolist() for p in prompts[i : i + batch_size]]
@@ -129,8 +129,7 @@ def answer_batch(model, tokenizer, prompts: list[str], template: str | None, max
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                      max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                     top_k=None, eos_token_id=stop_ids(model, tokenizer, template),
-                                     pad_token_id=pad)
+                                     top_k=None, eos_token_id=stop, pad_token_id=pad)
             answers += [tokenizer.decode(o[width:], skip_special_tokens=True).rstrip(CUT_CHARACTER).strip() for o in out]
     finally:
         tokenizer.padding_side = old_side

@@ -438,7 +438,7 @@ def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: st
     """The tokenizer with its chat template, and a generation config whose EOS includes the end of turn."""
     from transformers import GenerationConfig
 
-    from lora_cli.generation import turn_end_ids
+    from lora_cli.generation import chat_template_for, turn_end_ids
 
     try:
         tok = load_tokenizer(ModelSource(str(base_dir), str(base_dir), "dir"), trust_remote_code)
@@ -455,8 +455,8 @@ def _write_tokenizer_and_generation(base_dir: Path, out: Path, chat_template: st
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     eos = [e for e in eos if e is not None]
     if tok is not None:  # its EOS and its template's end of turn, which the adapter learned to end answers with
-        template = tok.get_chat_template() if getattr(tok, "chat_template", None) else None
-        eos += [e for e in dict.fromkeys([tok.eos_token_id, *turn_end_ids(tok, template)]) if e is not None and e not in eos]
+        ends = [tok.eos_token_id, *turn_end_ids(tok, chat_template_for(tok, []))]
+        eos += [e for e in dict.fromkeys(ends) if e is not None and e not in eos]
     gen.eos_token_id = eos[0] if len(eos) == 1 else (eos or None)
     if gen.pad_token_id is None and tok is not None and tok.pad_token_id is not None:
         gen.pad_token_id = tok.pad_token_id

@@ -103,7 +103,14 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     from rich.text import Text
 
     from lora_cli.display import stderr_console
-    from lora_cli.generation import answer_streamer, chat_template_for, fit_new_tokens, generate, prompt_ids
+    from lora_cli.generation import (
+        answer_streamer,
+        chat_template_for,
+        fit_new_tokens,
+        generate,
+        prompt_ids,
+        stop_ids,
+    )
     from lora_cli.lora.adapter import check_adapter_fits, load_adapter, read_adapter
     from lora_cli.lora.inject import unload_lora
     from lora_cli.models import (
@@ -135,6 +142,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
                       "own" + (", the base with the tokenizer's" if None in variants else ""))
     template[None] = None if no_chat else kinds.pop() if len(kinds) == 1 else chat_template_for(tok, [])
     encodings = {t: [prompt_ids(tok, p, t, system) for p in prompts] for t in {template[v] for v in variants}}
+    stops = {t: stop_ids(model, tok, t) for t in encodings}  # EOS and each template's end of turn
     check_token_ids(model, tok, max(int(ids.max()) if ids.numel() else -1 for e in encodings.values() for ids in e))
     answers: dict[str, list[str]] = {}
     base_label = "base"
@@ -155,7 +163,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
             ids = ids.to(device)
             n_new = fit_new_tokens(model, ids, max_new_tokens, console.print)
             answers[label].append(generate(model, tok, ids, n_new, temperature, top_p, streamer, seed, top_k,
-                                           template[variant]))
+                                           stops[template[variant]]))
             if json_lines:  # one line per answer: scripts can tell answers apart (streamed text runs together)
                 row = json.dumps({"model": label, "prompt": p, "answer": answers[label][-1]}, ensure_ascii=False)
                 print(row.translate(LINE_BREAKS_ESCAPED))  # (str.splitlines would split at them)
