@@ -80,3 +80,41 @@ def smollm2_tokenizer(smollm2_gguf):
     from lora_cli.models import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(str(smollm2_gguf)))
+
+
+EXIT_GRACE_S = 180
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A watch on the test process's own exit. In CI it once printed its summary (all passed) and then sat for 80
+    minutes until the job was killed: something a test left behind (a thread, a child process) was waited for at
+    exit. What is left is named now, and if the process is still here EXIT_GRACE_S later, every thread's stack
+    goes to stderr and it ends with the tests' status: a hang is shown, and never costs a whole CI run."""
+    import faulthandler
+    import threading
+
+    def left_behind() -> list[str]:
+        threads = [f"thread {t.name}" for t in threading.enumerate() if t is not threading.main_thread()
+                   and not t.daemon]
+        children = " ".join(p.read_text() for p in Path(f"/proc/{os.getpid()}/task").glob("*/children")).split()
+        return threads + [f"child process {pid}: {_cmdline(pid)}" for pid in children]
+
+    def watch():
+        threading.Event().wait(EXIT_GRACE_S)
+        err = sys.__stderr__
+        print(f"\nconftest: the test process has not exited {EXIT_GRACE_S} s after its last test; still here: "
+              f"{left_behind() or 'no thread or child'}; the stacks of its threads:", file=err, flush=True)
+        faulthandler.dump_traceback(err, all_threads=True)
+        os._exit(int(exitstatus))
+
+    if left := left_behind():
+        print(f"\nconftest: still running after the last test (waited for at exit): {left}", file=sys.__stderr__,
+              flush=True)
+    threading.Thread(target=watch, name="exit-watch", daemon=True).start()
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "(gone)"
