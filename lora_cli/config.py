@@ -219,8 +219,15 @@ class TrainConfig:
         from lora_cli.data import names_missing_file
 
         for name in ("data", "eval_data"):  # (a dry run says so too, before a run loads the model)
-            if getattr(self, name) and names_missing_file(getattr(self, name)):
-                p.append(f"--{name.replace('_', '-')} {getattr(self, name)!r} does not exist")
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value in ("-", "/dev/stdin"):
+                p.append(f"{flag} {value}: records are not read from standard input; save them to a file and give "
+                         "its path")
+            elif value and names_missing_file(value):
+                p.append(f"{flag} {value!r} does not exist")
+            elif name == "eval_data" and value and _fraction(value) and not Path(value).expanduser().exists():
+                p.append(f"--eval-data {value!r} names eval data (a file, a folder, a Hub dataset); to hold out a "
+                         f"fraction of --data, use --eval-split {value}")
         if self.chat_template and not Path(self.chat_template).is_file():
             p.append(f"--chat-template {self.chat_template!r} is not a file")
         check(p, "invalid configuration")
@@ -238,6 +245,14 @@ def model_short_name(model: str) -> str:
     """`HuggingFaceTB/SmolLM2-135M-Instruct` → `SmolLM2-135M-Instruct`; `x/y.Q4_1.gguf` → `y.Q4_1`."""
     name = Path(model.rstrip("/")).name
     return re.sub(r"\.gguf$", "", name) or "model"
+
+
+def _fraction(value: str) -> bool:
+    """Whether an option's text is a number in (0, 1): --eval-data 0.1 meant --eval-split 0.1."""
+    try:
+        return 0 < float(value) < 1
+    except ValueError:
+        return False
 
 
 def _unique_key_loader():

@@ -152,9 +152,9 @@ def load_eval_records(spec: str, split: str | None = None, config: str | None = 
     return _pick(splits, name, spec, "--eval-data-split")()
 
 
-def _pick(splits: dict, name: str, spec: str, flag: str) -> Callable[[], list[dict]]:
+def _pick(splits: dict, name: str, spec: str, flag: str, what: str = "data directory") -> Callable[[], list[dict]]:
     if name not in splits:
-        raise UserError(f"data directory {spec!r} has no {name} split (it holds {', '.join(splits)}); "
+        raise UserError(f"{what} {spec!r} has no {name} split (it holds {', '.join(splits)}); "
                         + (f"pick one with {flag}" if name in ("train", "test") else f"{flag} names one of them"))
     return splits[name]
 
@@ -516,15 +516,18 @@ def _json_records(path: Path, text: str) -> list[dict]:
             if len(records) > 1:  # {"train": [...], "test": [...]}
                 raise UserError(f"{path} holds several lists of records ({', '.join(records)}); one file is one split: "
                                 "save each as its own file (train.jsonl, test.jsonl…) in a folder, and give the folder")
+            if empty := [k for k, v in whole.items() if v == []]:  # {"version": …, "data": []}
+                raise UserError(f"{path} holds no records (its {empty[0]!r} is an empty list)")
             return [whole]  # one record of an unknown shape: the encoder names its keys
     records = Records()
     for i, line in enumerate(lines(text), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line.lstrip("\ufeff"))  # (a file's byte-order mark, where files were concatenated)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            raise UserError(f"{path} line {i}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
+                            "expected one JSON object per line") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)
@@ -561,7 +564,8 @@ def _read_hub(name: str, split: str, config: str | None = None, flag: str = "--d
     except Exception as e:
         # offline, datasets reads only its own cache: a dataset fetched with `hf download` is in the hub's
         if offline and (folder := _hub_cache_folder(name)):
-            return _pick(folder_splits(folder, name, config, flag), split, name, flag.replace("-config", "-split"))()
+            return _pick(folder_splits(folder, name, config, flag), split, name, flag.replace("-config", "-split"),
+                         "dataset")()
         msg = _dataset_error(e, flag)
         if offline and "is not cached" in msg:  # datasets says "… is not cached in None"
             msg = "there is no network, and it is not in the local Hugging Face cache"
@@ -642,9 +646,22 @@ def to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
     return [{"role": "system", "content": system}, *messages], first_loss + 1 if first_loss else 0, False
 
 
+def _plain_pair(rec: Any) -> bool:
+    """Whether a record is learned as a plain string pair where there is no chat template (text: no pair, and
+    no turns either)."""
+    shape = record_shape(rec)
+    if shape in (None, "text"):
+        return True
+    try:
+        return to_chat(rec, shape, "")[2]
+    except UserError:  # raised again where the record is encoded, in file order
+        return True
+
+
 def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
     if shape == "prompt_completion":
-        prompt, completion = rec["prompt"], rec["completion"]
+        prompt, completion = (_from_json(v, where, f"{k} holds turns as text, but") if _turns_as_text(v) else v
+                              for k, v in (("prompt", rec["prompt"]), ("completion", rec["completion"])))
         if isinstance(prompt, list) and isinstance(completion, list):
             return _turns(prompt, where, "prompt") + _turns(completion, where, "completion"), len(prompt), False
         if isinstance(prompt, list) or isinstance(completion, list):
@@ -659,7 +676,9 @@ def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, 
         turns = [{"role": "user", "content": prompt},
                  {"role": "assistant", "content": _str(rec["output"], where, "output")}]
         history = rec.get("history")  # LLaMA-Factory's earlier [user, assistant] pairs, learned as turns are
-        if history in (None, []):
+        if isinstance(history, str) and history.lstrip().startswith("["):  # a CSV cell holds the list as JSON
+            history = _from_json(history, where, "history is a string but")
+        if history in (None, [], ""):
             return turns, 0, True
         if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 for h in history)):
             raise UserError(f"{where}: history must be a list of [user, assistant] pairs")
@@ -668,6 +687,14 @@ def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, 
         return earlier + turns, 0, False
     key = "messages" if shape == "messages" else "conversations"
     return _turns(rec[key], where, key), 0, False
+
+
+TURNS_AS_TEXT = re.compile(r"""\s*\[\s*\{\s*["'](role|from)["']""")  # [{"role": …: a CSV cell's list of turns
+
+
+def _turns_as_text(value: Any) -> bool:
+    """A prompt or completion that is a list of turns written out (a CSV cell), not text to learn as it is."""
+    return isinstance(value, str) and TURNS_AS_TEXT.match(value) is not None
 
 
 def _turns(turns: Any, where: str, key: str) -> list[dict]:
@@ -691,7 +718,7 @@ def _turns(turns: Any, where: str, key: str) -> list[dict]:
             raise UserError(f"{where}: {key} turn {j} has an unknown {'from' if sharegpt else 'role'} {name!r} "
                             f"(known: {known})")
         # function calling and reasoning: the template renders these (the loader fills absent keys with None)
-        extras = {} if sharegpt else {k: t[k] for k in TURN_EXTRAS if t.get(k) is not None}
+        extras = {} if sharegpt else {k: t[k] for k in TURN_EXTRAS if _given(t.get(k))}
         if content is None and extras.get("tool_calls"):
             content = ""
         message = {"role": role, "content": _content(content, where, f"{key} turn {j} content"), **extras}
@@ -705,6 +732,12 @@ def _turns(turns: Any, where: str, key: str) -> list[dict]:
     return messages
 
 
+def _given(value: Any) -> bool:
+    """A turn's extra that says something: `"tool_calls": []` or `"reasoning_content": ""` (written on every turn
+    by many exports) is as if absent."""
+    return value is not None and not (isinstance(value, (str, list, dict)) and len(value) == 0)
+
+
 def _content(value: Any, where: str, what: str) -> str:
     """A turn's text: a string, or a list of content parts (`{"type": "text", "text": …}`) joined by newlines."""
     if not isinstance(value, list):
@@ -712,7 +745,7 @@ def _content(value: Any, where: str, what: str) -> str:
     texts = []
     for part in value:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
+        if kind not in ("text", "input_text", "output_text"):  # (the last two: OpenAI's Responses API)
             raise UserError(f"{where}: {what} has a {kind or type(part).__name__!r} part; only text parts "
                             "can be trained (this tool fine-tunes text models)")
         texts.append(_str(part.get("text"), where, f"{what} text part"))
@@ -860,11 +893,20 @@ class Encoder:
         # one template, or None: the tokenizer holds named ones ({"default": …, "tool_use": …}), picked per record
         self.template = chat_template or (own if isinstance(own, str) else None) or (None if own else builtin_template(tokenizer))
         self.train_on_prompt = train_on_prompt
+        self.plain_pairs = not self.has_template  # string pairs as prompt + completion + EOS (see one_format)
         if max_length < 2:
             raise UserError(f"max length must be >= 2 (a token is learned from the ones before it), got {max_length}")
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise UserError("the tokenizer has no EOS token; set one in its tokenizer_config.json")
+
+    def one_format(self, *datasets: list[dict] | None) -> None:
+        """Without a chat template, string pairs (prompt/completion, alpaca) are learned as prompt + completion +
+        EOS and records with turns (a system prompt, a history, messages) in the built-in template: one record
+        with turns, train or eval, puts every record in the template, so that a run learns one format (the one it
+        keeps for generate and merge), not two."""
+        if self.plain_pairs:
+            self.plain_pairs = all(_plain_pair(rec) for records in datasets if records for rec in records)
 
     def encode_all(self, records: list[dict], name: str = "data", advance=None,
                    workers: int = 1) -> tuple[list[Example], EncodeStats]:
@@ -882,7 +924,8 @@ class Encoder:
         if first is None:
             raise UserError(f"{name} record 1: unknown shape (keys: {_keys(records[0])}); "
                             f"expected one of: {', '.join(ACCEPTED_SHAPES)}{_shape_hint(records[0])}")
-        if first == "prompt_completion" and isinstance(records[0].get("label"), bool):  # TRL's KTO layout
+        label = records[0].get("label")  # TRL's KTO layout (a CSV cell reads "True")
+        if first == "prompt_completion" and (isinstance(label, bool) or str(label).lower() in ("true", "false")):
             raise UserError(f"{name} record 1: a prompt, a completion and a true/false label is unpaired preference "
                             "data (KTO): its label=false completions are answers not to give, and fine-tuning on "
                             "them teaches them; keep the label=true records and drop the label column")
@@ -948,7 +991,7 @@ class Encoder:
         stats.empty_answers += any(m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS)
                                    and not m.get("tool_calls") and not str(m.get("content") or "").strip()
                                    for i, m in enumerate(messages))
-        if plain_pair and not self.has_template:
+        if plain_pair and self.plain_pairs:
             return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
         if self.template != getattr(self.tok, "chat_template", None):
             stats.template = self.template

@@ -234,6 +234,7 @@ def encode_datasets(cfg: TrainConfig, tokenizer, console=None, processes: int = 
     if template is not None:
         check_template(template, f"--chat-template {cfg.chat_template!r}")
     enc = Encoder(tokenizer, cfg.max_length, template, cfg.train_on_prompt)
+    enc.one_format(train_records, valid_records)
     cores = tokenize_workers(cfg.num_proc, 0, processes)
     if cfg.num_proc and cores < cfg.num_proc and console is not None:
         console.print(f"note: --num-proc {cfg.num_proc} → {cores}, the CPU cores "

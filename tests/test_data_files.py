@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from tiny import save_tiny
+from tiny import save_tiny, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_cli.data import IGNORE, Encoder, read_file
@@ -686,3 +686,105 @@ def test_a_hub_dataset_in_the_hub_cache_loads_offline(tmp_path, monkeypatch):
     assert [r["prompt"] for r in train] == ["q0", "q1", "q2"] and [r["completion"] for r in held] == ["a0", "a1"]
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_records("org/other")
+    with pytest.raises(UserError, match=r"^dataset 'org/chats' has no validation split \(it holds train, test\)"):
+        load_records("org/chats", "train", "validation")  # (a Hub id, not a "data directory")
+
+
+def test_csv_cells_hold_conversational_pairs_and_histories_as_json(tmp_path):
+    """A CSV's prompt/completion cells holding turns (as Dataset.to_csv of TRL's conversational form writes them,
+    or as JSON) were learned as literal text, the brackets included; a `history` cell was refused."""
+    from lora_cli.data import load_records
+
+    tok = tiny_tokenizer()
+    pairs = [{"prompt": [{"role": "user", "content": f"hello {i}"}],
+              "completion": [{"role": "assistant", "content": "world"}]} for i in range(3)]
+    alpaca = [{"instruction": "and now?", "input": "", "output": "red", "history": [["color?", "blue"]]}]
+
+    def examples(path):
+        return [(e.input_ids.tolist(), e.labels.tolist()) for e in Encoder(tok, 512).encode_all(
+            load_records(str(path))[0])[0]]
+
+    for name, recs in (("pairs", pairs), ("alpaca", alpaca)):
+        as_json = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in recs]
+        pd.DataFrame(as_json).to_csv(tmp_path / f"{name}.csv", index=False)
+        assert examples(tmp_path / f"{name}.csv") == examples(write(tmp_path / f"{name}.jsonl", recs))
+    pd.DataFrame(pairs).to_csv(tmp_path / "repr.csv", index=False)  # Python's repr of the lists: not JSON
+    with pytest.raises(UserError, match=r"record 1: prompt holds turns as text, but not valid JSON .*Python's repr"):
+        examples(tmp_path / "repr.csv")
+    text = [{"prompt": "[{1, 2}] is a set of sets?", "completion": "no"}]  # a bracket is not turns
+    assert tok.decode(Encoder(tok, 64).encode_all(text)[0][0].input_ids).startswith("<|im_start|>user\n[{1, 2}]")
+
+
+def test_kto_data_in_a_csv_is_refused_as_in_jsonl(tmp_path):
+    """CSV cells read "True"/"False": the KTO check saw no bool, and the run learned the answers labelled bad."""
+    pd.DataFrame([{"prompt": "2+2?", "completion": "4", "label": True},
+                  {"prompt": "2+2?", "completion": "5", "label": False}]).to_csv(tmp_path / "kto.csv", index=False)
+    from lora_cli.data import load_records
+
+    with pytest.raises(UserError, match="unpaired preference data \\(KTO\\)"):
+        Encoder(tiny_tokenizer(), 64).encode_all(load_records(str(tmp_path / "kto.csv"))[0])
+
+
+def test_without_a_template_a_run_learns_one_format(cli, tmp_path):
+    """On a tokenizer without a chat template, string pairs were learned plainly and the records of the same file
+    that have a system prompt or a history in the built-in template: two formats, and the run kept the second."""
+    from lora_cli.data import BUILTIN_CHAT_TEMPLATE
+
+    base = save_tiny(tmp_path / "base", "gpt2", chat_template=None)
+    tok = AutoTokenizer.from_pretrained(base)
+    plain = [{"instruction": "What is 2+2?", "input": "", "output": "4"}]
+    mixed = plain + [{"system": "Be brief.", "instruction": "What is 3+3?", "input": "", "output": "6"}]
+
+    def texts(records, eval_records=None):
+        enc = Encoder(tok, 256)
+        enc.one_format(records, eval_records)
+        return [tok.decode(e.input_ids) for e in enc.encode_all(records)[0]]
+
+    assert texts(plain) == ["What is 2+2?4" + tok.eos_token]
+    assert texts(mixed)[0] == f"User: What is 2+2?{tok.eos_token}\nAssistant: 4{tok.eos_token}\n"
+    assert texts(plain, eval_records=mixed[1:])[0].startswith("User: ")  # eval counts: one format per run
+    assert cli("train", "--model", base, "--data", write(tmp_path / "m.jsonl", mixed * 4), "--output", tmp_path / "run",
+               *RUN)[0] == 0
+    assert (tmp_path / "run" / "chat_template.jinja").read_text() == BUILTIN_CHAT_TEMPLATE
+
+
+def test_empty_tool_calls_and_reasoning_are_as_if_absent(tmp_path):
+    """Exports write "tool_calls": [] on every assistant turn: it was refused (the template never reads it)."""
+    tok = tiny_tokenizer()
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    empty = [turns[:1] + [{**turns[1], "tool_calls": [], "reasoning_content": ""}]]
+    want, got = (Encoder(tok, 64).encode_all([{"messages": m}])[0][0] for m in (turns, empty[0]))
+    assert want.input_ids.tolist() == got.input_ids.tolist() and want.labels.tolist() == got.labels.tolist()
+    with pytest.raises(UserError, match="has tool_calls but the chat template never reads it"):
+        Encoder(tok, 64).encode_all([{"messages": turns[:1] + [{**turns[1], "tool_calls": [{"type": "function"}]}]}])
+
+
+def test_json_lines_oddities_get_plain_words(tmp_path):
+    """A byte-order mark where files were concatenated is not an error; a raw tab inside a string names its
+    column (json's own message ends in 'at'); an object holding an empty list of records holds no records; the
+    Responses API's input_text/output_text parts are text."""
+    from lora_cli.data import load_records
+
+    line = json.dumps(SHAPES["messages"][0])
+    (tmp_path / "bom.jsonl").write_text(f"{line}\n\ufeff{line}\n")
+    assert len(load_records(str(tmp_path / "bom.jsonl"))[0]) == 2
+    (tmp_path / "tab.jsonl").write_text(f'{line}\n{{"text": "a\tb"}}\n')
+    with pytest.raises(UserError, match=r"tab.jsonl line 2: not valid JSON \(Invalid control character at column 12\)"):
+        load_records(str(tmp_path / "tab.jsonl"))
+    (tmp_path / "empty.json").write_text('{"version": "1.0", "data": []}')
+    with pytest.raises(UserError, match=r"empty.json holds no records \(its 'data' is an empty list\)"):
+        load_records(str(tmp_path / "empty.json"))
+    parts = [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "world"}]}]
+    plain = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    tok = tiny_tokenizer()
+    assert (Encoder(tok, 64).encode_all([{"messages": parts}])[0][0].input_ids.tolist()
+            == Encoder(tok, 64).encode_all([{"messages": plain}])[0][0].input_ids.tolist())
+
+
+def test_eval_data_that_is_a_fraction_or_standard_input_is_named(cli, tmp_path):
+    data = write(tmp_path / "d.jsonl", SHAPES["messages"])
+    code, _, err = cli("train", "--model", tmp_path, "--data", data, "--eval-data", "0.1", "--dry-run")
+    assert code == 1 and "to hold out a fraction of --data, use --eval-split 0.1" in err
+    code, _, err = cli("train", "--model", tmp_path, "--data", "-", "--dry-run")
+    assert code == 1 and "--data -: records are not read from standard input; save them to a file" in err
