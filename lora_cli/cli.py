@@ -163,7 +163,13 @@ def _run(args: list[str], debug: bool, terminated: list[int]) -> None:
 
 def stopped(terminated: list[int]) -> tuple[str, int]:
     """The message and exit code of a run stopped by Ctrl-C or by SIGTERM (128 + N, as a shell reports it)."""
-    return ("terminated", 128 + terminated[0]) if terminated else ("interrupted", 130)
+    if not terminated:
+        return "interrupted", 130
+    size = os.environ.get("WORLD_SIZE", "1")
+    if size.isdigit() and int(size) > 1:  # torchrun's SIGTERM, after another process failed
+        return (f"process {os.environ.get('RANK', '?')} terminated: the launcher ends every process of a run when one "
+                "of them fails (its error says why) or when it is stopped", 128 + terminated[0])
+    return "terminated", 128 + terminated[0]
 
 
 def _fail(message: str, code: int = 1) -> None:

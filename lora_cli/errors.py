@@ -230,12 +230,29 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
     here = Path.cwd().resolve()
     if out in (here, *here.parents):
         raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
+    if training_now(path):
+        raise UserError(f"{flag} {path} is a run still training (a lora train holds it); --force will not replace "
+                        f"it: choose another {flag}")
     foreign = [p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in OWN_NAMES)]
     if not foreign:
         foreign = _unmarked_weights(path)
     if foreign:
         raise UserError(f"{flag} {path} is a folder lora did not write (it holds {foreign[0]}); --force replaces "
                         "only lora's own output (a run, an adapter, a merged model): choose a new or empty folder")
+
+
+def training_now(run_dir: Path) -> bool:
+    """Whether a `lora train` holds the run directory's lock at this moment."""
+    import fcntl
+
+    try:
+        with open(run_dir / ".lock", "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file: never a run, or one that has not started
+        return False
+    return False
 
 
 def _unmarked_weights(folder: Path) -> list[str]:

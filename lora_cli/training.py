@@ -378,9 +378,10 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         ckpt = list_checkpoints(run_dir)[-1][1] if resume else None
         if ckpt:  # into the plain model, before any wrapper (DDP/FSDP) shards or copies it
             try:
-                load_lora_weights(model, ckpt)
+                saved_tensors = read_adapter_tensors(ckpt)
             except UserError as e:
                 raise UserError(f"{e}; delete the checkpoint {ckpt} to resume from an earlier one") from None
+            load_lora_weights(model, saved_tensors, ckpt, run_dir / CONFIG_FILE)
 
         plan = make_plan(cfg, len(train_ex), world)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -430,6 +431,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         if main:
             if not resume:
                 clear_run_files(run_dir)
+            else:  # continued: until it ends, the run's final adapter and summary are not its state
+                set_aside_final_files(run_dir)
             for d in (run_dir, run_dir / CHECKPOINTS):  # what a killed run was writing (the lock is ours)
                 sweep_stale_temps(d)
             atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
@@ -454,6 +457,15 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                     "from this data; leave them out of --targets")
         loss_model.train()
         stopped = None
+
+        def agreed(signal_name: str | None) -> str | None:
+            """Whether to stop now: every process must agree to stop at the same step (collectives follow)."""
+            if world == 1:
+                return signal_name
+            kinds = ("SIGINT", "SIGTERM")  # (which one: the message and the exit code name it)
+            flags = acc.reduce(torch.tensor([float(signal_name == k) for k in kinds], device=device), "sum")
+            return signal_name or next((k for k, f in zip(kinds, flags.tolist()) if f > 0), None)
+
         try:
             with StopFlag() as stop, TrainProgress(console, plan.total_steps, state["step"], main) as bar:
                 for step in range(state["step"], plan.total_steps):
@@ -522,11 +534,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                             metrics_fh.flush()
                     bar.update(done, loss, lr, tokens_all / dt,
                                f"eval {row['eval_loss']:.4f}" if "eval_loss" in row else "")
-                    stopping = stop.signal  # decided here: a signal during the save below waits for the next step
-                    if world > 1:  # every process must agree to stop at the same step (collectives follow)
-                        kinds = ("SIGINT", "SIGTERM")  # (which one: the message and the exit code name it)
-                        flags = acc.reduce(torch.tensor([float(stopping == k) for k in kinds], device=device), "sum")
-                        stopping = stopping or next((k for k, f in zip(kinds, flags.tolist()) if f > 0), None)
+                    stopping = agreed(stop.signal)
                     if stopping or done % plan.save_every == 0 or is_last or new_best:
                         rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
                         tensors = gathered_lora_tensors(acc, loss_model)  # a collective under FSDP / ZeRO-3
@@ -536,6 +544,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                             save_checkpoint(run_dir, done, lambda d, t=tensors: write_adapter(d, t), opt_sd,
                                             scheduler, state, rngs, engine)
                             prune_checkpoints(run_dir, cfg.save_total_limit, state["best_eval_step"])
+                        if not stopping and not is_last:  # a signal that came during the save: this step's
+                            stopping = agreed(stop.signal)  # checkpoint is the one to stop at, not the next's
                         if stopping:
                             stopped = stopping
                             break
@@ -635,13 +645,19 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def load_lora_weights(model, ckpt: Path) -> None:
-    """Copy a checkpoint's A/B into the model's (already injected) LoRA layers."""
-    tensors = read_adapter_tensors(ckpt)
+def load_lora_weights(model, tensors: dict, ckpt: Path, config: Path) -> None:
+    """Copy a checkpoint's A/B into the model's (already injected) LoRA layers; a checkpoint of other settings
+    than the run's `config` says (it was edited: another rank, other targets) is an error, not a size mismatch."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for name, p in params.items():
+        if name not in tensors or tensors[name].shape != p.shape:
+            held = f"{name} of shape {tuple(tensors[name].shape)}" if name in tensors else f"no {name}"
+            raise UserError(f"checkpoint {ckpt} holds {held}, where the settings in {config} make "
+                            f"{tuple(p.shape)}: the file no longer says how the run was started (edited?); restore "
+                            "its rank, targets and model")
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(tensors[name])
+        for name, p in params.items():
+            p.copy_(tensors[name])
 
 
 def parallelism(acc) -> str:
@@ -762,6 +778,14 @@ def _require_finite(tensors: dict[str, torch.Tensor], step: int, run_dir: Path, 
     if bad:
         raise UserError(f"the adapter weights became inf or NaN at step {step} ({bad} tensors); lower --lr, or keep "
                         "--max-grad-norm on" + _last_good(run_dir), shared=True)
+
+
+def set_aside_final_files(run_dir: Path) -> None:
+    """A resumed run takes away what says it finished (the summary first, then the adapter): stopped again, it is
+    a run that has not finished, which merge, export and generate say, naming its newest checkpoint, instead of
+    using the adapter of the end it no longer has. The run's end writes them again."""
+    for name in (SUMMARY_FILE, CONFIG_NAME, WEIGHTS_NAME, LOSS_PLOT):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def clear_run_files(run_dir: Path) -> None:

@@ -523,3 +523,87 @@ def test_resume_reads_a_target_list_however_it_was_spaced(cli, tiny_llama, chat_
     assert "targets: q_proj,v_proj\n" in (run / "train_config.yaml").read_text()
     code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "2", "--targets", "q_proj,v_proj")
     assert code == 0, err
+
+
+def test_a_run_in_training_is_never_replaced_or_read_as_finished(cli, tiny_llama, chat_data, tmp_path):
+    """merge/export --force deleted a run folder a lora train was still writing (they checked the lock of their
+    input only), and a finished run being continued by --resume was merged, exported and generated from with
+    the adapter of the end it no longer has."""
+    from lora_cli.checkpoints import run_lock
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    for d in (run, other):
+        assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", d, "--max-steps", "1")[0] == 0
+    with run_lock(run):  # as a `lora train --resume` holds it
+        for command in (("export", other, "--output", run, "--force"), ("merge", other, "--output", run, "--force")):
+            code, _, err = cli(*command)
+            assert code == 1 and f"--output {run} is a run still training (a lora train holds it); --force will " \
+                                  "not replace it" in err, err
+        for command in (("merge", run, "--output", tmp_path / "m"), ("export", run, "--output", tmp_path / "x"),
+                        ("inspect", run), ("generate", "--model", tiny_llama, "--adapter", run, "--prompt", "hi")):
+            code, _, err = cli(*command)
+            assert code == 1 and f"'{run}' is a run still training (a lora train holds it)" in err, (command, err)
+    assert (run / "train_summary.json").is_file() and (run / "checkpoints").is_dir()  # all still there
+
+
+def test_a_resumed_run_stopped_again_is_unfinished_not_its_old_end(cli, tiny_llama, chat_data, tmp_path):
+    """Stopped while --resume continued it, a finished run kept its old adapter and summary: merge used the
+    step-2 adapter of a run whose checkpoints were at step 6, with no word."""
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "2")[0] == 0
+    p = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", "--output", str(run), "--resume", "--max-steps",
+                          "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL))
+    _wait_for_steps(run, n=4)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert not any((run / f).exists() for f in ("train_summary.json", "adapter_config.json", "adapter_model.safetensors"))
+    newest = list_checkpoints(run)[-1][1]
+    code, _, err = cli("merge", run, "--output", tmp_path / "m")
+    assert code == 1 and f"is a run that has not finished (no adapter_config.json yet): resume it with lora train " \
+                          f"--output {run} --resume, or use its newest checkpoint, {newest}" in err, err
+    assert cli("train", "--output", run, "--resume", "--max-steps", str(list_checkpoints(run)[-1][0] + 1))[0] == 0
+    assert json.loads((run / "train_summary.json").read_text())["steps"] == list_checkpoints(run)[-1][0]
+
+
+def test_a_signal_during_a_checkpoint_stops_at_that_checkpoint(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
+    """A Ctrl-C that came while step 2's checkpoint was written ran step 3 and wrote its checkpoint too."""
+    import lora_cli.training
+
+    save = lora_cli.training.save_checkpoint
+
+    def save_then_signal(run_dir, step, *a, **k):
+        save(run_dir, step, *a, **k)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(lora_cli.training, "save_checkpoint", save_then_signal)
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "8",
+                       "--save-every", "2")
+    assert code == 130 and "stopped by SIGINT after step 2; checkpoint saved" in err, err
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+
+
+def test_a_run_config_edited_to_another_rank_is_named_on_resume(cli, tiny_llama, chat_data, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "2",
+               "--rank", "4")[0] == 0
+    config = run / "train_config.yaml"
+    config.write_text(config.read_text().replace("\nrank: 4\n", "\nrank: 8\n"))
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
+    assert code == 1 and "internal error" not in err, err
+    assert f"of shape (4, 32), where the settings in {config} make (8, 32): the file no longer says how the run " \
+           "was started (edited?)" in err, err
+
+
+def test_a_process_the_launcher_ended_says_so(monkeypatch):
+    """Under torchrun, the processes that the launcher stopped after another failed said only 'terminated'."""
+    from lora_cli.cli import stopped
+
+    assert stopped([signal.SIGTERM]) == ("terminated", 143)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert stopped([signal.SIGTERM])[0].startswith("process 1 terminated: the launcher ends every process of a run "
+                                                   "when one of them fails (its error says why)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_cli.errors import UserError, few
+from lora_cli.errors import UserError, few, training_now
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"  # PEFT's target_modules shorthand, resolved on the model
@@ -198,20 +198,6 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def _training_now(run_dir: Path) -> bool:
-    """Whether a `lora train` holds the run directory's lock at this moment."""
-    import fcntl
-
-    try:
-        with open(run_dir / ".lock", "rb") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # no lock file: never a run, or one that has not started
-        return False
-    return False
-
-
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str]) -> None:
     """safetensors' save_file, then its metadata keys put in order (it writes them in a random one): the same
     tensors and metadata make the same bytes, so identical runs give identical files."""
@@ -286,11 +272,11 @@ def adapter_files(path: str | Path) -> tuple[Path, Path]:
                             else " (it does not start with GGUF): a damaged or unfinished download?"))
         raise UserError(f"adapter {str(path)!r} is not a directory (expected a run or adapter directory)")
     config, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    saved = sorted(path.glob(f"checkpoints/step-*/{CONFIG_NAME}"))
+    if (path / "train_config.yaml").is_file() and training_now(path):  # (a --resume too: its end is not yet)
+        raise UserError(f"{str(path)!r} is a run still training (a lora train holds it): wait for it to finish"
+                        + (f", or use one of its checkpoints (the newest now: {saved[-1].parent})" if saved else ""))
     if not config.is_file():
-        saved = sorted(path.glob(f"checkpoints/step-*/{CONFIG_NAME}"))
-        if _training_now(path):
-            raise UserError(f"{str(path)!r} is a run still training (a lora train holds it): wait for it to finish"
-                            + (f", or use one of its checkpoints (the newest now: {saved[-1].parent})" if saved else ""))
         if saved:  # a run stopped before its end
             raise UserError(f"{str(path)!r} is a run that has not finished (no {CONFIG_NAME} yet): resume it with "
                             f"lora train --output {shlex.quote(str(path))} --resume, or use its newest checkpoint, "
