@@ -330,6 +330,12 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, cpu=not use_cuda)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     engine = parallelism(acc)
+    for variable, asked in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").lower() in ("1", "true") and engine != asked:  # Accelerate's choice, on CPUs
+            raise UserError(f"the launch asks for {asked} (accelerate launch --config_file …), which Accelerate runs "
+                            f"on GPUs only: this run would be {engine if world > 1 else 'one process'}, each process "
+                            "holding the whole base; launch it without that config (torchrun, or "
+                            "configs/accelerate/multi-gpu.yaml), or on GPUs", shared=True)
     say = console.print if main else (lambda *a, **k: None)
     if dtype == torch.bfloat16 and slow_bf16:
         say("warning: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX): bfloat16 is emulated and runs many "
@@ -620,6 +626,9 @@ def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]
         base_model_name_or_path=source.path if source.kind != "hub" else source.ref,
     )
     if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", True):
+            raise UserError(f"{type(model).__name__} does not support gradient checkpointing (transformers has none "
+                            "for this architecture); train without --gradient-checkpointing")
         # non-reentrant + input grads, or a frozen base gives the adapters no gradient at all
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -166,8 +166,8 @@ def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(
                                                                                 rank, sig, hook):
     """Ctrl-C landing on rank 0 while it wrote a periodic checkpoint: rank 0 re-read its own flag after the save
     and stopped alone, rank 1 went on into the next step: a deadlock, then an internal error. The processes
-    now stop at the step they agreed on (the next one), with a checkpoint and the resume line. A signal to
-    another process is named too (rank 0 said 'stopped by SIGNAL' and exited 1)."""
+    now agree, after the save, to stop at the step just saved (not one step and checkpoint later), with the
+    resume line. A signal to another process is named too (rank 0 said 'stopped by SIGNAL' and exited 1)."""
     script = tmp_path / "signal_in_save.py"
     script.write_text(
         "import os, signal, sys\n"
@@ -194,6 +194,6 @@ def test_a_signal_during_a_checkpoint_save_stops_every_process_at_the_same_step(
         os.killpg(p.pid, signal.SIGKILL)
         pytest.fail("the processes did not stop (a deadlock)")
     said = " ".join(stderr.split())
-    assert f"error: stopped by {sig} after step 3; checkpoint saved. Resume with: lora train --output" in said, said[-3000:]
+    assert f"error: stopped by {sig} after step 2; checkpoint saved. Resume with: lora train --output" in said, said[-3000:]
     assert "(launched as this run was, on 2 processes)" in said and "internal error" not in said
-    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]

@@ -389,3 +389,27 @@ def test_the_live_progress_bar_keeps_the_last_eval_and_the_plot_whole_steps(tmp_
     assert plot_loss([{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)], tmp_path / "loss.png")
     ticks = made[0][1].get_xticks()
     assert len(ticks) and all(float(t).is_integer() for t in ticks)
+
+
+@pytest.mark.parametrize("variable,asked", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_fsdp_or_deepspeed_that_accelerate_drops_on_cpu_is_an_error(cli, tiny_llama, chat_data, tmp_path, monkeypatch,
+                                                                      variable, asked):
+    """accelerate launch --config_file fsdp.yaml (or a DeepSpeed one) on CPUs ran plain DDP, each process holding
+    the whole base, and said nothing: Accelerate keeps them for GPUs."""
+    monkeypatch.setenv(variable, "true")
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "run", "--max-steps",
+                       "1")
+    assert code == 1 and f"error: the launch asks for {asked} (accelerate launch --config_file …), which Accelerate " \
+                         "runs on GPUs only: this run would be one process" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_where_the_architecture_has_none_is_named(cli, chat_data, tmp_path):
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "gpt1", "openai-gpt")
+    code, _, err = cli("train", "--model", base, "--data", chat_data, "--output", tmp_path / "run", "--max-steps", "1",
+                       "--gradient-checkpointing")
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "error: OpenAIGPTLMHeadModel does not support gradient checkpointing (transformers has none for this "
+        "architecture); train without --gradient-checkpointing"), err
