@@ -11,7 +11,7 @@ import torch
 
 from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, mark
 from lora_cli.inspection import adapter_facts, eval_loss_text
-from lora_cli.lora.adapter import read_adapter_tensors, write_adapter
+from lora_cli.lora.adapter import base_copies, read_adapter_tensors, write_adapter
 from lora_cli.lora.peft_format import GGUF_BASE_KEY, KEY_PREFIX, read_adapter_config
 
 
@@ -34,6 +34,8 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
     config = read_adapter_config(adapter_dir)
     check_output(output, force, reads=(adapter_dir, config.base_model_name_or_path))  # (the card sizes the base)
     tensors = {KEY_PREFIX + k: cast_finite(v, dtype, k).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
+    # the base weights PEFT saved beside a head's LoRA: PEFT loads them over the base's, so they stay, as stored
+    tensors.update({KEY_PREFIX + k: v.contiguous() for k, v in base_copies(adapter_dir).items()})
     facts = adapter_facts(adapter_dir)
     meta = {GGUF_BASE_KEY: str(config.base_model_name_or_path)} if facts["base_is_gguf"] else {}
     with atomic_dir(output) as tmp:

@@ -46,12 +46,14 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     params = 0
     dtypes = Counter()
     copies = tied_copies(weights, header, config)  # one tensor saved twice: trained once
+    # PEFT saves a targeted embedding's or head's frozen weight (and bias) too: not trained (a bias is, with bias=)
+    frozen = (".base_layer.weight",) if any(u.startswith("bias=") for u in config.unsupported) \
+        else (".base_layer.weight", ".base_layer.bias")
     for key, info in header.items():
         n = 1
         for d in info["shape"]:
             n *= d
-        # PEFT saves a targeted embedding's or head's frozen weight too (not trained; its bias with bias= is)
-        if not key.endswith(".base_layer.weight") and key not in copies:
+        if not key.endswith(frozen) and key not in copies:
             params += n
         dtypes[info["dtype"]] += 1
         a = next((s for s in (".lora_A.weight", ".lora_embedding_A") if key.endswith(s)), None)
@@ -63,6 +65,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "path": str(path),
         "base_model_name_or_path": config.base_model_name_or_path,
+        "revision": config.revision,
         "base_is_gguf": GGUF_BASE_KEY in meta or str(config.base_model_name_or_path or "").endswith(".gguf"),
         "r": config.r,
         "ranks": {str(k): v for k, v in sorted(ranks.items())},

@@ -6,6 +6,7 @@ arithmetic, cast to the output dtype), write it, free it. The output is a plain 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -66,14 +67,16 @@ def base_directory(source: ModelSource, status=None, flag: str = "--base", allow
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
     try:
-        d = Path(snapshot_download(source.ref, allow_patterns=patterns))
+        d = Path(snapshot_download(source.ref, revision=source.revision, allow_patterns=patterns))
         if allow_pickle and not any(d.glob("*.safetensors")):  # (pickles only where there are no safetensors)
-            d = Path(snapshot_download(source.ref, allow_patterns=patterns + [f"*{s}" for s in PICKLE_SUFFIXES]))
+            d = Path(snapshot_download(source.ref, revision=source.revision,
+                                       allow_patterns=patterns + [f"*{s}" for s in PICKLE_SUFFIXES]))
     except Exception as e:
         what = "base model" if flag == "--base" else "model"
         why = ("not in the local Hugging Face cache, and the Hub cannot be reached" if isinstance(
             e, LocalEntryNotFoundError) else type(e).__name__)
-        raise UserError(f"cannot get {what} {source.ref!r} from the Hub ({why}); pass {flag} with a local "
+        at = f" at revision {source.revision!r}" if source.revision else ""
+        raise UserError(f"cannot get {what} {source.ref!r}{at} from the Hub ({why}); pass {flag} with a local "
                         "directory or .gguf file") from None
     return base_directory(ModelSource(source.ref, str(d), "dir"), status, flag, allow_pickle)
 
@@ -150,7 +153,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     if given, is called with the finished directory before it takes `output`'s name (an error there leaves
     nothing written). `trust_remote_code`: the base's own code may build its config, model and tokenizer;
     without it they are read as files (never a prompt to run it)."""
-    from lora_cli.lora.adapter import read_adapter_tensors, saved_layers
+    from lora_cli.lora.adapter import base_copies, check_base_copies, read_adapter_tensors, saved_layers
 
     output = Path(output)
     config = read_adapter_config(adapter_dir)
@@ -164,6 +167,12 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
             raise
         raise UserError(f"{e} (the base the adapter names in its base_model_name_or_path; --base MODEL gives "
                         "another)", e.exit_code) from None
+    if not base and config.revision:  # PEFT records the base's revision; its auto-loader loads that one
+        if source.kind == "hub":
+            source = dataclasses.replace(source, revision=config.revision)
+        elif status:
+            status(f"note: the adapter was trained on revision {config.revision!r} of its base; {ref} is a local "
+                   "copy, merged as it is")
     check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
@@ -186,6 +195,15 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                                                        shapes).items()}
     transposed = conv1d_paths(skeleton, lambda path: config.fan_in_fan_out)  # Conv1D weights are (in, out)
     _check_shapes(tensors, weight_of, all_keys, transposed)
+    base_key = {**weight_of, **{head: named.get(key, key) for head, key in own_heads.items()}}  # module → its weight
+
+    def base_value(key: str) -> torch.Tensor | None:
+        path, _, leaf = key.rpartition(".")
+        found = base_key.get(path)
+        found = found and (found if leaf == "weight" else found.removesuffix("weight") + leaf)
+        return _read_tensor(base_dir, keys_by_shard, found) if found and found in all_keys else None
+
+    check_base_copies(base_copies(adapter_dir), base_value, adapter_dir)
     if base and status:  # (once the shapes are known to fit: an adapter that does not fit is an error instead)
         warning = other_architecture(config.base_model_name_or_path, model_type_of(base_dir), "--base", "merges")
         if warning:

@@ -29,6 +29,7 @@ class ModelSource:
     ref: str  # what the user gave
     path: str  # a local directory (GGUF: its cache) or a Hub id
     kind: str  # "hub" | "dir" | "gguf"
+    revision: str | None = None  # of a Hub id: the branch, tag or commit (None: the default branch)
 
     @property
     def is_gguf(self) -> bool:

@@ -869,3 +869,39 @@ def test_generation_stops_at_the_templates_end_of_turn(cli, tiny_llama, chat_dat
     code, _, err = cli("merge", run, "--output", tmp_path / "merged")
     assert code == 0, err
     assert json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
+
+
+def test_merge_loads_the_base_at_the_revision_the_adapter_names(cli, tmp_path, monkeypatch):
+    """PEFT records the base's revision in adapter_config.json (its auto-loader loads that one): merge took the
+    default branch, another model, and export dropped the key."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny"
+    main, v1 = repo / "snapshots" / ("a" * 40), repo / "snapshots" / ("b" * 40)
+    save_tiny(main, "llama")
+    other = AutoModelForCausalLM.from_pretrained(main)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.2)
+    other.save_pretrained(v1)
+    shutil.copy(main / "tokenizer.json", v1)
+    shutil.copy(main / "tokenizer_config.json", v1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v1").write_text("b" * 40)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(v1), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {**config, "base_model_name_or_path": "org/tiny", "revision": "v1"}))
+    assert cli("merge", tmp_path / "adapter", "--output", tmp_path / "m")[0] == 0
+    ids = torch.tensor([[5, 17, 33, 60, 91, 7, 12]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits
+    assert torch.allclose(merged, theirs.eval()(ids).logits, atol=1e-4)
+    assert cli("export", tmp_path / "adapter", "--output", tmp_path / "x")[0] == 0
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["revision"] == "v1"
+    code, out, _ = cli("inspect", tmp_path / "adapter")
+    assert code == 0 and "org/tiny at revision v1" in out

@@ -9,6 +9,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import save_tiny
 from transformers import AutoModelForCausalLM
 
@@ -325,3 +326,43 @@ def test_a_changed_gguf_leaves_no_stale_conversion_in_the_cache(tmp_path, monkey
     (new / "lora_cli_gguf.json").write_text(json.dumps({"gguf": str(model.resolve()), "size": 13}))
     assert evict_stale_conversions(model, new) == 1
     assert sorted(p.name for p in new.parent.iterdir()) == sorted([new.name, other.name, half.name])
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "phi"])  # (phi: a head with a bias, saved too)
+def test_a_heads_base_weight_saved_by_peft_is_checked_and_kept(cli, tmp_path, arch):
+    """With LoRA on lm_head PEFT saves the head's base weight beside it and loads it over the base's. It was
+    dropped as a copy of the base's without a look: a head whose new tokens' rows were set before training gave
+    another model through merge, generate and export. Equal to the base's, it merges as PEFT; else merge and
+    generate refuse, and export keeps it, as stored."""
+    base = save_tiny(tmp_path / "base", arch)
+    ids = torch.tensor([[5, 17, 33, 60, 91, 7, 12]])
+
+    def adapter(name, change_rows):
+        torch.manual_seed(0)
+        m = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    torch.nn.init.normal_(p, std=0.1)
+            if change_rows:
+                m.base_model.model.lm_head.base_layer.weight[100:128] = 0.5
+        m.save_pretrained(tmp_path / name)
+        return tmp_path / name, peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                                              tmp_path / name).eval()(ids).logits
+
+    same, want = adapter("same", False)
+    assert cli("merge", same, "--base", base, "--output", tmp_path / "m")[0] == 0
+    code, out, _ = cli("inspect", same, "--json")  # the saved base weights are not trainable parameters
+    lora = sum(p.numel() for k, p in load_file(str(same / "adapter_model.safetensors")).items() if "lora_" in k)
+    assert code == 0 and json.loads(out)["trainable_params"] == lora
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, want, atol=1e-4)
+    changed, want = adapter("changed", True)
+    for command in (("merge", changed, "--base", base, "--output", tmp_path / "m2"),
+                    ("generate", "--model", base, "--adapter", changed, "--prompt", "hi")):
+        code, _, err = cli(*command)
+        assert code == 1 and f"{changed} holds lm_head.base_layer.weight, the weights it was trained on, and they " \
+                              "are not the base's (max |Δ| " in err, err
+    assert cli("export", changed, "--output", tmp_path / "x", "--dtype", "float32")[0] == 0
+    exported = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "x").eval()
+    assert torch.equal(exported(ids).logits, want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import re
 
 import peft
 import pytest
@@ -362,6 +363,22 @@ def test_unimplemented_peft_features_are_refused_by_name(tmp_path, feature, valu
     d = peft_config_on_disk(tmp_path)
     d[feature] = value
     with pytest.raises(UserError, match=feature):
+        AdapterConfig.from_peft_dict(d)
+
+
+@pytest.mark.parametrize("edit,said", [
+    ({"target_modules": "(q_proj"}, "target_modules '(q_proj' is not a regular expression: missing )"),
+    ({"alpha_pattern": {"(q_proj": 2}}, "a rank_pattern or alpha_pattern key '(q_proj' is not a regular expression"),
+    ({"rank_pattern": ["q_proj", 2]}, "rank_pattern must be an object of module patterns to values, got list"),
+    ({"exclude_modules": 3}, "exclude_modules must be a list of module names, got 3"),
+    ({"layers_to_transform": [0], "layers_pattern": 7}, "layers_pattern must be a list of module names, got 7"),
+    ({"modules_to_save": "lm_head"}, 'modules_to_save must be a list of module names, got "lm_head"'),
+])
+def test_malformed_peft_configs_are_named_not_internal_errors(tmp_path, edit, said):
+    """These were uncaught exceptions ('internal error: TypeError …'), and a string modules_to_save was read
+    letter by letter."""
+    d = {**peft_config_on_disk(tmp_path), **edit}
+    with pytest.raises(UserError, match=re.escape(f"adapter_config.json: malformed value ({said}")):
         AdapterConfig.from_peft_dict(d)
 
 

@@ -24,6 +24,7 @@ def inspect_command(
     rows = [
         ("base model", f"not recorded (a llama.cpp adapter for a {facts['architecture']} model)"
                        if facts.get("format") == "gguf" else f"{facts['base_model_name_or_path']}"
+                       + (f" at revision {facts['revision']}" if facts.get("revision") else "")
                        + (" (dequantized GGUF: not the Hub's original weights)" if facts["base_is_gguf"] else "")),
         ("rank", f"{facts['r']} ({ranks})" if len(facts["ranks"]) > 1 else str(facts["r"])),
         ("alpha / scaling", f"{facts['lora_alpha']:g} / {facts['scaling']:.4g}"

@@ -74,10 +74,10 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             f"{weights}: tensor names lack PEFT's '{KEY_PREFIX}' prefix (e.g. {problems[0]!r}); not a PEFT adapter"
         )
     tensors = {k[len(KEY_PREFIX) :]: v for k, v in raw.items()}
-    # PEFT saves the base weight of a targeted output head or embedding beside its LoRA (save_embedding_layers
-    # "auto"), a copy of the base's own: not part of the update (a resized vocabulary shows in lora_B's shape)
-    tensors = {k: v for k, v in tensors.items()
-               if not (k.endswith(".base_layer.weight") and f"{k[: -len('.base_layer.weight')]}.lora_A.weight" in tensors)}
+    # PEFT saves the base weight (and bias) of a targeted output head or embedding beside its LoRA
+    # (save_embedding_layers "auto"): a copy of the base's own, not part of the update, which merge and generate
+    # check against the base (base_copies); a resized vocabulary shows in lora_B's shape
+    tensors = {k: v for k, v in tensors.items() if not _base_copy(k, tensors)}
     config = read_adapter_config(path)
     saved = [k for k in tensors if _is_saved(k, config)]
     odd = sorted(k for k in tensors if not _KEY_RX.match(k) and not _is_saved(k, config)
@@ -92,6 +92,41 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if broken:  # merge, export, combine and resize would pass them on
         raise broken_adapter_error(weights, broken)
     return tensors
+
+
+def _base_copy(key: str, keys) -> str | None:
+    """The module path of a `….base_layer.weight|bias` that PEFT saved beside that module's LoRA, else None."""
+    path, _, leaf = key.rpartition(".base_layer.")
+    return path if leaf in ("weight", "bias") and f"{path}.lora_A.weight" in keys else None
+
+
+def base_copies(path: str | Path) -> dict[str, torch.Tensor]:
+    """The base weights PEFT saved beside a targeted head's or embedding's LoRA, by `{module}.base_layer.weight`
+    (or `.bias`), PEFT's prefix removed."""
+    from safetensors import safe_open
+
+    _, weights = adapter_files(path)
+    with safe_open(str(weights), "pt") as f:
+        keys = [k.removeprefix(KEY_PREFIX) for k in f.keys()]
+        return {k: f.get_tensor(KEY_PREFIX + k) for k in keys if _base_copy(k, keys)}
+
+
+def check_base_copies(copies: dict[str, torch.Tensor], base_value, adapter: str | Path) -> None:
+    """The base weights an adapter carries (base_copies) must be the base's own (`base_value("{module}.weight")`,
+    or None where the base has none): PEFT loads them over the base's, and lora applies LoRA to the base's weights, so one
+    that differs (the adapter trained on another version of the base, or on a head whose new tokens' rows were
+    set before training) is an error, not another model."""
+    for key, saved in copies.items():
+        own = base_value(key.replace(".base_layer.", "."))
+        if own is None:
+            continue
+        low = saved.dtype if saved.element_size() <= own.element_size() else own.dtype  # (compared as stored)
+        if saved.shape != own.shape or not torch.equal(saved.to(low), own.to(low)):
+            gap = f" (max |Δ| {(saved.float() - own.float()).abs().max().item():.3g})" if saved.shape == own.shape \
+                else f" (shape {tuple(saved.shape)}, the base's {tuple(own.shape)})"
+            raise UserError(f"{adapter} holds {key}, the weights it was trained on, and they are not the base's{gap}: trained on another version "
+                            "of the base (--base gives it), or on a head changed before training (new tokens' rows); "
+                            "lora applies LoRA to the base's own weights: use the base it was trained on, or PEFT")
 
 
 def _is_saved(key: str, config: AdapterConfig) -> bool:
@@ -191,6 +226,7 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0,
     read_adapter(path) gave, if it was read already)."""
     config, tensors = read or read_adapter(path)
     paths = check_adapter_fits(model, config, tensors, str(path))
+    check_base_copies(base_copies(path), lambda key: _param(model, key), path)
     inject_lora(model, paths, config.rank_and_alpha, dropout=dropout, use_rslora=config.use_rslora,
                 use_dora=config.use_dora)
     with torch.no_grad():
@@ -201,6 +237,14 @@ def load_adapter(model: nn.Module, path: str | Path, dropout: float = 0.0,
                 layer.lora_magnitude_vector.copy_(tensors[f"{p}.lora_magnitude_vector"])
     replace_saved_layers(model, saved_layers(tensors))
     return config
+
+
+def _param(model: nn.Module, key: str) -> torch.Tensor | None:
+    """A module's weight or bias by `{module path}.weight|bias` (of its base layer once LoRA wraps it)."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path)
+    value = getattr(getattr(module, "base_layer", module), leaf, None)
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else None
 
 
 def replace_saved_layers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:

@@ -55,6 +55,7 @@ class AdapterConfig:
     modules_to_save: list[str] | None = None  # layers saved whole (trained in full), by name
     ensure_weight_tying: bool = False  # PEFT: a saved layer tied to another is saved (and replaced) in both places
     unsupported: list[str] = field(default_factory=list)  # what lora does not implement (read with lenient=True)
+    revision: str | None = None  # the base's Hub revision (branch, tag or commit) the adapter was trained on
 
     def saves(self, module_path: str, within: bool = False) -> bool:
         """Whether the adapter carries this module whole: PEFT's modules_to_save rule, a plain suffix of the path
@@ -119,6 +120,7 @@ class AdapterConfig:
             **{k: v for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
                if (v := getattr(self, k)) is not None},
             **({"ensure_weight_tying": True} if self.ensure_weight_tying else {}),
+            **({"revision": self.revision} if self.revision else {}),
         }
 
     @classmethod
@@ -155,22 +157,50 @@ class AdapterConfig:
                 use_rslora=bool(d.get("use_rslora", False)),
                 fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
                 base_model_name_or_path=d.get("base_model_name_or_path"),
-                rank_pattern={str(k): _whole(v, f"rank_pattern[{k!r}]") for k, v in (d.get("rank_pattern") or {}).items()},
-                alpha_pattern={str(k): float(v) for k, v in (d.get("alpha_pattern") or {}).items()},
+                rank_pattern={str(k): _whole(v, f"rank_pattern[{k!r}]")
+                              for k, v in _patterns(d.get("rank_pattern"), "rank_pattern").items()},
+                alpha_pattern={str(k): float(v) for k, v in _patterns(d.get("alpha_pattern"), "alpha_pattern").items()},
                 use_dora=bool(d.get("use_dora", False)),
                 layers_to_transform=_int_list(d.get("layers_to_transform")),
                 layers_pattern=[d["layers_pattern"]] if isinstance(d.get("layers_pattern"), str)
-                else d.get("layers_pattern") or None,
-                exclude_modules=d.get("exclude_modules") or None,
-                modules_to_save=[str(m) for m in d["modules_to_save"]] if d.get("modules_to_save") else None,
+                else _names(d.get("layers_pattern"), "layers_pattern"),
+                exclude_modules=d.get("exclude_modules") if isinstance(d.get("exclude_modules"), str)
+                else _names(d.get("exclude_modules"), "exclude_modules"),
+                modules_to_save=_names(d.get("modules_to_save"), "modules_to_save"),
                 ensure_weight_tying=bool(d.get("ensure_weight_tying", False)),
                 unsupported=problems,
+                revision=str(d["revision"]) if d.get("revision") else None,
             )
+            for what, pattern in ([("target_modules", cfg.target_modules)] if isinstance(cfg.target_modules, str)
+                                  else []) + [("a rank_pattern or alpha_pattern key", k)
+                                              for k in (*cfg.rank_pattern, *cfg.alpha_pattern)]:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"{what} {pattern!r} is not a regular expression: {e}") from None
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: malformed value ({e})") from None
         if cfg.r < 1 or any(v < 1 for v in cfg.rank_pattern.values()):
             raise UserError(f"{source}: rank must be >= 1")
         return cfg
+
+
+def _patterns(value: Any, what: str) -> dict:
+    """rank_pattern / alpha_pattern: an object of module patterns to values."""
+    if value in (None, {}, []):
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object of module patterns to values, got {type(value).__name__}")
+    return value
+
+
+def _names(value: Any, what: str) -> list[str] | None:
+    """A list of module names (modules_to_save, exclude_modules, layers_pattern), or None."""
+    if value in (None, [], ""):
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of module names, got {json.dumps(value)[:60]}")
+    return value
 
 
 def _whole(value: Any, what: str) -> int:
