@@ -26,9 +26,10 @@ class Factors:
     b: torch.Tensor  # (out, r)
 
 
-def read_factors(path: str | Path) -> tuple[AdapterConfig, dict[str, Factors]]:
-    """An adapter's modules with their scaling folded into B (fp32)."""
-    from lora_cli.lora.adapter import read_adapter_tensors
+def read_factors(path: str | Path, warn=None) -> tuple[AdapterConfig, dict[str, Factors]]:
+    """An adapter's modules with their scaling folded into B (fp32). `warn` hears of base weights PEFT saved
+    beside a head's LoRA, which a low-rank result leaves out."""
+    from lora_cli.lora.adapter import base_copies, read_adapter_tensors
 
     config = read_adapter_config(path)
     if config.use_dora:
@@ -40,6 +41,10 @@ def read_factors(path: str | Path) -> tuple[AdapterConfig, dict[str, Factors]]:
                         "which are no low-rank update, so it cannot be combined, resized, or exported with "
                         "--portable or --format gguf; merge it instead")
     tensors = read_adapter_tensors(path)
+    if warn and (copies := sorted(base_copies(path))):
+        warn(f"note: {path} holds {', '.join(copies)} (the base weights PEFT saved beside a head's or embedding's LoRA), "
+             "which the result leaves out: it applies to the base's own, which lora merge and generate check are the "
+             "same")
     out = {}
     for key in tensors:
         if not key.endswith(".lora_A.weight"):
@@ -84,7 +89,7 @@ def combine(adapters: list[str], weights: list[float], rank: int | None = None, 
         raise UserError("combine needs at least two adapters")
     if len(weights) != len(adapters):
         raise UserError(f"--weights has {len(weights)} values for {len(adapters)} adapters")
-    loaded = [read_factors(a) for a in adapters]
+    loaded = [read_factors(a, warn) for a in adapters]
     configs = [c for c, _ in loaded]
     bases = {str(Path(b).resolve()) if b and Path(b).exists() else b for b in (c.base_model_name_or_path for c in configs)
              if b}
@@ -157,7 +162,7 @@ def resize(adapter: str, rank: float, warn=None) -> tuple[AdapterConfig, dict[st
     a rank above the adapter's keeps its own (an update of rank r has r singular values)."""
     if not (rank > 0 and math.isfinite(rank)) or (rank >= 1 and rank != int(rank)):
         raise UserError(f"--rank must be a whole rank >= 1 or a fraction of energy below 1, got {rank}")
-    config, factors = read_factors(adapter)
+    config, factors = read_factors(adapter, warn)
     out, kept, ranks = {}, {}, {}
     for m, f in factors.items():
         u, s, v = low_rank_svd(f)

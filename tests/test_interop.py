@@ -366,3 +366,16 @@ def test_a_heads_base_weight_saved_by_peft_is_checked_and_kept(cli, tmp_path, ar
     assert cli("export", changed, "--output", tmp_path / "x", "--dtype", "float32")[0] == 0
     exported = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "x").eval()
     assert torch.equal(exported(ids).logits, want)
+
+
+def test_resize_and_combine_say_they_leave_a_heads_saved_base_weight_out(cli, tmp_path):
+    """They dropped it without a word (a low-rank result cannot hold it)."""
+    base = save_tiny(tmp_path / "base", "llama")
+    m = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    m.save_pretrained(tmp_path / "a")
+    for command in (("resize", tmp_path / "a", "--rank", "2", "--output", tmp_path / "r"),
+                    ("combine", tmp_path / "a", tmp_path / "a", "--output", tmp_path / "c")):
+        code, _, err = cli(*command)
+        assert code == 0 and f"note: {tmp_path / 'a'} holds lm_head.base_layer.weight (the base weights PEFT saved " \
+                              "beside a head's or embedding's LoRA), which the result leaves out" in " ".join(err.split())
