@@ -379,3 +379,15 @@ def test_resize_and_combine_say_they_leave_a_heads_saved_base_weight_out(cli, tm
         code, _, err = cli(*command)
         assert code == 0 and f"note: {tmp_path / 'a'} holds lm_head.base_layer.weight (the base weights PEFT saved " \
                               "beside a head's or embedding's LoRA), which the result leaves out" in " ".join(err.split())
+
+
+def test_whole_embedding_matrices_saved_by_peft_are_named_as_such(cli, tmp_path):
+    """save_embedding_layers=True (PEFT's automatic choice after a vocabulary resize) was refused as 'tensors that
+    are not LoRA factors; LoRA on linear layers only', which pointed at the adapter's LoRA."""
+    base = save_tiny(tmp_path / "base", "llama")
+    m = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    m.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    code, _, err = cli("merge", tmp_path / "a", "--base", base, "--output", tmp_path / "m")
+    assert code == 1 and "holds whole embedding or output-head matrices (lm_head.weight, model.embed_tokens.weight), " \
+                         "as PEFT's save_embedding_layers saves them" in " ".join(err.split()), err

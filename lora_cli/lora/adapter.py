@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from lora_cli.errors import UserError, atomic_path, atomic_write_text, mark
+from lora_cli.errors import UserError, atomic_path, atomic_write_text, few, mark
 from lora_cli.lora.inject import inject_lora, lora_layers, lora_state_dict
 from lora_cli.lora.layer import linear_shape
 from lora_cli.lora.peft_format import (
@@ -85,8 +85,15 @@ def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:
                  and not (config.ensure_weight_tying and any(tensors[s].shape == tensors[k].shape
                                                              and torch.equal(tensors[s], tensors[k]) for s in saved)))
     if odd:  # never dropped silently: a merge, export or combine without them would be another adapter
-        what = embedding_lora(odd) or f"{len(odd)} tensors that are not LoRA factors (e.g. {odd[0]!r})"
-        raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
+        if what := embedding_lora(odd):
+            raise UserError(f"{weights} holds {what}; lora implements LoRA on linear layers only")
+        if all(re.search(r"(embed|wte|lm_head|embed_out|output)[^.]*\.weight$", k) for k in odd):
+            raise UserError(f"{weights} holds whole embedding or output-head matrices ({few(odd)}), as PEFT's "
+                            "save_embedding_layers saves them (after a vocabulary resize, say), which PEFT loads "
+                            "over the base's; lora applies LoRA to the base's own weights: merge it with PEFT, or "
+                            "give --base the base with those matrices")
+        raise UserError(f"{weights} holds {len(odd)} {'tensor that is' if len(odd) == 1 else 'tensors that are'} not "
+                        f"LoRA factors (e.g. {odd[0]!r}); lora implements LoRA on linear layers only")
     check_ranks(config, {k: list(v.shape) for k, v in tensors.items()}, weights)
     broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if broken:  # merge, export, combine and resize would pass them on
