@@ -20,6 +20,7 @@ from lora_cli.errors import UserError, atomic_dir, cast_finite, check_output, ma
 from lora_cli.lora.layer import conv1d_paths, lora_scaling
 from lora_cli.lora.peft_format import (
     AdapterConfig,
+    older_layout_hint,
     read_adapter_config,
     read_safetensors_header,
     save_safetensors,
@@ -123,7 +124,8 @@ def match_weights(adapter_paths: list[str], checkpoint_keys: dict[str, list[int]
             problems.append(f"{path} ({'no weight' if not cands else 'ambiguous'} in the base checkpoint)")
     if problems and not found:
         raise UserError(f"the adapter does not fit this base model: none of its {len(problems)} modules (e.g. "
-                        f"{min(adapter_paths)}) has a weight in it; was it trained on another model? (--base sets it)")
+                        f"{min(adapter_paths)}) has a weight in it; was it trained on another model? (--base sets it)"
+                        + older_layout_hint(adapter_paths))
     if problems:
         from lora_cli.lora.adapter import natural_key
 

@@ -905,3 +905,15 @@ def test_merge_loads_the_base_at_the_revision_the_adapter_names(cli, tmp_path, m
     assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["revision"] == "v1"
     code, out, _ = cli("inspect", tmp_path / "adapter")
     assert code == 0 and "org/tiny at revision v1" in out
+
+
+def test_an_adapter_in_transformers_4s_multimodal_layout_is_named_so():
+    """PEFT maps adapters of Gemma 3 / Llava-style models saved under transformers 4 (language_model.model.…) onto
+    transformers 5's names; lora does not, and said only 'was it trained on another model?'."""
+    from lora_cli.errors import UserError
+    from lora_cli.merging import match_weights
+
+    with pytest.raises(UserError, match=r"or it was saved under transformers 4, which named this model's modules "
+                                        r"otherwise \(language_model\.model\.… is now model\.language_model\.…\)"):
+        match_weights(["language_model.model.layers.0.self_attn.q_proj"],
+                      {"model.language_model.layers.0.self_attn.q_proj.weight": [8, 8]})

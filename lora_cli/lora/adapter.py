@@ -24,6 +24,7 @@ from lora_cli.lora.peft_format import (
     broken_adapter_error,
     check_ranks,
     embedding_lora,
+    older_layout_hint,
     read_adapter_config,
     save_safetensors,
 )
@@ -211,7 +212,8 @@ def check_adapter_fits(
             problems.append(f"{path} has a DoRA magnitude but the config says use_dora=false")
     if wanted and not wanted & modules.keys():
         raise UserError(f"adapter {source} does not fit this base model: none of its {len(wanted)} modules (e.g. "
-                        f"{min(wanted)}) is in it; it was trained on {config.base_model_name_or_path or 'another model'}")
+                        f"{min(wanted)}) is in it; it was trained on {config.base_model_name_or_path or 'another model'}"
+                        + older_layout_hint(wanted))
     if problems:
         # one line a module; shape mismatches first (they say most plainly that it is another model), layers in order
         problems = sorted(dict.fromkeys(problems), key=lambda p: ("needs (" not in p and ", the base's (" not in p,

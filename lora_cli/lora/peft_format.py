@@ -340,6 +340,13 @@ def embedding_lora(keys) -> str | None:
     return f"LoRA on embedding layers ({few(found)})" if found else None
 
 
+def older_layout_hint(paths) -> str:
+    """A hint for an adapter of a multimodal model saved under transformers 4, whose module names it changed."""
+    return ("; or it was saved under transformers 4, which named this model's modules otherwise (language_model.model.…"
+            " is now model.language_model.…): lora reads the current names only" if any(
+                p.startswith("language_model.model.") for p in paths) else "")
+
+
 def read_adapter_config(path: str | Path, lenient: bool = False) -> AdapterConfig:
     """Parse and validate the adapter_config.json of an adapter directory (`lenient`: see from_peft_dict)."""
     config_path, _ = adapter_files(path)
