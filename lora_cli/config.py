@@ -223,11 +223,11 @@ class TrainConfig:
             if value in ("-", "/dev/stdin"):
                 p.append(f"{flag} {value}: records are not read from standard input; save them to a file and give "
                          "its path")
-            elif value and names_missing_file(value):
-                p.append(f"{flag} {value!r} does not exist")
             elif name == "eval_data" and value and _fraction(value) and not Path(value).expanduser().exists():
                 p.append(f"--eval-data {value!r} names eval data (a file, a folder, a Hub dataset); to hold out a "
                          f"fraction of --data, use --eval-split {value}")
+            elif value and names_missing_file(value):
+                p.append(f"{flag} {value!r} does not exist")
         if self.chat_template and not Path(self.chat_template).is_file():
             p.append(f"--chat-template {self.chat_template!r} is not a file")
         check(p, "invalid configuration")

@@ -445,9 +445,18 @@ def _csv_records(path: Path, text: str) -> list[dict]:
 
     try:
         # a cell spanning lines keeps them as \n: \r\n inside quotes is a Windows file's line ending, not text
-        return pd.read_csv(io.StringIO(text.replace("\r\n", "\n")), dtype=str, keep_default_na=False).to_dict("records")
+        rows = pd.read_csv(io.StringIO(text.replace("\r\n", "\n")), dtype=str, keep_default_na=False).to_dict("records")
     except Exception as e:
         raise UserError(f"cannot read {path}: {_root_message(e)}") from None
+    for i, row in enumerate(rows, 1):  # a cell holds a list as its text (JSON): the turns of TRL's conversational
+        for key in ("prompt", "completion", "history"):  # prompt/completion, LLaMA-Factory's history pairs
+            value = row.get(key)
+            if isinstance(value, str) and LIST_CELL.match(value):
+                row[key] = _from_json(value, f"{path} record {i}", f"its {key} cell holds a list, but")
+    return rows
+
+
+LIST_CELL = re.compile(r"""\s*\[\s*(\{\s*["'](role|from)["']|\[)""")  # [{"role": …, [{'from': …, [["q", "a"]…
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -660,8 +669,7 @@ def _plain_pair(rec: Any) -> bool:
 
 def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, bool]:
     if shape == "prompt_completion":
-        prompt, completion = (_from_json(v, where, f"{k} holds turns as text, but") if _turns_as_text(v) else v
-                              for k, v in (("prompt", rec["prompt"]), ("completion", rec["completion"])))
+        prompt, completion = rec["prompt"], rec["completion"]
         if isinstance(prompt, list) and isinstance(completion, list):
             return _turns(prompt, where, "prompt") + _turns(completion, where, "completion"), len(prompt), False
         if isinstance(prompt, list) or isinstance(completion, list):
@@ -676,8 +684,6 @@ def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, 
         turns = [{"role": "user", "content": prompt},
                  {"role": "assistant", "content": _str(rec["output"], where, "output")}]
         history = rec.get("history")  # LLaMA-Factory's earlier [user, assistant] pairs, learned as turns are
-        if isinstance(history, str) and history.lstrip().startswith("["):  # a CSV cell holds the list as JSON
-            history = _from_json(history, where, "history is a string but")
         if history in (None, [], ""):
             return turns, 0, True
         if not (isinstance(history, list) and all(isinstance(h, list) and len(h) == 2 for h in history)):
@@ -687,14 +693,6 @@ def _shape_to_chat(rec: dict, shape: str, where: str) -> tuple[list[dict], int, 
         return earlier + turns, 0, False
     key = "messages" if shape == "messages" else "conversations"
     return _turns(rec[key], where, key), 0, False
-
-
-TURNS_AS_TEXT = re.compile(r"""\s*\[\s*\{\s*["'](role|from)["']""")  # [{"role": …: a CSV cell's list of turns
-
-
-def _turns_as_text(value: Any) -> bool:
-    """A prompt or completion that is a list of turns written out (a CSV cell), not text to learn as it is."""
-    return isinstance(value, str) and TURNS_AS_TEXT.match(value) is not None
 
 
 def _turns(turns: Any, where: str, key: str) -> list[dict]:
@@ -730,6 +728,11 @@ def _turns(turns: Any, where: str, key: str) -> list[dict]:
                 message[NO_LOSS] = True
         messages.append(message)
     return messages
+
+
+def _true_or_false(label: Any) -> bool:
+    """A KTO label: true or false (a CSV cell reads "True")."""
+    return isinstance(label, bool) or (isinstance(label, str) and label.strip().lower() in ("true", "false"))
 
 
 def _given(value: Any) -> bool:
@@ -924,9 +927,9 @@ class Encoder:
         if first is None:
             raise UserError(f"{name} record 1: unknown shape (keys: {_keys(records[0])}); "
                             f"expected one of: {', '.join(ACCEPTED_SHAPES)}{_shape_hint(records[0])}")
-        label = records[0].get("label")  # TRL's KTO layout (a CSV cell reads "True")
-        if first == "prompt_completion" and (isinstance(label, bool) or str(label).lower() in ("true", "false")):
-            raise UserError(f"{name} record 1: a prompt, a completion and a true/false label is unpaired preference "
+        kto = next((i for i, r in enumerate(records, 1) if _true_or_false(r.get("label"))), None)  # TRL's KTO
+        if first == "prompt_completion" and kto:
+            raise UserError(f"{name} record {kto}: a prompt, a completion and a true/false label is unpaired preference "
                             "data (KTO): its label=false completions are answers not to give, and fine-tuning on "
                             "them teaches them; keep the label=true records and drop the label column")
         stats.shape = first

@@ -709,20 +709,24 @@ def test_csv_cells_hold_conversational_pairs_and_histories_as_json(tmp_path):
         pd.DataFrame(as_json).to_csv(tmp_path / f"{name}.csv", index=False)
         assert examples(tmp_path / f"{name}.csv") == examples(write(tmp_path / f"{name}.jsonl", recs))
     pd.DataFrame(pairs).to_csv(tmp_path / "repr.csv", index=False)  # Python's repr of the lists: not JSON
-    with pytest.raises(UserError, match=r"record 1: prompt holds turns as text, but not valid JSON .*Python's repr"):
+    with pytest.raises(UserError, match=r"repr.csv record 1: its prompt cell holds a list, but not valid JSON .*Python's repr"):
         examples(tmp_path / "repr.csv")
-    text = [{"prompt": "[{1, 2}] is a set of sets?", "completion": "no"}]  # a bracket is not turns
-    assert tok.decode(Encoder(tok, 64).encode_all(text)[0][0].input_ids).startswith("<|im_start|>user\n[{1, 2}]")
+    for prompt in ("[{1, 2}] is a set of sets?", '[{"role": "user"}] is JSON', "[{'role': 'x'}] what is this?"):
+        text = write(tmp_path / "text.jsonl", [{"prompt": prompt, "completion": '[{"role": "user", "content": "hi"}]'}])
+        got = tok.decode(Encoder(tok, 128).encode_all(load_records(str(text))[0])[0][0].input_ids)  # JSON text is text
+        assert got.startswith(f"<|im_start|>user\n{prompt}<|im_end|>"), got
 
 
 def test_kto_data_in_a_csv_is_refused_as_in_jsonl(tmp_path):
     """CSV cells read "True"/"False": the KTO check saw no bool, and the run learned the answers labelled bad."""
     pd.DataFrame([{"prompt": "2+2?", "completion": "4", "label": True},
                   {"prompt": "2+2?", "completion": "5", "label": False}]).to_csv(tmp_path / "kto.csv", index=False)
+    (tmp_path / "gap.csv").write_text("prompt,completion,label\np,good,\np,bad answer,False\n")  # record 1's empty
     from lora_cli.data import load_records
 
-    with pytest.raises(UserError, match="unpaired preference data \\(KTO\\)"):
-        Encoder(tiny_tokenizer(), 64).encode_all(load_records(str(tmp_path / "kto.csv"))[0])
+    for name, record in (("kto.csv", 1), ("gap.csv", 2)):
+        with pytest.raises(UserError, match=f"record {record}: .*unpaired preference data \\(KTO\\)"):
+            Encoder(tiny_tokenizer(), 64).encode_all(load_records(str(tmp_path / name))[0])
 
 
 def test_without_a_template_a_run_learns_one_format(cli, tmp_path):
@@ -784,7 +788,8 @@ def test_json_lines_oddities_get_plain_words(tmp_path):
 
 def test_eval_data_that_is_a_fraction_or_standard_input_is_named(cli, tmp_path):
     data = write(tmp_path / "d.jsonl", SHAPES["messages"])
-    code, _, err = cli("train", "--model", tmp_path, "--data", data, "--eval-data", "0.1", "--dry-run")
-    assert code == 1 and "to hold out a fraction of --data, use --eval-split 0.1" in err
+    for fraction in ("0.1", ".5"):
+        code, _, err = cli("train", "--model", tmp_path, "--data", data, "--eval-data", fraction, "--dry-run")
+        assert code == 1 and f"to hold out a fraction of --data, use --eval-split {fraction}" in err
     code, _, err = cli("train", "--model", tmp_path, "--data", "-", "--dry-run")
     assert code == 1 and "--data -: records are not read from standard input; save them to a file" in err
