@@ -206,7 +206,7 @@ def write_factors(out_dir: Path, config: AdapterConfig, factors: dict[str, Facto
     from lora_cli.errors import atomic_dir, cast_finite
     from lora_cli.lora.adapter import write_adapter
 
-    check_output(out_dir, force, reads=reads)
+    held = check_output(out_dir, force, reads=reads)  # noqa: F841 (kept until written)
     tensors = {}
     for m, f in factors.items():
         tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = cast_finite(f.a, dtype, f"{m} lora_A").contiguous()

@@ -196,8 +196,9 @@ OWN_NAMES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "*
 
 
 def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", file: tuple[bytes, str] | None = None,
-                 reads: tuple = (), ours=None) -> None:
-    """Raise unless we may write `path`: it is absent, or --force was given and it is something we wrote.
+                 reads: tuple = (), ours=None):
+    """Raise unless we may write `path`: it is absent, or --force was given and it is something we wrote. A run
+    folder's lock is returned held: the caller keeps it until the folder is replaced (no run starts there).
 
     --force never deletes what lora did not make: not a folder holding other files or weights without lora's
     mark (a downloaded model), not a plain file where a folder goes, not the current folder or one that holds
@@ -230,7 +231,8 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
     here = Path.cwd().resolve()
     if out in (here, *here.parents):
         raise UserError(f"{flag} {path} is the current folder or holds it; --force will not replace it")
-    if training_now(path):
+    held = _hold_run_lock(path)
+    if held is False:
         raise UserError(f"{flag} {path} is a run still training (a lora train holds it); --force will not replace "
                         f"it: choose another {flag}")
     foreign = [p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in OWN_NAMES)]
@@ -239,6 +241,23 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
     if foreign:
         raise UserError(f"{flag} {path} is a folder lora did not write (it holds {foreign[0]}); --force replaces "
                         "only lora's own output (a run, an adapter, a merged model): choose a new or empty folder")
+    return held
+
+
+def _hold_run_lock(folder: Path):
+    """A run folder's lock, taken (the open file: held while the caller keeps it, so that no `lora train` starts
+    in the folder this command is replacing), False where a `lora train` holds it, None for another folder."""
+    import fcntl
+
+    if not (folder / "train_config.yaml").is_file():
+        return None
+    fh = open(folder / ".lock", "a+")  # noqa: SIM115 - held beyond this function
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return False
+    return fh
 
 
 def training_now(run_dir: Path) -> bool:

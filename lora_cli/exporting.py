@@ -32,7 +32,7 @@ def export_adapter(adapter_dir: str | Path, output: str | Path, dtype: torch.dty
     """Write adapter_config.json, adapter_model.safetensors (in `dtype`) and README.md to `output`."""
     output = Path(output)
     config = read_adapter_config(adapter_dir)
-    check_output(output, force, reads=(adapter_dir, config.base_model_name_or_path))  # (the card sizes the base)
+    held = check_output(output, force, reads=(adapter_dir, config.base_model_name_or_path))  # noqa: F841 (kept)
     tensors = {KEY_PREFIX + k: cast_finite(v, dtype, k).contiguous() for k, v in read_adapter_tensors(adapter_dir).items()}
     # the base weights PEFT saved beside a head's LoRA: PEFT loads them over the base's, so they stay, as stored
     tensors.update({KEY_PREFIX + k: v.contiguous() for k, v in base_copies(adapter_dir).items()})

@@ -175,7 +175,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         elif status:
             status(f"note: the adapter was trained on revision {config.revision!r} of its base; {ref} is a local "
                    "copy, merged as it is")
-    check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))
+    held = check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))  # noqa: F841
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
     if has_tokenizer_files(base_dir):  # the merged model gets its files: they must load

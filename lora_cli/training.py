@@ -68,7 +68,13 @@ from lora_cli.lora import (
 from lora_cli.lora.adapter import read_adapter_tensors
 from lora_cli.lora.adapter import write_adapter as write_adapter_files
 from lora_cli.lora.layer import is_conv1d
-from lora_cli.lora.peft_format import CONFIG_NAME, GGUF_BASE_KEY, KEY_PREFIX, WEIGHTS_NAME
+from lora_cli.lora.peft_format import (
+    CONFIG_NAME,
+    GGUF_BASE_KEY,
+    KEY_PREFIX,
+    WEIGHTS_NAME,
+    read_adapter_config,
+)
 from lora_cli.loss import CausalLMLoss, head_is_last
 from lora_cli.merging import shared_weight_groups
 from lora_cli.models import (
@@ -381,12 +387,19 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
                 "the adapter on the base")
         report = param_report(model)
         meta = {GGUF_BASE_KEY: source.path} if source.is_gguf else {}
-        ckpt = list_checkpoints(run_dir)[-1][1] if resume else None
+        kept = list_checkpoints(run_dir) if resume else []
+        if resume and not kept:  # (there at the start: another command replaced the folder meanwhile)
+            raise UserError(f"--resume: {run_dir} no longer holds the run's checkpoints (replaced while this run "
+                            "started?)")
+        ckpt = kept[-1][1] if resume else None
         if ckpt:  # into the plain model, before any wrapper (DDP/FSDP) shards or copies it
             try:
                 saved_tensors = read_adapter_tensors(ckpt)
             except UserError as e:
                 raise UserError(f"{e}; delete the checkpoint {ckpt} to resume from an earlier one") from None
+            if edited := settings_changed(read_adapter_config(ckpt), adapter_cfg):
+                raise UserError(f"{run_dir / CONFIG_FILE} no longer says how the run was started (edited?): "
+                                f"{', '.join(edited)} since {ckpt.name}; restore it")
             load_lora_weights(model, saved_tensors, ckpt, run_dir / CONFIG_FILE)
 
         plan = make_plan(cfg, len(train_ex), world)
@@ -652,6 +665,17 @@ def compile_layers(model) -> int:
     for layer in layers:
         layer.compile(dynamic=None)
     return len(layers)
+
+
+def settings_changed(then: AdapterConfig, now: AdapterConfig) -> list[str]:
+    """The LoRA settings a checkpoint was written with that the run's config now sets otherwise."""
+    def listed(targets):
+        return sorted(targets) if isinstance(targets, list) else targets
+
+    pairs = (("rank", then.r, now.r), ("alpha", then.lora_alpha, now.lora_alpha),
+             ("dropout", then.lora_dropout, now.lora_dropout), ("rslora", then.use_rslora, now.use_rslora),
+             ("dora", then.use_dora, now.use_dora), ("targets", listed(then.target_modules), listed(now.target_modules)))
+    return [f"{name} {a:g} → {b:g}" if isinstance(a, float) else f"{name} {a} → {b}" for name, a, b in pairs if a != b]
 
 
 def load_lora_weights(model, tensors: dict, ckpt: Path, config: Path) -> None:

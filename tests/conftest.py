@@ -88,33 +88,51 @@ EXIT_GRACE_S = 180
 def pytest_sessionfinish(session, exitstatus):
     """A watch on the test process's own exit. In CI it once printed its summary (all passed) and then sat for 80
     minutes until the job was killed: something a test left behind (a thread, a child process) was waited for at
-    exit. What is left is named now, and if the process is still here EXIT_GRACE_S later, every thread's stack
-    goes to stderr and it ends with the tests' status: a hang is shown, and never costs a whole CI run."""
+    exit. What is left is named now; the watch starts when the interpreter begins to exit (not while a process
+    that ran pytest.main goes on), and if the process is still there EXIT_GRACE_S later, every thread's stack goes
+    to stderr and it ends with the tests' status: a hang is shown, and never costs a whole CI run."""
+    import threading
+
+    if left := _left_behind():
+        print(f"\nconftest: still running after the last test (waited for at exit): {left}", file=sys.__stderr__,
+              flush=True)
+    register = getattr(threading, "_register_atexit", None)  # run before the exit joins threads (3.9+)
+    if register is not None:
+        register(lambda: threading.Thread(target=_watch, args=(int(exitstatus),), name="exit-watch",
+                                          daemon=True).start())
+
+
+def _watch(exitstatus: int) -> None:
     import faulthandler
     import threading
 
-    def left_behind() -> list[str]:
-        threads = [f"thread {t.name}" for t in threading.enumerate() if t is not threading.main_thread()
-                   and not t.daemon]
-        children = " ".join(p.read_text() for p in Path(f"/proc/{os.getpid()}/task").glob("*/children")).split()
-        return threads + [f"child process {pid}: {_cmdline(pid)}" for pid in children]
+    threading.Event().wait(EXIT_GRACE_S)
+    err = sys.__stderr__
+    print(f"\nconftest: the test process has not exited {EXIT_GRACE_S} s after its last test; still here: "
+          f"{_left_behind() or 'no thread or child'}; the stacks of its threads:", file=err, flush=True)
+    faulthandler.dump_traceback(err, all_threads=True)
+    os._exit(exitstatus)
 
-    def watch():
-        threading.Event().wait(EXIT_GRACE_S)
-        err = sys.__stderr__
-        print(f"\nconftest: the test process has not exited {EXIT_GRACE_S} s after its last test; still here: "
-              f"{left_behind() or 'no thread or child'}; the stacks of its threads:", file=err, flush=True)
-        faulthandler.dump_traceback(err, all_threads=True)
-        os._exit(int(exitstatus))
 
-    if left := left_behind():
-        print(f"\nconftest: still running after the last test (waited for at exit): {left}", file=sys.__stderr__,
-              flush=True)
-    threading.Thread(target=watch, name="exit-watch", daemon=True).start()
+def _left_behind() -> list[str]:
+    """Non-daemon threads and live child processes (zombies are nothing to wait for)."""
+    import threading
+
+    threads = [f"thread {t.name}" for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    children = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        try:
+            children += task.read_text().split()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return threads + [f"child process {pid}: {cmd}" for pid in children if (cmd := _cmdline(pid))]
 
 
 def _cmdline(pid: str) -> str:
+    """A live process's command line; '' for a zombie or a process gone."""
     try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return ""
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "(gone)"
+    except (OSError, IndexError):
+        return ""

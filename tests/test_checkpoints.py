@@ -586,16 +586,22 @@ def test_a_signal_during_a_checkpoint_stops_at_that_checkpoint(cli, tiny_llama, 
     assert [s for s, _ in list_checkpoints(run)] == [2]
 
 
-def test_a_run_config_edited_to_another_rank_is_named_on_resume(cli, tiny_llama, chat_data, tmp_path):
+@pytest.mark.parametrize("edit,said", [("\nrank: 4\n", "rank 4 → 8, alpha 8 → 16"), ("\nalpha: null", "alpha 8 → 64"),
+                                       ("\ntargets: attention\n", "targets ['k_proj', 'o_proj', 'q_proj', 'v_proj'] → "
+                                                                    "['q_proj']")])
+def test_a_run_config_edited_is_named_on_resume(cli, tiny_llama, chat_data, tmp_path, edit, said):
+    """An edited rank was an internal error, narrowed targets a checkpoint called damaged (to be deleted), and
+    an edited alpha resumed at another scale without a word."""
     run = tmp_path / "run"
     assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "2",
                "--rank", "4")[0] == 0
     config = run / "train_config.yaml"
-    config.write_text(config.read_text().replace("\nrank: 4\n", "\nrank: 8\n"))
+    new = {"\nrank: 4\n": "\nrank: 8\n", "\nalpha: null": "\nalpha: 64", "\ntargets: attention\n": "\ntargets: q_proj\n"}
+    assert edit in config.read_text()
+    config.write_text(config.read_text().replace(edit, new[edit]))
     code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "3")
-    assert code == 1 and "internal error" not in err, err
-    assert f"of shape (4, 32), where the settings in {config} make (8, 32): the file no longer says how the run " \
-           "was started (edited?)" in err, err
+    assert code == 1 and f"{config} no longer says how the run was started (edited?): {said} since step-000002; " \
+                         "restore it" in " ".join(err.split()), err
 
 
 def test_a_process_the_launcher_ended_says_so(monkeypatch):
@@ -607,3 +613,26 @@ def test_a_process_the_launcher_ended_says_so(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert stopped([signal.SIGTERM])[0].startswith("process 1 terminated: the launcher ends every process of a run "
                                                    "when one of them fails (its error says why)")
+
+
+def test_a_run_being_replaced_by_merge_force_cannot_be_resumed_meanwhile(cli, tiny_llama, chat_data, tmp_path,
+                                                                         monkeypatch):
+    """merge --force checked the output's lock only at its start: a --resume started during the merge had its
+    folder deleted under it (and failed with an IndexError). The merge now holds the run's lock until it is done."""
+    import lora_cli.merging
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    for d in (run, other):
+        assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", d, "--max-steps", "1")[0] == 0
+    seen = []
+    real = lora_cli.merging.base_directory
+
+    def resume_meanwhile(*a, **k):  # the slow part of the merge: a resume of the run tries to start
+        seen.append(subprocess.run([sys.executable, "-m", "lora_cli", "train", "--output", str(run), "--resume",
+                                    "--max-steps", "3"], capture_output=True, text=True))
+        return real(*a, **k)
+
+    monkeypatch.setattr(lora_cli.merging, "base_directory", resume_meanwhile)
+    assert cli("merge", other, "--output", run, "--force")[0] == 0
+    assert seen[0].returncode == 1 and "is in use by another lora run (locked)" in seen[0].stderr, seen[0].stderr
+    assert (run / "config.json").is_file() and not (run / "train_config.yaml").exists()  # the merge, whole
