@@ -121,20 +121,22 @@ def base_copies(path: str | Path) -> dict[str, torch.Tensor]:
 
 def check_base_copies(copies: dict[str, torch.Tensor], base_value, adapter: str | Path) -> None:
     """The base weights an adapter carries (base_copies) must be the base's own (`base_value("{module}.weight")`,
-    or None where the base has none): PEFT loads them over the base's, and lora applies LoRA to the base's weights, so one
-    that differs (the adapter trained on another version of the base, or on a head whose new tokens' rows were
-    set before training) is an error, not another model."""
+    or None where the base has none): PEFT loads them over the base's, and lora applies LoRA to the base's
+    weights, so one that differs (the adapter trained on another version of the base, or on a head whose new
+    tokens' rows were set before training) is an error, not another model."""
     for key, saved in copies.items():
         own = base_value(key.replace(".base_layer.", "."))
         if own is None:
             continue
+        saved = saved.to(own.device)
         low = saved.dtype if saved.element_size() <= own.element_size() else own.dtype  # (compared as stored)
         if saved.shape != own.shape or not torch.equal(saved.to(low), own.to(low)):
             gap = f" (max |Δ| {(saved.float() - own.float()).abs().max().item():.3g})" if saved.shape == own.shape \
                 else f" (shape {tuple(saved.shape)}, the base's {tuple(own.shape)})"
-            raise UserError(f"{adapter} holds {key}, the weights it was trained on, and they are not the base's{gap}: trained on another version "
-                            "of the base (--base gives it), or on a head changed before training (new tokens' rows); "
-                            "lora applies LoRA to the base's own weights: use the base it was trained on, or PEFT")
+            raise UserError(f"{adapter} holds {key}, the weights it was trained on, and they are not the base's{gap}: "
+                            "trained on another version of the base (--base gives it), or on a head changed before "
+                            "training (new tokens' rows); lora applies LoRA to the base's own weights: use the base "
+                            "it was trained on, or PEFT")
 
 
 def _is_saved(key: str, config: AdapterConfig) -> bool:
@@ -253,7 +255,7 @@ def _param(model: nn.Module, key: str) -> torch.Tensor | None:
     path, _, leaf = key.rpartition(".")
     module = model.get_submodule(path)
     value = getattr(getattr(module, "base_layer", module), leaf, None)
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else None
+    return value.detach() if isinstance(value, torch.Tensor) else None
 
 
 def replace_saved_layers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
