@@ -250,8 +250,9 @@ class StopFlag:
         for s in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not in the main thread
                 self._old[s] = signal.signal(s, self._handle)
-        if getattr(self._old.get(signal.SIGINT), "received", False):  # a Ctrl-C a library swallowed before (the
-            self.signal = "SIGINT"  # CLI's handler marks it): stop at the first step, as if it came now
+        for s in (signal.SIGINT, signal.SIGTERM):  # a signal a library swallowed before (the CLI's handler marks
+            if getattr(self._old.get(s), "received", False):  # it): stop at the first step, as if it came now
+                self.signal = signal.Signals(s).name
         return self
 
     def __exit__(self, *exc) -> None:

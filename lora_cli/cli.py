@@ -50,14 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     terminated: list[int] = []
 
     def on_sigterm(signum, frame):  # unwound as Ctrl-C is (temporary files removed), not killed where it stands
-        terminated.append(signum)
+        terminated.append(signum)  # (and remembered, as Ctrl-C is: a library's clean-up may swallow the raise)
+        on_sigterm.received = True
         raise KeyboardInterrupt
 
     def on_sigint(signum, frame):  # Python's own, remembered: raised inside a library's clean-up (a __del__ while
         on_sigint.received = True  # modules import), the KeyboardInterrupt is swallowed ("Exception ignored") and
         raise KeyboardInterrupt  # the run went on; training's loop reads the mark and stops at its first step
 
-    on_sigint.received = False
+    on_sigint.received = on_sigterm.received = False
     try:
         previous = signal.signal(signal.SIGTERM, on_sigterm)  # (training's loop installs its own while it runs)
         previous_int = signal.signal(signal.SIGINT, on_sigint) \

@@ -802,7 +802,8 @@ def test_a_stopped_run_exits_though_a_librarys_thread_would_not(tmp_path):
     assert r.returncode == 130 and r.stderr == "error: interrupted\n", r.stderr
 
 
-def test_a_ctrl_c_a_library_swallowed_still_stops_the_run(cli, tiny_llama, chat_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_a_library_swallowed_still_stops_the_run(cli, tiny_llama, chat_data, tmp_path, monkeypatch, sig):
     """A Ctrl-C while modules import can land in a library's clean-up (a __del__), where Python prints
     'Exception ignored … KeyboardInterrupt' and goes on: the run trained to its end and exited 0. The CLI's
     handler remembers it; the loop stops at its first step with a checkpoint to resume from."""
@@ -812,20 +813,23 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_run(cli, tiny_llama, chat_
 
     real = lora_cli.training.encode_datasets
 
+    number = getattr(signal, sig)
+
     class CleanedUp:
         def __del__(self):
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            signal.getsignal(number)(number, None)
 
     def encode(*args, **kwargs):
         CleanedUp()  # the interrupt raised inside __del__: swallowed
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lora_cli.training, "encode_datasets", encode)
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(number)
     code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "r", "--max-steps", "6")
-    assert code == 130 and err.strip().splitlines()[-1].startswith("error: stopped by SIGINT after step 1; checkpoint"), err
+    assert code == 128 + number and err.strip().splitlines()[-1].startswith(f"error: stopped by {sig} after step 1; "
+                                                                           "checkpoint"), err
     assert json.loads((tmp_path / "r" / "checkpoints" / "step-000001" / "trainer_state.json").read_text())["step"] == 1
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(number) is before
 
 
 def test_a_missing_shard_is_named_and_pickles_are_offered_once():
