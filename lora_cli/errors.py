@@ -247,31 +247,32 @@ def check_output(path: str | os.PathLike, force: bool, flag: str = "--output", f
 def _hold_run_lock(folder: Path):
     """A run folder's lock, taken (the open file: held while the caller keeps it, so that no `lora train` starts
     in the folder this command is replacing), False where a `lora train` holds it, None for another folder."""
-    import fcntl
-
-    if not (folder / "train_config.yaml").is_file():
-        return None
-    fh = open(folder / ".lock", "a+")  # noqa: SIM115 - held beyond this function
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        return False
-    return fh
+    return _flocked(folder / ".lock", "a+") if (folder / "train_config.yaml").is_file() else None
 
 
 def training_now(run_dir: Path) -> bool:
     """Whether a `lora train` holds the run directory's lock at this moment."""
-    import fcntl
-
     try:
-        with open(run_dir / ".lock", "rb") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        fh = _flocked(run_dir / ".lock", "rb")
     except OSError:  # no lock file: never a run, or one that has not started
         return False
-    return False
+    if fh:
+        fh.close()
+    return fh is False
+
+
+def _flocked(lock: Path, mode: str):
+    """`lock` opened in `mode` and locked, without waiting (exclusively where it may be created, "a+"): the open
+    file, or False where another process holds it."""
+    import fcntl
+
+    fh = open(lock, mode)  # noqa: SIM115 - returned open: the lock lasts while it is
+    try:
+        fcntl.flock(fh.fileno(), (fcntl.LOCK_EX if "+" in mode else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return False
+    return fh
 
 
 def _unmarked_weights(folder: Path) -> list[str]:

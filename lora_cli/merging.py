@@ -199,11 +199,10 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     _check_shapes(tensors, weight_of, all_keys, transposed)
     base_key = {**weight_of, **{head: named.get(key, key) for head, key in own_heads.items()}}  # module → its weight
 
-    def base_value(key: str) -> torch.Tensor | None:
+    def base_value(key: str) -> torch.Tensor | None:  # `{module}.weight|bias` of the base, where it has one
         path, _, leaf = key.rpartition(".")
-        found = base_key.get(path)
-        found = found and (found if leaf == "weight" else found.removesuffix("weight") + leaf)
-        return _read_tensor(base_dir, keys_by_shard, found) if found and found in all_keys else None
+        found = base_key.get(path, "").removesuffix("weight") + leaf
+        return _read_tensor(base_dir, keys_by_shard, found) if path in base_key and found in all_keys else None
 
     check_base_copies(base_copies(adapter_dir), base_value, adapter_dir)
     if base and status:  # (once the shapes are known to fit: an adapter that does not fit is an error instead)
