@@ -40,6 +40,8 @@ class TrainConfig:
     """Everything `lora train` needs; saved as train_config.yaml in the run directory."""
 
     model: str | None = _opt(None, "Hub id, local transformers directory, or .gguf file.", "Model and data")
+    revision: str | None = _opt(None, "Version of a Hub --model: a branch, tag or commit [default: the default "
+                                "branch]; written to the adapter, which merge and PEFT load the base at.", "Model and data")
     data: str | None = _opt(None, "Training data: .jsonl/.json/.csv/.parquet/.txt, a directory, or a Hub dataset id.", "Model and data")
     data_split: str = _opt("train", "Split to read from a Hub dataset (or a folder laid out as one).", "Model and data")
     data_config: str | None = _opt(None, "Configuration (subset) of a Hub dataset, or of a folder whose README lists several: load_dataset's name (openai/gsm8k: main).", "Model and data")

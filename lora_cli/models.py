@@ -43,8 +43,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-cli"
 
 
-def resolve_model(ref: str, allow_pickle: bool = False) -> ModelSource:
-    """Classify MODEL and check what can be checked before loading anything heavy."""
+def resolve_model(ref: str, allow_pickle: bool = False, revision: str | None = None) -> ModelSource:
+    """Classify MODEL and check what can be checked before loading anything heavy. `revision` (a branch, tag or
+    commit) applies to a Hub id only."""
+    source = _classify(ref, allow_pickle)
+    if revision is not None:
+        if not revision.strip():
+            raise UserError("--revision is empty; give a branch, tag or commit of the model's Hub repository")
+        if source.kind != "hub":
+            what = "a .gguf file" if source.is_gguf else "a local directory"
+            raise UserError(f"--revision {revision} picks a version of a Hub model, and {ref!r} is {what}: give the "
+                            "Hub id, or drop --revision")
+        source = ModelSource(source.ref, source.path, source.kind, revision)
+    return source
+
+
+def hub_revision(source: ModelSource) -> dict:
+    """from_pretrained's revision argument, for a Hub id loaded at one."""
+    return {"revision": source.revision} if source.revision else {}
+
+
+def _classify(ref: str, allow_pickle: bool) -> ModelSource:
     p = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not p.is_file():
@@ -295,7 +314,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
         raise no_tokenizer
     try:
         with _no_own_type_notice():
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **hub_revision(source))
     except UserError:
         raise
     except Exception as e:
@@ -398,7 +417,7 @@ def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allo
         with _no_own_type_notice():
             model = AutoModelForCausalLM.from_pretrained(
                 local_path(source, status), dtype=dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True, **kwargs,
+                use_safetensors=None if allow_pickle else True, **hub_revision(source), **kwargs,
             )
     except UserError:
         raise
@@ -422,8 +441,9 @@ def _load_failure(source: ModelSource, what: str, e: Exception, allow_pickle: bo
         return (f"cannot load {what} {source.ref!r}: no safetensors weights; if its weights are pickled (*.bin), "
                 f"--allow-pickle loads them from a source you trust ({msg})")
     if source.kind == "hub":
-        return (f"cannot load {what} {source.ref!r}: not a local path, and the Hub did not provide it "
-                f"(offline, private, or misspelled?): {msg}")
+        at = f" at revision {source.revision!r}" if source.revision else ""
+        return (f"cannot load {what} {source.ref!r}{at}: not a local path, and the Hub did not provide it "
+                f"(offline, private, or misspelled{'; or no such revision' if at else ''}?): {msg}")
     return f"cannot load {what} from {source.ref!r}: {msg}"
 
 

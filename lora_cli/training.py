@@ -80,6 +80,7 @@ from lora_cli.merging import shared_weight_groups
 from lora_cli.models import (
     check_token_ids,
     context_length,
+    hub_revision,
     load_model,
     load_tokenizer,
     local_path,
@@ -316,7 +317,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     if resume and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from (the run stopped before its "
                         "first); start it again with --force")
-    source = resolve_model(cfg.model, cfg.allow_pickle)
+    source = resolve_model(cfg.model, cfg.allow_pickle, cfg.revision)
     keep_freed_memory()
 
     use_cuda = torch.cuda.is_available()
@@ -596,8 +597,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")  # last: the run is done
             say(_after_table(summary, run_dir, drew))
             say(Text("next", style="bold cyan"))
-            say(_next_commands(run_dir, cfg.model, cfg.allow_pickle, cfg.trust_remote_code), soft_wrap=True,
-                highlight=False)
+            say(_next_commands(run_dir, cfg.model, cfg.allow_pickle, cfg.trust_remote_code, cfg.revision),
+                soft_wrap=True, highlight=False)
         if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
             acc.wait_for_everyone()
             acc.end_training()
@@ -610,7 +611,8 @@ def fit_max_length(cfg: TrainConfig, source, explicit: bool, say) -> int:
     from transformers import AutoConfig
 
     try:
-        mc = AutoConfig.from_pretrained(local_path(source), trust_remote_code=cfg.trust_remote_code)
+        mc = AutoConfig.from_pretrained(local_path(source), trust_remote_code=cfg.trust_remote_code,
+                                        **hub_revision(source))
     except Exception:
         return cfg.max_length  # the model load that follows reports the problem
     ctx = context_length(mc)
@@ -636,7 +638,7 @@ def add_lora(model, cfg: TrainConfig, source) -> tuple[list[str], AdapterConfig]
         r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_target_names(model, paths),
         lora_dropout=cfg.dropout, use_rslora=cfg.rslora, use_dora=cfg.dora,
         fan_in_fan_out=any(is_conv1d(model.get_submodule(p).base_layer) for p in paths),
-        base_model_name_or_path=source.path if source.kind != "hub" else source.ref,
+        base_model_name_or_path=source.path if source.kind != "hub" else source.ref, revision=source.revision,
     )
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", True):
@@ -919,7 +921,8 @@ def _summary(cfg, state, plan, engine, world, tstats, estats, report, device) ->
 def _before_table(cfg, source, model, report, paths, tstats, estats, plan, engine, world, device, dtype):
     kinds = sorted({p.split(".")[-1] for p in paths})
     rows = [
-        ("model", f"{cfg.model} ({type(model).__name__}{', dequantized GGUF' if source.is_gguf else ''})"),
+        ("model", f"{cfg.model}{f' at revision {cfg.revision}' if cfg.revision else ''} ({type(model).__name__}"
+                  f"{', dequantized GGUF' if source.is_gguf else ''})"),
         ("device", f"{device} · {str(dtype).replace('torch.', '')} · {world} process{'es' if world > 1 else ''}"
                    f"{f' ({engine})' if world > 1 else ''}"),
         ("parameters", str(report)),
@@ -970,13 +973,15 @@ def _after_table(summary: dict, run_dir: Path, drew: bool):
     return kv_table("done", rows)
 
 
-def _next_commands(run_dir: Path, model: str, allow_pickle: bool = False, remote_code: bool = False) -> str:
+def _next_commands(run_dir: Path, model: str, allow_pickle: bool = False, remote_code: bool = False,
+                   revision: str | None = None) -> str:
     """What to run next; printed with soft_wrap (one line each): a command broken inside a quoted path does
     not paste. A base read with --allow-pickle needs it again (generate, merge); one with its own code, to run
     (generate)."""
     q = shlex.quote
     pickle = " --allow-pickle" if allow_pickle else ""
     code = " --trust-remote-code" if remote_code else ""
-    return (f"lora generate --model {q(model)} --adapter {q(str(run_dir))} --prompt '…'{pickle}{code}\n"
+    at = f" --revision {q(revision)}" if revision else ""
+    return (f"lora generate --model {q(model)}{at} --adapter {q(str(run_dir))} --prompt '…'{pickle}{code}\n"
             f"lora merge {q(str(run_dir))} --output {q(f'{run_dir}-merged')}{pickle}\n"
             f"lora export {q(str(run_dir))} --output {q(f'{run_dir}-adapter')}")

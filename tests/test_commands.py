@@ -871,9 +871,8 @@ def test_generation_stops_at_the_templates_end_of_turn(cli, tiny_llama, chat_dat
     assert json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
 
 
-def test_merge_loads_the_base_at_the_revision_the_adapter_names(cli, tmp_path, monkeypatch):
-    """PEFT records the base's revision in adapter_config.json (its auto-loader loads that one): merge took the
-    default branch, another model, and export dropped the key."""
+def hub_with_two_revisions(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A Hub cache holding org/tiny at two revisions, main and v1 (other weights): their snapshot folders."""
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -890,6 +889,13 @@ def test_merge_loads_the_base_at_the_revision_the_adapter_names(cli, tmp_path, m
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
     (repo / "refs" / "v1").write_text("b" * 40)
+    return main, v1
+
+
+def test_merge_loads_the_base_at_the_revision_the_adapter_names(cli, tmp_path, monkeypatch):
+    """PEFT records the base's revision in adapter_config.json (its auto-loader loads that one): merge took the
+    default branch, another model, and export dropped the key."""
+    _, v1 = hub_with_two_revisions(tmp_path, monkeypatch)
     torch.manual_seed(0)
     theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(v1), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
@@ -905,6 +911,43 @@ def test_merge_loads_the_base_at_the_revision_the_adapter_names(cli, tmp_path, m
     assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["revision"] == "v1"
     code, out, _ = cli("inspect", tmp_path / "adapter")
     assert code == 0 and "org/tiny at revision v1" in out
+
+
+def test_train_and_generate_take_a_revision_of_a_hub_model(cli, tmp_path, monkeypatch, chat_data):
+    """--revision loads that version of a Hub model (there was no way to train on one), the adapter records it as
+    PEFT does, and merge then bakes it into that version; a local model has no revisions."""
+    main, v1 = hub_with_two_revisions(tmp_path, monkeypatch)
+    common = ("--data", chat_data, "--max-steps", "1", "--rank", "4")
+    first_loss, said = {}, {}
+    for name, model in (("v1", ["org/tiny", "--revision", "v1"]), ("v1_dir", [v1]), ("main", ["org/tiny"])):
+        code, _, said[name] = cli("train", "--model", *model, *common, "--output", tmp_path / name)
+        assert code == 0, said[name]
+        first_loss[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first_loss["v1"] == first_loss["v1_dir"] != first_loss["main"]
+    config = json.loads((tmp_path / "v1" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny" and config["revision"] == "v1"
+    assert "revision" not in json.loads((tmp_path / "main" / "adapter_config.json").read_text())
+    assert "org/tiny at revision v1 (LlamaForCausalLM)" in said["v1"]
+    assert "lora generate --model org/tiny --revision v1 --adapter" in said["v1"]
+    assert cli("merge", tmp_path / "v1", "--output", tmp_path / "m")[0] == 0
+    ids = torch.tensor([[5, 17, 33, 60, 91, 7, 12]])
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(v1), tmp_path / "v1").eval()
+    assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, theirs(ids).logits,
+                          atol=1e-4)
+    answers = {}
+    for name, model in (("v1", ["org/tiny", "--revision", "v1"]), ("v1_dir", [v1]), ("main", ["org/tiny"])):
+        code, out, err = cli("generate", "--model", *model, "--prompt", "hi", "--max-new-tokens", "8", "--json")
+        assert code == 0, err
+        answers[name] = json.loads(out)["answer"]
+    assert answers["v1"] == answers["v1_dir"] != answers["main"]
+    code, _, err = cli("generate", "--model", "org/tiny", "--adapter", tmp_path / "v1", "--prompt", "hi",
+                       "--max-new-tokens", "2")
+    assert code == 0 and "was trained on revision 'v1' of org/tiny, loaded here at its default branch" in err
+    code, _, err = cli("train", "--model", main, "--revision", "v1", *common, "--output", tmp_path / "x")
+    assert code == 1 and "--revision v1 picks a version of a Hub model" in err and "a local directory" in err
+    assert not (tmp_path / "x").exists()
+    code, _, err = cli("generate", "--model", "org/tiny", "--revision", "v2", "--prompt", "hi")
+    assert code == 1 and "'org/tiny' at revision 'v2'" in err and "no such revision" in err
 
 
 def test_an_adapter_in_transformers_4s_multimodal_layout_is_named_so():

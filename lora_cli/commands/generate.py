@@ -13,6 +13,8 @@ LINE_BREAKS_ESCAPED = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
 
 def generate_command(
     model: str = typer.Option(..., "--model", "-m", help="Hub id, local directory, or .gguf file."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Version of a Hub --model: a branch, tag or "
+                                           "commit [default: the default branch]."),
     adapter: Optional[list[str]] = typer.Option(None, "--adapter", "-a", help="Adapter directory; repeat to "
                                                 "compare several on one base load."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
@@ -89,11 +91,11 @@ def generate_command(
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32) (got {seed})")
     _run(model, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
-         trust_remote_code, allow_pickle, json_lines)
+         trust_remote_code, allow_pickle, json_lines, revision)
 
 
 def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens, temperature, top_p, top_k, seed, dtype,
-         trust_remote_code, allow_pickle, json_lines=False) -> None:
+         trust_remote_code, allow_pickle, json_lines=False, revision=None) -> None:
     import json
     import sys
     import time
@@ -123,7 +125,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
     )
 
     console = stderr_console()
-    source = resolve_model(model_ref, allow_pickle)
+    source = resolve_model(model_ref, allow_pickle, revision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(source, trust_remote_code, status=console.print)
     model = load_model(source, torch_dtype(dtype, device), trust_remote_code, allow_pickle,
@@ -134,6 +136,10 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         warning = other_architecture(config.base_model_name_or_path, model.config.model_type, "--model", "loads")
         if warning:
             console.print(warning)
+        if config.revision and config.base_model_name_or_path == source.ref and config.revision != source.revision:
+            console.print(f"note: {a} was trained on revision {config.revision!r} of {source.ref}, loaded here at "
+                          + (repr(source.revision) if source.revision else "its default branch")
+                          + f" (--revision {config.revision} loads that one)")
     variants = ([None] if compare or not adapters else []) + adapters
     template = {a: None if no_chat else chat_template_for(tok, [a]) for a in adapters}  # each as its run trained
     kinds = set(template.values())
