@@ -65,7 +65,7 @@ class TrainConfig:
     epochs: int = _opt(1, "Passes over the training data.")
     max_steps: int | None = _opt(None, "Optimizer steps; wins over --epochs and cycles through the data.")
     lr: float = _opt(2e-4, "Peak learning rate (AdamW).")
-    warmup: float = _opt(0.03, "Warmup: < 1 is a fraction of the steps, >= 1 a step count.")
+    warmup: float = _opt(0.03, "Warmup: < 1 is a fraction of the steps (rounded up), >= 1 a step count.")
     scheduler: str = _opt("cosine", "cosine | linear | constant.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).")
@@ -80,7 +80,7 @@ class TrainConfig:
                                 "each; at most one per CPU core) [default: one per core, up to 8, for 1,024 records or more].", "Hardware")
     load_in_4bit: bool = _opt(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only); LoRA stays 16/32-bit.", "Hardware")
     eval_every: int = _opt(0, "Steps between evaluations (0 = at the end only).", "Logging and checkpoints")
-    log_every: int = _opt(1, "Steps between metrics.jsonl rows; a row averages the steps since the last one.",
+    log_every: int = _opt(1, "Steps between metrics.jsonl rows; a row averages the steps since the last one (lr: the last step's).",
                           "Logging and checkpoints")
     save_every: int = _opt(0, "Steps between checkpoints (0 = every 10% of the run).", "Logging and checkpoints")
     save_total_limit: int = _opt(3, "Checkpoints kept: the newest N plus the best by eval loss.", "Logging and checkpoints")

@@ -104,7 +104,8 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, LOSS_PLOT, CHAT_TEMPLATE_F
 # ---------------------------------------------------------------- pure pieces
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule. Warmup step
+    s is at (s + 1) / (warmup + 1): no step is spent at lr 0 (transformers' s / warmup starts at 0)."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if kind == "constant":
@@ -116,8 +117,9 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 
 
 def warmup_steps(warmup: float, total: int) -> int:
-    """< 1: a fraction of the steps; >= 1: a step count."""
-    return int(round(warmup * total)) if warmup < 1 else int(warmup)
+    """< 1: a fraction of the steps, rounded up as transformers does (a fraction's float error aside: 0.1 of 30
+    steps is 3); >= 1: a step count."""
+    return math.ceil(round(warmup * total, 9)) if warmup < 1 else int(warmup)
 
 
 GROUP_SPAN = 16  # global batches per length-sorted group

@@ -210,6 +210,26 @@ def test_shipped_configs_load_and_validate(path):
     TrainConfig.from_dict(values).resolved().validate()
 
 
+def test_warmup_is_rounded_up_as_in_transformers_and_never_at_lr_zero():
+    """A fractional --warmup was rounded half to even (8 steps × 0.03: none; 150 × 0.03: 4), where transformers
+    rounds up (1 and 5): a recipe ported from Trainer got another schedule."""
+    import math
+
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from lora_cli.training import lr_factor, warmup_steps
+
+    for total, frac in ((8, 0.03), (150, 0.03), (25, 0.1), (35, 0.1), (40, 0.03), (100, 0.03)):
+        assert warmup_steps(frac, total) == math.ceil(total * frac)  # transformers' get_warmup_steps
+    assert warmup_steps(0.1, 30) == 3  # (30 × 0.1 is 3.0000000000000004 in floats)
+    assert warmup_steps(4, 100) == 4 and warmup_steps(0, 100) == 0
+    # the warmup ramps to the peak without a step at lr 0; after it, transformers' cosine exactly
+    assert [lr_factor(s, 10, 4, "cosine") for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_cosine_schedule_with_warmup(opt, 4, 10).lr_lambdas
+    assert [lr_factor(s, 10, 4, "cosine") for s in range(4, 10)] == pytest.approx([theirs[0](s) for s in range(4, 10)])
+
+
 def test_epoch_batches_cover_each_record_once_and_group_by_length():
     from lora_cli.training import epoch_batches
 
