@@ -94,12 +94,13 @@ def check_model_files(directory: Path) -> None:
 
 
 def weight_shards(base_dir: Path) -> list[str]:
-    """The safetensors shard file names of a model directory."""
+    """The safetensors shard file names of a model directory: model.safetensors where there is one (what
+    transformers loads, before a shard index that an earlier save may have left beside it), else the index's."""
+    if (base_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
     index = base_dir / INDEX_NAME
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    if (base_dir / "model.safetensors").is_file():
-        return ["model.safetensors"]
     pickled = " (its weights are pickled: pass --allow-pickle if you trust it)" if _pickled(base_dir) else ""
     raise UserError(f"{base_dir} has no safetensors weights (model.safetensors or {INDEX_NAME}){pickled}")
 
@@ -215,9 +216,10 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     originals = {head: _read_tensor(base_dir, keys_by_shard, key) for head, key in kept.items() if head not in all_keys}
     for head, key in own_heads.items():  # LoRA on a head tied to the embeddings: the head gets W + ΔW of its own
         w = _read_tensor(base_dir, keys_by_shard, named.get(key, key))
-        originals[f"{head}.weight"] = cast_finite(_merged_weight(config, head, w, tensors, transposed(head)),
-                                                  dtype or w.dtype, head)
-    untie = [k for k in replace.values() if k not in all_keys] + list(originals)  # heads given their own weight
+        originals[named.get(f"{head}.weight", f"{head}.weight")] = cast_finite(
+            _merged_weight(config, head, w, tensors, transposed(head)), dtype or w.dtype, head)
+    # heads given their own weight: into the last shard, unless the checkpoint holds a (tied) copy already
+    untie = [k for k in [*replace.values(), *originals] if k not in all_keys]
 
     merged = 0
     with atomic_dir(output) as tmp:
@@ -234,14 +236,13 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
                 if key in state or (key in untie and shard == shards[-1]):
                     like = state[key] if key in state else next(v for v in state.values() if v.is_floating_point())
                     state[key] = cast_finite(whole[k], dtype or like.dtype, k)
-            if shard == shards[-1]:
-                state.update(originals)
+            state.update({k: v for k, v in originals.items() if k in state or (shard == shards[-1] and k in untie)})
             if dtype is not None:
                 state = {k: cast_finite(v, dtype, k) if v.is_floating_point() else v for k, v in state.items()}
             save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp / shard, metadata={"format": "pt", **mark()})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)
-        if untie or kept:
+        if untie or kept or own_heads:
             _untie(tmp, untie, shards[-1])
         _write_tokenizer_and_generation(base_dir, tmp, chat_template, trust_remote_code)
         if check:
@@ -388,8 +389,10 @@ def _shared_weight_aliases(config: AdapterConfig, tensors: dict, paths: list[str
             aliases.update(p for p in group if p != (stored or group)[0])
             continue
         mine = [p for p in group if p in adapted]
-        if len(stored) == 1 and stored[0] not in adapted and all(p in heads and p not in stored for p in mine):
-            own_heads.update({p: f"{stored[0]}.weight" for p in mine})
+        source = [p for p in stored if p not in heads]  # the input embeddings, which the tied heads take
+        if source and source[0] not in adapted and all(p in heads for p in mine):
+            # a head whose key the checkpoint holds as well keeps it: transformers ties only equal values
+            own_heads.update({p: f"{p if p in stored else source[0]}.weight" for p in mine})
             continue
         mine = mine[0]
         others = [p for p in group if p != mine]
@@ -434,7 +437,7 @@ def _copy_side_files(base_dir: Path, out: Path, shards: list[str], dtype) -> Non
         if f.is_file() and f.suffix in _KEEP_SUFFIXES and f.name not in _SKIP_NAMES and f.name not in shards:
             shutil.copy2(f, out / f.name)
     index = base_dir / INDEX_NAME
-    if index.is_file():
+    if index.is_file() and shards != ["model.safetensors"]:
         data = json.loads(index.read_text())
         data.setdefault("metadata", {})["total_size"] = sum(  # the tensors' bytes, as transformers counts them
             end - start for s in shards for t in read_safetensors_header(out / s)[0].values()

@@ -127,9 +127,10 @@ def cache_only_if_offline() -> bool:
 
 
 def check_shards(directory: Path) -> None:
-    """The shard index of a model directory, and each shard it lists there."""
+    """The shard index of a model directory, and each shard it lists there (unless a model.safetensors is there:
+    transformers loads that, and the index is one an earlier save left)."""
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
+    if index.is_file() and not (directory / "model.safetensors").is_file():
         weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: no weight_map of tensor names to shard files")

@@ -12,7 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -341,6 +341,32 @@ def test_merge_sharded_in_sharded_out(cli, tmp_path):
     assert index["metadata"]["total_size"] == sum(p.numel() * p.element_size() for p in merged.state_dict().values()) // 2
 
 
+def test_a_single_weights_file_wins_over_a_shard_index_left_beside_it(cli, tmp_path, chat_data):
+    """transformers loads model.safetensors before a shard index, and its save_pretrained leaves one beside the
+    other when a folder is saved again (sharded, then whole, or the reverse). merge read the index's shards, other
+    weights than training had (6.7 off in the logits, silently), and an index without its shards was refused as
+    an unfinished download."""
+    from tiny import tiny_tokenizer
+
+    folder = tmp_path / "base"
+    tiny_model("llama", vocab=320, seed=0).save_pretrained(folder, max_shard_size="20KB")  # the stale shards + index
+    tiny_model("llama", vocab=320, seed=1).save_pretrained(tmp_path / "whole")
+    shutil.copy(tmp_path / "whole" / "model.safetensors", folder)  # what transformers loads
+    tiny_tokenizer().save_pretrained(folder)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(folder), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("merge", tmp_path / "adapter", "--base", folder, "--output", tmp_path / "m", "--verify")
+    assert code == 0 and "): ok" in err, err
+    assert sorted(p.name for p in (tmp_path / "m").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), logits(theirs)) < 1e-5
+    for shard in folder.glob("model-*.safetensors"):  # the index alone is left: the single file still loads
+        shard.unlink()
+    code, _, err = cli("train", "--model", folder, "--data", chat_data, "--output", tmp_path / "run", "--max-steps", "1")
+    assert code == 0, err
+
+
 def test_merge_checks_the_base_files_it_copies(cli, trained_run, tiny_llama, tmp_path):
     """A base with a damaged config or index was "internal error: JSONDecodeError" (not naming the file); one with
     a broken tokenizer merged into a model nothing loads, and said it had succeeded."""
@@ -641,6 +667,19 @@ def test_lora_on_a_head_tied_to_the_embeddings(cli, chat_data, tmp_path):
     assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), want) < 1e-5
     code, _, err = cli("generate", "--model", base_dir, "--adapter", run, "--prompt", "hi", "--max-new-tokens", "2")
     assert code == 0, err
+    # a checkpoint that stores the head beside the embeddings (torch.save of a state dict, some converters): merge
+    # refused it ("cannot merge … does not update them all"); transformers ties equal copies and keeps unequal ones
+    stored = load_file(str(base_dir / "model.safetensors"))
+    for name, head in (("copy", stored["model.embed_tokens.weight"]), ("own", stored["model.embed_tokens.weight"] + 0.5)):
+        both = tmp_path / name
+        shutil.copytree(base_dir, both)
+        save_file({**stored, "lm_head.weight": head.clone()}, str(both / "model.safetensors"), metadata={"format": "pt"})
+        want = logits(peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(both), run).eval())
+        code, _, err = cli("merge", run, "--base", both, "--output", tmp_path / f"m_{name}", "--verify")
+        assert code == 0 and "): ok" in err, err
+        merged = load_file(str(tmp_path / f"m_{name}" / "model.safetensors"))
+        assert torch.equal(merged["model.embed_tokens.weight"], stored["model.embed_tokens.weight"])
+        assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / f"m_{name}").eval()), want) < 1e-5
 
 
 def test_conv1d_and_linear_targets_in_one_adapter(cli, tiny_gpt2, tmp_path):
