@@ -416,14 +416,21 @@ def load_model(source: ModelSource, dtype, trust_remote_code: bool = False, allo
     hf_logging.disable_progress_bar()
     try:
         with _no_own_type_notice():
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 local_path(source, status), dtype=dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True, **hub_revision(source), **kwargs,
+                use_safetensors=None if allow_pickle else True, output_loading_info=True, **hub_revision(source),
+                **kwargs,
             )
     except UserError:
         raise
     except Exception as e:
         raise UserError(_load_failure(source, "model", e, allow_pickle)) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers starts them at random (its load report says so): every process another model
+        head = any(k.split(".")[0] in ("lm_head", "embed_out", "output") for k in missing)
+        raise UserError(f"model {source.ref!r} lacks weights its architecture has: {few(missing)}; transformers would "
+                        "start them at random" + (" (saved without its LM head, by AutoModel rather than "
+                                                  "AutoModelForCausalLM?)" if head else ""))
     return model
 
 

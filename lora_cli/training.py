@@ -464,6 +464,8 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
 
         def write_adapter(d: Path, tensors: dict) -> None:
             write_adapter_files(d, adapter_cfg, tensors, meta)
+            if tstats.template and d != run_dir:  # a checkpoint copied out of its run prompts as the run trained
+                atomic_write_text(d / CHAT_TEMPLATE_FILE, tstats.template)
 
         lengths = [len(e.input_ids) for e in train_ex]
         n_loss = [e.n_loss for e in train_ex]

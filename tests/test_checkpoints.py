@@ -636,3 +636,28 @@ def test_a_run_being_replaced_by_merge_force_cannot_be_resumed_meanwhile(cli, ti
     assert cli("merge", other, "--output", run, "--force")[0] == 0
     assert seen[0].returncode == 1 and "is in use by another lora run (locked)" in seen[0].stderr, seen[0].stderr
     assert (run / "config.json").is_file() and not (run / "train_config.yaml").exists()  # the merge, whole
+
+
+def test_a_checkpoint_copied_out_of_its_run_keeps_the_chat_template_it_trained_with(cli, tiny_gpt2, chat_data,
+                                                                                    tmp_path):
+    """The template a run trained with (here the built-in one: the base has none) was kept in the run folder only:
+    a checkpoint copied out of it was prompted as raw text by generate and merged without a template."""
+    from lora_cli.config import run_chat_template
+
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", tiny_gpt2, "--data", chat_data, "--output", run, "--max-steps", "2",
+                       "--save-every", "1")
+    assert code == 0, err
+    template = (run / "chat_template.jinja").read_text()
+    copied = tmp_path / "copied"
+    shutil.copytree(run / "checkpoints" / "step-000001", copied)
+    assert run_chat_template(copied) == template
+    answers = []
+    for adapter in (run / "checkpoints" / "step-000001", copied):
+        code, out, err = cli("generate", "--model", tiny_gpt2, "--adapter", adapter, "--prompt", "hi",
+                             "--max-new-tokens", "4", "--json")
+        assert code == 0, err
+        answers.append(json.loads(out)["answer"])
+    assert answers[0] == answers[1]
+    assert cli("merge", copied, "--output", tmp_path / "m")[0] == 0
+    assert (tmp_path / "m" / "chat_template.jinja").read_text() == template

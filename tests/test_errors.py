@@ -832,6 +832,27 @@ def test_a_ctrl_c_a_library_swallowed_still_stops_the_run(cli, tiny_llama, chat_
     assert signal.getsignal(number) is before
 
 
+def test_a_model_saved_without_its_lm_head_is_refused(cli, chat_data, tmp_path):
+    """A decoder saved by AutoModel (no lm_head.weight) trained against the random head transformers made up, a
+    new one in every process: generate answered differently each time and merge --verify blamed itself."""
+    from tiny import save_tiny
+
+    full = save_tiny(tmp_path / "full", "llama")
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(full).model.save_pretrained(bare)  # the body alone: LlamaModel
+    for f in full.glob("tokenizer*"):
+        shutil.copy(f, bare)
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    for args in (("train", "--model", bare, "--data", chat_data, "--output", tmp_path / "run", "--max-steps", "1"),
+                 ("generate", "--model", bare, "--prompt", "hi", "--max-new-tokens", "2")):
+        code, _, err = cli(*args)
+        assert code == 1 and err.strip().splitlines()[-1] == (
+            f"error: model '{bare}' lacks weights its architecture has: lm_head.weight; transformers would start them "
+            "at random (saved without its LM head, by AutoModel rather than AutoModelForCausalLM?)"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_missing_shard_is_named_and_pickles_are_offered_once():
     """A Hub model whose download stopped between shards was told to 'pass --allow-pickle' (a security switch
     for an unfinished download), and so was one loaded with --allow-pickle already."""
