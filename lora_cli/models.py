@@ -322,7 +322,24 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, status=
         raise UserError(_load_failure(source, "tokenizer", e)) from None
     if not has_vocabulary(tok):
         raise no_tokenizer
+    if getattr(tok, "chat_template", None) is None:
+        tok.chat_template = processor_chat_template(path, source)
     return tok
+
+
+def processor_chat_template(path: str, source: ModelSource) -> str | None:
+    """The chat template of a model that keeps it in chat_template.json (where processors save it: multimodal
+    models, some older saves), which AutoTokenizer does not read."""
+    from transformers.utils import cached_file
+
+    from lora_cli.config import shipped_chat_template
+
+    try:
+        found = cached_file(path, "chat_template.json", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False, **hub_revision(source))
+    except Exception:  # (a gated or broken repository: the tokenizer loaded, so go on without it)
+        return None
+    return shipped_chat_template(Path(found).parent) if found else None
 
 
 def _not_own_type_notice(record: logging.LogRecord) -> bool:

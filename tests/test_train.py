@@ -433,3 +433,20 @@ def test_gradient_checkpointing_where_the_architecture_has_none_is_named(cli, ch
     assert code == 1 and err.strip().splitlines()[-1] == (
         "error: OpenAIGPTLMHeadModel does not support gradient checkpointing (transformers has none for this "
         "architecture); train without --gradient-checkpointing"), err
+
+
+def test_a_chat_template_kept_in_chat_template_json_is_the_models(cli, chat_data, tmp_path):
+    """AutoTokenizer does not read chat_template.json (where processors save the template): such a model trained
+    in lora's built-in "User:" format instead of its own, silently, and merged with two conflicting templates."""
+    from tiny import CHATML, save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama")
+    (base / "chat_template.jinja").unlink()
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": CHATML}))
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--model", base, "--data", chat_data, "--output", run, "--max-steps", "1")
+    assert code == 0, err
+    assert not (run / "chat_template.jinja").exists()  # the model's own template: nothing of the run's to keep
+    assert cli("merge", run, "--output", tmp_path / "m")[0] == 0
+    assert (tmp_path / "m" / "chat_template.jinja").read_text() == CHATML
+    assert json.loads((tmp_path / "m" / "chat_template.json").read_text())["chat_template"] == CHATML
