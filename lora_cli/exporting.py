@@ -127,7 +127,7 @@ def hub_id_of(base: str) -> str:
     cached = re.search(r"(?:^|/)models--([^/]+)/snapshots/[^/]+/?$", base.replace(os.sep, "/"))
     if cached:
         return cached.group(1).replace("--", "/", 1)  # (models--gpt2: gpt2)
-    if Path(base).expanduser().exists() or not HUB_ID.fullmatch(base) or ".." in base or base.endswith(".gguf"):
+    if Path(base).expanduser().exists() or not HUB_ID.fullmatch(base) or ".." in base or base.lower().endswith(".gguf"):
         return "BASE_MODEL"
     return base
 

@@ -66,7 +66,7 @@ def adapter_facts(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "base_model_name_or_path": config.base_model_name_or_path,
         "revision": config.revision,
-        "base_is_gguf": GGUF_BASE_KEY in meta or str(config.base_model_name_or_path or "").endswith(".gguf"),
+        "base_is_gguf": GGUF_BASE_KEY in meta or str(config.base_model_name_or_path or "").lower().endswith(".gguf"),
         "r": config.r,
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "lora_alpha": config.lora_alpha,

@@ -65,7 +65,7 @@ def hub_revision(source: ModelSource) -> dict:
 
 def _classify(ref: str, allow_pickle: bool) -> ModelSource:
     p = Path(ref).expanduser()
-    if ref.endswith(".gguf"):
+    if ref.lower().endswith(".gguf"):
         if not p.is_file():
             raise UserError(f"model file {ref!r} does not exist")
         if gguf_type(p) == "adapter":
@@ -398,6 +398,12 @@ def check_token_ids(model, tokenizer, top: int) -> None:
     """Token ids past the embedding table: a tokenizer from another model (an IndexError deep in the forward)."""
     rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
     if rows is not None and top >= rows:
+        added = getattr(tokenizer, "added_tokens_decoder", {}).get(top)
+        if added is not None:  # the model's own tokenizer, grown: the usual cause
+            raise UserError(f"the tokenizer's added token {str(added)!r} (id {top}) has no row in the model's embedding "
+                            f"table ({rows} rows): tokens were added to the tokenizer ({len(tokenizer)} tokens) without "
+                            "resizing the model's embeddings; resize them (model.resize_token_embeddings("
+                            "len(tokenizer))) and save the model")
         raise UserError(f"the tokenizer gives token id {top}, but the model's embedding table has {rows} rows: the "
                         f"tokenizer ({len(tokenizer)} tokens) is not this model's")
 

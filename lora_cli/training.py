@@ -319,7 +319,13 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     if resume and not list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} has no complete checkpoint to continue from (the run stopped before its "
                         "first); start it again with --force")
-    source = resolve_model(cfg.model, cfg.allow_pickle, cfg.revision)
+    try:
+        source = resolve_model(cfg.model, cfg.allow_pickle, cfg.revision)
+    except UserError as e:
+        if not resume:
+            raise
+        raise UserError(f"{e} (the model the run started with, as its {run_dir / CONFIG_FILE} names it; if it moved, "
+                        "set model: there to its new place)", e.exit_code) from None
     keep_freed_memory()
 
     use_cuda = torch.cuda.is_available()

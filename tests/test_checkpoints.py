@@ -661,3 +661,21 @@ def test_a_checkpoint_copied_out_of_its_run_keeps_the_chat_template_it_trained_w
     assert answers[0] == answers[1]
     assert cli("merge", copied, "--output", tmp_path / "m")[0] == 0
     assert (tmp_path / "m" / "chat_template.jinja").read_text() == template
+
+
+def test_a_run_whose_base_moved_says_where_to_name_it(cli, tiny_llama, chat_data, tmp_path):
+    """The resume said only that the model does not exist, and --model is refused on a resume: the way out, to
+    set model: in the run's train_config.yaml, was nowhere."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    run = tmp_path / "run"
+    assert cli("train", "--model", base, "--data", chat_data, "--output", run, "--max-steps", "1")[0] == 0
+    base.rename(tmp_path / "moved")
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "2")
+    assert code == 1 and "does not exist" in err and (f"(the model the run started with, as its {run}/train_config.yaml "
+                                                        "names it; if it moved, set model: there to its new place)") \
+        in " ".join(err.split()), err
+    config = run / "train_config.yaml"
+    config.write_text(config.read_text().replace(str(base), str(tmp_path / "moved")))
+    code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "2")
+    assert code == 0, err

@@ -668,6 +668,17 @@ def test_a_tokenizer_of_another_model_is_named(cli, tiny_llama, chat_data, tmp_p
                       "is not this model's")
     assert_user_error(cli("generate", "--model", small, "--prompt", "What is color 3?", "--max-new-tokens", "2"),
                       "the model's embedding table has 64 rows")
+    # the model's own tokenizer with tokens added and the embeddings not resized: said so, not "another model's"
+    grown = tmp_path / "grown"
+    shutil.copytree(tiny_llama, grown)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(grown)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    tok.save_pretrained(grown)
+    assert_user_error(cli("generate", "--model", grown, "--prompt", "call <tool>", "--max-new-tokens", "2"),
+                      f"the tokenizer's added token '<tool>' (id {len(tok) - 1}) has no row in the model's embedding "
+                      "table", "without resizing the model's embeddings")
 
 
 def test_a_run_stopped_before_its_first_checkpoint_says_to_start_again(cli, tiny_llama, chat_data, tmp_path):
@@ -883,3 +894,12 @@ def test_hub_dataset_split_and_configuration_errors_name_the_flag():
     cached = ValueError("There are multiple 'org/two' configurations in the cache: b, a\nPlease specify which …")
     assert _dataset_error(cached, "--data-config") == ("the cache holds several of its configurations (b, a): pick "
                                                        "one with --data-config")
+
+
+def test_a_gguf_named_in_capitals_is_read_as_one(smollm2_gguf, tmp_path):
+    """`X.GGUF` was "a file; give a transformers directory, a .gguf file or a Hub id"."""
+    from lora_cli.models import resolve_model
+
+    link = tmp_path / "SmolLM2.GGUF"
+    link.symlink_to(smollm2_gguf)
+    assert resolve_model(str(link)).kind == "gguf"
