@@ -215,14 +215,14 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
         raise UserError("--format gguf needs the gguf package: pip install 'lora-cli[gguf]'") from None
     from lora_cli.errors import atomic_path
     from lora_cli.merging import base_directory
-    from lora_cli.models import other_architecture, resolve_model
+    from lora_cli.models import other_architecture, resolve_base
 
     output = Path(output)
     config, factors = portable_factors(adapter_dir)
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    source = resolve_model(ref, allow_pickle=True)  # its config.json is all that is read: nothing is unpickled
+    source = resolve_base(ref, bool(base), allow_pickle=True)  # only its config.json is read: nothing unpickled
     check_output(output, force, file=(b"GGUF", "a GGUF file"), ours=_gguf_we_wrote,
                  reads=(adapter_dir, source.path if source.kind != "hub" else None))
     hp = json.loads((base_directory(source) / "config.json").read_text())

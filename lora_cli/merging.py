@@ -35,6 +35,7 @@ from lora_cli.models import (
     load_tokenizer,
     model_type_of,
     other_architecture,
+    resolve_base,
     resolve_model,
 )
 
@@ -163,13 +164,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    try:
-        source = resolve_model(ref, allow_pickle)
-    except UserError as e:
-        if base:
-            raise
-        raise UserError(f"{e} (the base the adapter names in its base_model_name_or_path; --base MODEL gives "
-                        "another)", e.exit_code) from None
+    source = resolve_base(ref, bool(base), allow_pickle)
     if not base and config.revision:  # PEFT records the base's revision; its auto-loader loads that one
         if source.kind == "hub":
             source = dataclasses.replace(source, revision=config.revision)

@@ -58,6 +58,18 @@ def resolve_model(ref: str, allow_pickle: bool = False, revision: str | None = N
     return source
 
 
+def resolve_base(ref: str, given: bool, allow_pickle: bool = False) -> ModelSource:
+    """The base of an adapter: `ref` is --base if `given`, else the adapter's base_model_name_or_path (a moved or
+    deleted folder, then: the error says where the name came from and how to give another)."""
+    try:
+        return resolve_model(ref, allow_pickle)
+    except UserError as e:
+        if given:
+            raise
+        raise UserError(f"{e} (the base the adapter names in its base_model_name_or_path; --base MODEL gives "
+                        "another)", e.exit_code) from None
+
+
 def hub_revision(source: ModelSource) -> dict:
     """from_pretrained's revision argument, for a Hub id loaded at one."""
     return {"revision": source.revision} if source.revision else {}
@@ -91,6 +103,7 @@ def _classify(ref: str, allow_pickle: bool) -> ModelSource:
         if not any(f.suffix == ".safetensors" or f.name.endswith(PICKLE_SUFFIXES) for f in p.iterdir()):
             raise UserError(f"model directory {ref!r} has no weights (no *.safetensors file): an unfinished download "
                             "or copy?")
+        check_not_only_variants(p)
         return ModelSource(ref, str(p.resolve()), "dir")
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise UserError(f"model {ref!r} does not exist (not a local path, and not a Hub id)")
@@ -138,6 +151,22 @@ def check_shards(directory: Path) -> None:
         if missing:
             raise UserError(f"{directory} lacks {few(missing)}, which its {index.name} lists (an unfinished "
                             "download or copy?)")
+
+
+_VARIANT = re.compile(r"^model\.(?P<v>[\w-]+?)(?:-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.(?P<i>[\w-]+)\.json$")
+
+
+def check_not_only_variants(directory: Path) -> None:
+    """Weights saved under a variant name only (save_pretrained(variant="fp16"): model.fp16.safetensors), which
+    transformers loads only when asked for that variant: said so, rather than "no safetensors weights"."""
+    names = {f.name for f in directory.iterdir()}
+    if "model.safetensors" in names or "model.safetensors.index.json" in names:
+        return
+    variants = sorted({m["v"] or m["i"] for n in names if (m := _VARIANT.match(n))})
+    if variants:
+        raise UserError(f"model directory {str(directory)!r} holds its weights as the {', '.join(variants)} variant "
+                        f"only (model.{variants[0]}.safetensors, as save_pretrained(variant=...) names them), which lora "
+                        "does not load by name: rename the files without the variant, or save the model without one")
 
 
 def check_known_architecture(directory: Path) -> None:

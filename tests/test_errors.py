@@ -651,8 +651,9 @@ def test_merge_says_where_a_missing_base_came_from(cli, run_dir, tmp_path):
     cfg = json.loads((moved / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "gone")
     (moved / "adapter_config.json").write_text(json.dumps(cfg))
-    assert_user_error(cli("merge", moved, "--output", tmp_path / "m"), "does not exist",
-                      "base_model_name_or_path; --base MODEL gives another")
+    for command in (("merge", moved, "--output", tmp_path / "m"),
+                    ("export", moved, "--format", "gguf", "--output", tmp_path / "m.gguf")):
+        assert_user_error(cli(*command), "does not exist", "base_model_name_or_path; --base MODEL gives another")
 
 
 def test_a_tokenizer_of_another_model_is_named(cli, tiny_llama, chat_data, tmp_path):
@@ -903,3 +904,17 @@ def test_a_gguf_named_in_capitals_is_read_as_one(smollm2_gguf, tmp_path):
     link = tmp_path / "SmolLM2.GGUF"
     link.symlink_to(smollm2_gguf)
     assert resolve_model(str(link)).kind == "gguf"
+
+
+def test_weights_saved_as_a_variant_only_are_named_so(cli, chat_data, tmp_path):
+    """save_pretrained(variant="fp16") writes model.fp16.safetensors: the error said there were no safetensors
+    weights and offered --allow-pickle, which cannot help."""
+    from tiny import tiny_model, tiny_tokenizer
+
+    folder = tmp_path / "variant"
+    tiny_model("llama", vocab=320).save_pretrained(folder, variant="fp16")
+    tiny_tokenizer().save_pretrained(folder)
+    assert (folder / "model.fp16.safetensors").is_file()
+    assert_user_error(cli(*train_args(folder, chat_data, tmp_path / "o")),
+                      "holds its weights as the fp16 variant only (model.fp16.safetensors",
+                      "rename the files without the variant")
