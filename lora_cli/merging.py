@@ -50,7 +50,7 @@ class MergeResult:
     output: Path
     merged_modules: int
     shards: int
-    dtype: str | None
+    dtype: str  # of the weights written
 
 
 def base_directory(source: ModelSource, status=None, flag: str = "--base", allow_pickle: bool = False) -> Path:
@@ -216,7 +216,10 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     # heads given their own weight: into the last shard, unless the checkpoint holds a (tied) copy already
     untie = [k for k in [*replace.values(), *originals] if k not in all_keys]
 
-    merged = 0
+    if source.is_gguf and dtype is None and status:
+        status("note: the GGUF base is dequantized to float32, and so is the merged model (--dtype bfloat16 writes half "
+               "the size)")
+    merged, stored = 0, set()
     with atomic_dir(output) as tmp:
         for shard in shards:
             state = load_file(str(base_dir / shard))
@@ -234,6 +237,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
             state.update({k: v for k, v in originals.items() if k in state or (shard == shards[-1] and k in untie)})
             if dtype is not None:
                 state = {k: cast_finite(v, dtype, k) if v.is_floating_point() else v for k, v in state.items()}
+            stored |= {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
             save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp / shard, metadata={"format": "pt", **mark()})
             del state
         _copy_side_files(base_dir, tmp, shards, dtype)
@@ -242,7 +246,8 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
         _write_tokenizer_and_generation(base_dir, tmp, chat_template, trust_remote_code)
         if check:
             check(tmp)
-    return MergeResult(output, merged + len(own_heads), len(shards), str(dtype).replace("torch.", "") if dtype else None)
+    written = str(dtype).replace("torch.", "") if dtype else f"{' + '.join(sorted(stored))}, the base's"
+    return MergeResult(output, merged + len(own_heads), len(shards), written)
 
 
 def _merged_weight(config: AdapterConfig, path: str, w: torch.Tensor, tensors: dict, transposed: bool) -> torch.Tensor:

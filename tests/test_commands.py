@@ -358,7 +358,7 @@ def test_a_single_weights_file_wins_over_a_shard_index_left_beside_it(cli, tmp_p
         r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)).eval()
     theirs.save_pretrained(tmp_path / "adapter")
     code, _, err = cli("merge", tmp_path / "adapter", "--base", folder, "--output", tmp_path / "m", "--verify")
-    assert code == 0 and "): ok" in err, err
+    assert code == 0 and "): ok" in err and "(1 shard(s), float32, the base's)" in err, err
     assert sorted(p.name for p in (tmp_path / "m").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
     assert rel_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()), logits(theirs)) < 1e-5
     for shard in folder.glob("model-*.safetensors"):  # the index alone is left: the single file still loads

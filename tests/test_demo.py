@@ -23,6 +23,9 @@ def test_demo_improves_by_a_wide_margin_and_merge_is_exact(tmp_path, smollm2_ggu
     assert res["exact_match_after"] >= res["exact_match_before"] + 0.6
     assert abs(res["exact_match_merged"] - res["exact_match_after"]) <= 0.05
     assert res["merge_verify_max_abs_logit_diff"] < 1e-3
+    said = " ".join(r.stdout.split())  # (rich wraps the lines)
+    assert "note: the GGUF base is dequantized to float32, and so is the merged model" in said
+    assert "(1 shard(s), float32, the base's)" in said
     assert res["adapter_mb_fp16"] < 0.05 * res["model_mb"]
     # the run directory is a PEFT adapter of a dequantized GGUF base, and says so
     facts = json.loads(subprocess.run([sys.executable, "-m", "lora_cli", "inspect", str(tmp_path / "run"), "--json"],

@@ -58,7 +58,7 @@ def merge_command(
                                 run_chat_template(adapter), status=console.print, check=check if verify else None,
                                 trust_remote_code=trust_remote_code)
     console.print(f"merged {result.merged_modules} weights into {result.output} ({result.shards} shard(s), "
-                  f"{result.dtype or 'base dtype'}) in {time.perf_counter() - t0 - sum(verify_s):.1f} s"
+                  f"{result.dtype}) in {time.perf_counter() - t0 - sum(verify_s):.1f} s"
                   + (f", verified in {verify_s[0]:.1f} s" if verify_s else ""))
 
 
