@@ -884,6 +884,11 @@ def _tokenizers_serial() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
+# Tokens past --max-length after which a conversation's later answers are not rendered: their first tokens lie
+# beyond the cut (more than merges across one boundary could move).
+CUT_MARGIN = 32
+
+
 class Encoder:
     """Turns records into Examples with one tokenizer, template and length limit."""
 
@@ -1053,9 +1058,14 @@ class Encoder:
             return self._tagged_chat(messages, where, stats, tools, first_loss)
         spans: list[tuple[int, int]] = []  # character spans of assistant turns (end-of-turn included)
         previous = ""
+        count_at = self.max_length  # characters of `previous` at which its tokens are counted next (doubling)
         for i, m in enumerate(messages):
             if m["role"] != "assistant" or i < first_loss or i in silent:
                 continue
+            if len(previous) >= count_at:  # each answer renders the conversation so far: quadratic in turns
+                if len(self.tok(previous, add_special_tokens=False)["input_ids"]) >= self.max_length + CUT_MARGIN:
+                    break  # the later answers start past --max-length, where the conversation is cut anyway
+                count_at = 2 * len(previous)
             if i == 0:  # templates cannot render the empty prefix, so its header cannot be told apart
                 raise UserError(f"{where}: the conversation starts with an assistant turn; add the user (or "
                                 "system) turn it answers")

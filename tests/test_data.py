@@ -619,3 +619,19 @@ def test_num_proc_above_the_cores_says_what_it_uses(cli, tiny_llama, chat_data, 
                        tmp_path / "run")
     assert code == 0, err
     assert f"note: --num-proc 64 → {cores}, the CPU cores this run has" in err
+
+
+def test_a_long_conversation_cut_by_max_length_is_not_rendered_turn_by_turn_past_the_cut(tok, monkeypatch):
+    """Every answer rendered the whole conversation before it (the prefix check that makes masks safe): quadratic
+    in turns, and paid for turns that --max-length cuts away anyway (1,024 turns: 1.6 s a conversation). The
+    example is the one the whole conversation gives, cut."""
+    turns = [{"role": r, "content": f"{r} turn {i}: " + "word " * (i % 7)}
+             for i in range(400) for r in ("user", "assistant")]
+    (whole,), _ = Encoder(tok, 100_000).encode_all([{"messages": turns}])
+    renders = []
+    real = Encoder.render
+    monkeypatch.setattr(Encoder, "render", lambda self, *a, **k: renders.append(1) or real(self, *a, **k))
+    (cut,), stats = Encoder(tok, 256).encode_all([{"messages": turns}])
+    assert stats.truncated == 1 and len(cut.input_ids) == 256
+    assert np.array_equal(cut.input_ids, whole.input_ids[:256]) and np.array_equal(cut.labels, whole.labels[:256])
+    assert len(renders) < 60  # 801 before: two per answer, and the whole
