@@ -312,6 +312,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import gather_object, set_seed
 
+    t_begin = time.perf_counter()
     cfg = resolve_run_config(cfg, resume, given).resolved()
     cfg.validate()
     run_dir = Path(cfg.output)
@@ -476,6 +477,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         lengths = [len(e.input_ids) for e in train_ex]
         n_loss = [e.n_loss for e in train_ex]
         n_slots = world * cfg.grad_accum
+        setup_s = time.perf_counter() - t_begin  # this start's: loading the model, tokenizing
         t_start = time.perf_counter() - state["wall_time_s"]
         cached_epoch, batches = -1, []
         metrics_fh = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if main else None
@@ -598,7 +600,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             raise UserError(f"stopped by {stopped} after step {state['step']}; checkpoint saved. Resume with: "
                             f"lora train --output {shlex.quote(str(run_dir))} --resume{how}",
                             exit_code=128 + number if number else 1, shared=True)
-        summary = _summary(cfg, state, plan, engine, world, tstats, estats, report, device)
+        summary = _summary(cfg, state, plan, engine, world, tstats, estats, report, device) | {"setup_s": round(setup_s, 2)}
         tensors = gathered_lora_tensors(acc, loss_model)
         if main:
             write_adapter(run_dir, tensors)
@@ -971,7 +973,7 @@ def _losses(stats, max_length: int, verb: str, empty_means: str) -> list[tuple[s
 def _after_table(summary: dict, run_dir: Path, drew: bool):
     rows = [
         ("final loss", f"{summary['final_loss']:.4f}"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s training, after {summary['setup_s']:.1f} s loading and tokenizing"),
         ("peak memory", f"{summary['peak_memory_bytes'] / 2**30:.2f} GiB"),
     ]
     if summary["eval_loss"] is not None:

@@ -43,6 +43,8 @@ def test_loss_falls_on_a_memorisable_dataset(cli, tiny_llama, chat_data, tmp_pat
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "loss.png"):
         assert (run / name).is_file()
     assert "final loss" in err and "lora merge" in err
+    # the time before the first step (loading, tokenizing) is reported beside the training's (it was left out)
+    assert summary["setup_s"] > 0 and f"after {summary['setup_s']:.1f} s loading and tokenizing" in " ".join(err.split())
 
 
 def test_run_dir_loads_in_peft_with_our_logits(cli, tiny_llama, chat_data, tmp_path):
