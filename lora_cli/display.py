@@ -170,7 +170,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     ax.plot(steps, [m["loss"] for m in metrics if "loss" in m], label="train loss", lw=1.2)
     ev = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     if ev:
-        ax.plot(*zip(*ev), "o-", label="eval loss", lw=1.5)
+        ax.plot(*zip(*ev), "o-" if len(ev) <= 50 else "-", label="eval loss", lw=1.5)  # (markers would hide the train curve)
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (a 3-step run had ticks at 1.25, 1.5…)
     ax.set_ylabel("loss (nats / token)")
