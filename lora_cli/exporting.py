@@ -76,7 +76,8 @@ def model_card(facts: dict, adapter_dir: str | Path, dtype: torch.dtype) -> str:
     hub_meta = "" if hub_base == "BASE_MODEL" else f"base_model: {hub_base}\n"  # the Hub links it; a local path it refuses
     gguf = Path(str(base)) if facts["base_is_gguf"] and base else None  # transformers reads a GGUF by folder + file name
     load = (f'AutoModelForCausalLM.from_pretrained("{gguf.parent}", gguf_file="{gguf.name}")' if gguf
-            else f'AutoModelForCausalLM.from_pretrained("{hub_base}")')
+            else f'AutoModelForCausalLM.from_pretrained("{hub_base}"'
+            + (f', revision="{facts["revision"]}")' if facts.get("revision") else ")"))
 
     def num(x, fmt=".4f"):
         return format(x, fmt) if isinstance(x, (int, float)) else "n/a"

@@ -164,13 +164,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
     ref = base or config.base_model_name_or_path
     if not ref:
         raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    source = resolve_base(ref, bool(base), allow_pickle)
-    if not base and config.revision:  # PEFT records the base's revision; its auto-loader loads that one
-        if source.kind == "hub":
-            source = dataclasses.replace(source, revision=config.revision)
-        elif status:
-            status(f"note: the adapter was trained on revision {config.revision!r} of its base; {ref} is a local "
-                   "copy, merged as it is")
+    source = adapter_base(config, base, allow_pickle, status)
     held = check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))  # noqa: F841
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
@@ -514,6 +508,20 @@ class Verification:
         return self.diff <= self.allowed
 
 
+def adapter_base(config: AdapterConfig, base: str | None, allow_pickle: bool = False, status=None) -> ModelSource:
+    """The model an adapter goes onto: --base, else the base it names, at the revision it names (PEFT records the
+    base's revision; its auto-loader loads that one), also when --base names the same Hub id."""
+    ref = base or config.base_model_name_or_path
+    source = resolve_base(ref, bool(base), allow_pickle)
+    if config.revision and ref == config.base_model_name_or_path:
+        if source.kind == "hub":
+            source = dataclasses.replace(source, revision=config.revision)
+        elif status:
+            status(f"note: the adapter was trained on revision {config.revision!r} of its base; {ref} is a local "
+                   "copy, merged as it is")
+    return source
+
+
 def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | None = None,
                  prompts: tuple[str, ...] = ("Hello, how are you?", "The capital of France is", "1, 2, 3,"),
                  allow_pickle: bool = False, trust_remote_code: bool = False) -> Verification:
@@ -524,8 +532,7 @@ def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | No
     from lora_cli.lora.inject import merge_lora
     from lora_cli.models import load_model, load_tokenizer
 
-    ref = base or read_adapter_config(adapter_dir).base_model_name_or_path
-    source = resolve_model(ref, allow_pickle)
+    source = adapter_base(read_adapter_config(adapter_dir), base, allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     with_adapter = load_model(source, torch.float32, trust_remote_code, allow_pickle).eval()
     load_adapter(with_adapter, adapter_dir)

@@ -160,7 +160,8 @@ def check_not_only_variants(directory: Path) -> None:
     """Weights saved under a variant name only (save_pretrained(variant="fp16"): model.fp16.safetensors), which
     transformers loads only when asked for that variant: said so, rather than "no safetensors weights"."""
     names = {f.name for f in directory.iterdir()}
-    if "model.safetensors" in names or "model.safetensors.index.json" in names:
+    if "model.safetensors" in names or "model.safetensors.index.json" in names or any(
+            n.endswith(PICKLE_SUFFIXES) for n in names):  # (pickled weights beside them: --allow-pickle loads those)
         return
     variants = sorted({m["v"] or m["i"] for n in names if (m := _VARIANT.match(n))})
     if variants:
@@ -368,7 +369,10 @@ def processor_chat_template(path: str, source: ModelSource) -> str | None:
                             _raise_exceptions_for_connection_errors=False, **hub_revision(source))
     except Exception:  # (a gated or broken repository: the tokenizer loaded, so go on without it)
         return None
-    return shipped_chat_template(Path(found).parent) if found else None
+    try:
+        return shipped_chat_template(Path(found).parent) if found else None
+    except UserError:  # a damaged file beside a tokenizer that loaded: as before it was read, the model loads
+        return None
 
 
 def _not_own_type_notice(record: logging.LogRecord) -> bool:

@@ -116,10 +116,12 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def warmup_steps(warmup: float, total: int) -> int:
+def warmup_steps(warmup: float, total: int, rounded_up: bool = True) -> int:
     """< 1: a fraction of the steps, rounded up as transformers does (a fraction's float error aside: 0.1 of 30
-    steps is 3); >= 1: a step count."""
-    return math.ceil(round(warmup * total, 9)) if warmup < 1 else int(warmup)
+    steps is 3), or to the nearest (half to even) for runs started before 2026-12-01; >= 1: a step count."""
+    if warmup >= 1:
+        return int(warmup)
+    return math.ceil(round(warmup * total, 9)) if rounded_up else int(round(warmup * total))
 
 
 GROUP_SPAN = 16  # global batches per length-sorted group
@@ -433,14 +435,16 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
 
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
                  "best_eval_step": None, "last_loss": None, "data_fingerprint": fingerprint(train_ex),
-                 "window": EMPTY_WINDOW}
+                 "window": EMPTY_WINDOW, "warmup_rounded_up": True}
         if ckpt:
             saved = load_checkpoint_state(ckpt, loss_model, optimizer, scheduler, rank, world, engine)
             if saved.get("data_fingerprint", state["data_fingerprint"]) != state["data_fingerprint"]:
                 raise UserError(f"the training data is not the run's any more ({cfg.data} gives other tokens than "
                                 f"when {ckpt.name} was written); --resume continues the same run exactly: restore "
                                 "the data, or start a new run")
-            state.update(saved)
+            state.update(saved, warmup_rounded_up=saved.get("warmup_rounded_up", False))
+            if not state["warmup_rounded_up"]:  # a run started before the warmup was rounded up keeps its schedule
+                plan = replace(plan, warmup=warmup_steps(cfg.warmup, plan.total_steps, rounded_up=False))
             if state["step"] >= plan.total_steps and (run_dir / SUMMARY_FILE).is_file():
                 raise UserError(f"the run already reached step {state['step']} of {plan.total_steps}; raise "
                                 "--max-steps or --epochs to train further")

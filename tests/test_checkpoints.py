@@ -679,3 +679,24 @@ def test_a_run_whose_base_moved_says_where_to_name_it(cli, tiny_llama, chat_data
     config.write_text(config.read_text().replace(str(base), str(tmp_path / "moved")))
     code, _, err = cli("train", "--output", run, "--resume", "--max-steps", "2")
     assert code == 0, err
+
+
+def test_a_run_started_before_the_warmup_was_rounded_up_resumes_on_its_own_schedule(cli, tiny_llama, chat_data,
+                                                                                      tmp_path):
+    """4 steps × --warmup 0.125 is half a step: rounded to none then, up to one now. A run started before (its
+    checkpoints lack warmup_rounded_up) went on at the other schedule's lr after a resume."""
+    from lora_cli.training import lr_factor
+
+    run = tmp_path / "run"
+    assert cli("train", "--model", tiny_llama, "--data", chat_data, "--output", run, "--max-steps", "4", "--warmup",
+               "0.125", "--save-every", "1", "--save-total-limit", "10", "--lr", "1e-2")[0] == 0
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-2 * lr_factor(s, 4, 1, "cosine") for s in range(4)])
+    for step in (3, 4):
+        shutil.rmtree(run / "checkpoints" / f"step-00000{step}")
+    state = run / "checkpoints" / "step-000002" / "trainer_state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "warmup_rounded_up"}))
+    code, _, err = cli("train", "--output", run, "--resume")
+    assert code == 0, err
+    lrs = [json.loads(x)["lr"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[2:] == pytest.approx([1e-2 * lr_factor(s, 4, 0, "cosine") for s in (2, 3)])

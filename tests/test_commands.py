@@ -969,11 +969,16 @@ def test_train_and_generate_take_a_revision_of_a_hub_model(cli, tmp_path, monkey
     assert "revision" not in json.loads((tmp_path / "main" / "adapter_config.json").read_text())
     assert "org/tiny at revision v1 (LlamaForCausalLM)" in said["v1"]
     assert "lora generate --model org/tiny --revision v1 --adapter" in said["v1"]
-    assert cli("merge", tmp_path / "v1", "--output", tmp_path / "m")[0] == 0
     ids = torch.tensor([[5, 17, 33, 60, 91, 7, 12]])
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(v1), tmp_path / "v1").eval()
-    assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, theirs(ids).logits,
-                          atol=1e-4)
+    assert cli("export", tmp_path / "v1", "--output", tmp_path / "card")[0] == 0  # its card loads that base too
+    assert 'AutoModelForCausalLM.from_pretrained("org/tiny", revision="v1")' in (tmp_path / "card" / "README.md").read_text()
+    # --verify compared with the default branch (a 14 logit "bug in lora merge"); --base org/tiny merged onto it
+    for name, extra in (("m", ["--verify"]), ("m_base", ["--base", "org/tiny"])):
+        code, _, err = cli("merge", tmp_path / "v1", "--output", tmp_path / name, *extra)
+        assert code == 0, err
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path / name)(ids).logits, theirs(ids).logits,
+                              atol=1e-4)
     answers = {}
     for name, model in (("v1", ["org/tiny", "--revision", "v1"]), ("v1_dir", [v1]), ("main", ["org/tiny"])):
         code, out, err = cli("generate", "--model", *model, "--prompt", "hi", "--max-new-tokens", "8", "--json")

@@ -918,3 +918,8 @@ def test_weights_saved_as_a_variant_only_are_named_so(cli, chat_data, tmp_path):
     assert_user_error(cli(*train_args(folder, chat_data, tmp_path / "o")),
                       "holds its weights as the fp16 variant only (model.fp16.safetensors",
                       "rename the files without the variant")
+    # pickled weights beside the variant: what --allow-pickle loads (the variant check refused them)
+    torch.save(tiny_model("llama", vocab=320).state_dict(), folder / "pytorch_model.bin")
+    assert_user_error(cli(*train_args(folder, chat_data, tmp_path / "o")), "--allow-pickle")
+    code, _, err = cli(*train_args(folder, chat_data, tmp_path / "o"), "--allow-pickle")
+    assert code == 0, err

@@ -452,3 +452,6 @@ def test_a_chat_template_kept_in_chat_template_json_is_the_models(cli, chat_data
     assert cli("merge", run, "--output", tmp_path / "m")[0] == 0
     assert (tmp_path / "m" / "chat_template.jinja").read_text() == CHATML
     assert json.loads((tmp_path / "m" / "chat_template.json").read_text())["chat_template"] == CHATML
+    (base / "chat_template.json").write_text("{not json")  # damaged: read as before, not at all (the model loads)
+    code, _, err = cli("train", "--model", base, "--data", chat_data, "--output", tmp_path / "r2", "--max-steps", "1")
+    assert code == 0, err
