@@ -215,15 +215,12 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
     except ImportError:
         raise UserError("--format gguf needs the gguf package: pip install 'lora-cli[gguf]'") from None
     from lora_cli.errors import atomic_path
-    from lora_cli.merging import base_directory
-    from lora_cli.models import other_architecture, resolve_base
+    from lora_cli.merging import adapter_base, base_directory
+    from lora_cli.models import other_architecture
 
     output = Path(output)
     config, factors = portable_factors(adapter_dir)
-    ref = base or config.base_model_name_or_path
-    if not ref:
-        raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    source = resolve_base(ref, bool(base), allow_pickle=True)  # only its config.json is read: nothing unpickled
+    source = adapter_base(adapter_dir, config, base, allow_pickle=True)  # its config.json alone is read
     check_output(output, force, file=(b"GGUF", "a GGUF file"), ours=_gguf_we_wrote,
                  reads=(adapter_dir, source.path if source.kind != "hub" else None))
     hp = json.loads((base_directory(source) / "config.json").read_text())
@@ -273,7 +270,7 @@ def export_gguf(adapter_dir: str | Path, output: str | Path, base: str | None, d
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    return {"output": str(output), "size_bytes": output.stat().st_size, "base_size_bytes": base_size_bytes(ref)}
+    return {"output": str(output), "size_bytes": output.stat().st_size, "base_size_bytes": base_size_bytes(source.ref)}
 
 
 def _check_fits(factors: dict, base_dir: Path):

@@ -35,7 +35,6 @@ from lora_cli.models import (
     load_tokenizer,
     model_type_of,
     other_architecture,
-    resolve_base,
     resolve_model,
 )
 
@@ -161,10 +160,7 @@ def merge_to_directory(adapter_dir: str | Path, output: str | Path, base: str | 
 
     output = Path(output)
     config = read_adapter_config(adapter_dir)
-    ref = base or config.base_model_name_or_path
-    if not ref:
-        raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
-    source = adapter_base(config, base, allow_pickle, status)
+    source = adapter_base(adapter_dir, config, base, allow_pickle, status)
     held = check_output(output, force, reads=(adapter_dir, source.path if source.kind != "hub" else None))  # noqa: F841
     tensors = read_adapter_tensors(adapter_dir)
     base_dir = base_directory(source, status, allow_pickle=allow_pickle)
@@ -508,11 +504,21 @@ class Verification:
         return self.diff <= self.allowed
 
 
-def adapter_base(config: AdapterConfig, base: str | None, allow_pickle: bool = False, status=None) -> ModelSource:
-    """The model an adapter goes onto: --base, else the base it names, at the revision it names (PEFT records the
-    base's revision; its auto-loader loads that one), also when --base names the same Hub id."""
+def adapter_base(adapter_dir, config: AdapterConfig, base: str | None, allow_pickle: bool = False,
+                 status=None) -> ModelSource:
+    """The model an adapter goes onto: --base, else the base it names (a moved or deleted folder, then: the error
+    says where the name came from), at the revision it names (PEFT records the base's revision; its auto-loader
+    loads that one), also when --base names the same Hub id."""
     ref = base or config.base_model_name_or_path
-    source = resolve_base(ref, bool(base), allow_pickle)
+    if not ref:
+        raise UserError(f"{adapter_dir} does not name its base model; pass --base MODEL")
+    try:
+        source = resolve_model(ref, allow_pickle)
+    except UserError as e:
+        if base:
+            raise
+        raise UserError(f"{e} (the base the adapter names in its base_model_name_or_path; --base MODEL gives "
+                        "another)", e.exit_code) from None
     if config.revision and ref == config.base_model_name_or_path:
         if source.kind == "hub":
             source = dataclasses.replace(source, revision=config.revision)
@@ -532,7 +538,7 @@ def verify_merge(adapter_dir: str | Path, merged_dir: str | Path, base: str | No
     from lora_cli.lora.inject import merge_lora
     from lora_cli.models import load_model, load_tokenizer
 
-    source = adapter_base(read_adapter_config(adapter_dir), base, allow_pickle)
+    source = adapter_base(adapter_dir, read_adapter_config(adapter_dir), base, allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     with_adapter = load_model(source, torch.float32, trust_remote_code, allow_pickle).eval()
     load_adapter(with_adapter, adapter_dir)

@@ -58,18 +58,6 @@ def resolve_model(ref: str, allow_pickle: bool = False, revision: str | None = N
     return source
 
 
-def resolve_base(ref: str, given: bool, allow_pickle: bool = False) -> ModelSource:
-    """The base of an adapter: `ref` is --base if `given`, else the adapter's base_model_name_or_path (a moved or
-    deleted folder, then: the error says where the name came from and how to give another)."""
-    try:
-        return resolve_model(ref, allow_pickle)
-    except UserError as e:
-        if given:
-            raise
-        raise UserError(f"{e} (the base the adapter names in its base_model_name_or_path; --base MODEL gives "
-                        "another)", e.exit_code) from None
-
-
 def hub_revision(source: ModelSource) -> dict:
     """from_pretrained's revision argument, for a Hub id loaded at one."""
     return {"revision": source.revision} if source.revision else {}
