@@ -8,7 +8,6 @@ under torchrun with the variables `accelerate launch --config_file configs/accel
 """
 
 import os
-import sys
 
 import accelerate
 import accelerate.state as state
@@ -37,4 +36,4 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # with DS_ACCELERATOR=
 if __name__ == "__main__":
     from lora_cli.cli import main
 
-    main(sys.argv[1:])
+    main()  # (as the `lora` command: it reads sys.argv)

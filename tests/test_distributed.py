@@ -40,6 +40,33 @@ def test_accelerate_launch_runs_the_cli(tmp_path, tiny_llama, chat_data):
     assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
 
 
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_launched_process_ends_without_the_interpreters_clean_up(world):
+    """Under torchrun, gloo's worker threads outlive destroy_process_group and release the last collective's
+    tensors a moment after it completed: during the interpreter's finalization that aborted the process
+    (SIGABRT, 'terminate called without an active exception') and failed a run that had finished. One of several
+    processes now exits before finalizing: with its output flushed into a pipe, atexit functions run, and its
+    exit code kept."""
+    script = ("import atexit, sys\n"
+              "from lora_cli.cli import main\n"
+              "atexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+              "class Finalized:\n"
+              "    def __del__(self): print('finalized', file=sys.stderr)\n"
+              "kept = Finalized()\n"
+              "sys.argv = ['lora', *sys.argv[1:]]\n"
+              "main()\n")
+    env = {**os.environ, "WORLD_SIZE": world}
+    for argv, code in ((["--help"], 0), (["inspect", "/nonexistent"], 1)):
+        r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env)
+        assert r.returncode == code, r.stderr
+        assert "atexit ran" in r.stderr
+        assert ("finalized" in r.stderr) == (world == "1")
+        if code:
+            assert r.stderr.startswith("error: adapter '/nonexistent' does not exist\n")
+        else:
+            assert r.stdout.startswith("Usage: lora") and "inspect" in r.stdout and r.stdout.endswith("\n")
+
+
 def test_two_processes_give_the_same_adapter(tmp_path, tiny_llama, chat_data):
     # one eval record for two processes: the one without an eval batch skipped its forward, and the other waited
     # in DDP's forward for it forever
