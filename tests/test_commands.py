@@ -988,6 +988,9 @@ def test_train_and_generate_take_a_revision_of_a_hub_model(cli, tmp_path, monkey
     code, _, err = cli("generate", "--model", "org/tiny", "--adapter", tmp_path / "v1", "--prompt", "hi",
                        "--max-new-tokens", "2")
     assert code == 0 and "was trained on revision 'v1' of org/tiny, loaded here at its default branch" in err
+    code, _, err = cli("generate", "--model", "org/tiny", "--revision", "b" * 40, "--adapter", tmp_path / "v1",
+                       "--prompt", "hi", "--max-new-tokens", "2")  # v1's commit, by its hash: the same model
+    assert code == 0 and "trained on revision" not in err, err
     code, _, err = cli("train", "--model", main, "--revision", "v1", *common, "--output", tmp_path / "x")
     assert code == 1 and "--revision v1 picks a version of a Hub model" in err and "a local directory" in err
     assert not (tmp_path / "x").exists()

@@ -136,7 +136,8 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         warning = other_architecture(config.base_model_name_or_path, model.config.model_type, "--model", "loads")
         if warning:
             console.print(warning)
-        if config.revision and config.base_model_name_or_path == source.ref and config.revision != source.revision:
+        if config.revision and config.base_model_name_or_path == source.ref and config.revision != source.revision \
+                and not _same_commit(source.ref, config.revision, source.revision):
             console.print(f"note: {a} was trained on revision {config.revision!r} of {source.ref}, loaded here at "
                           + (repr(source.revision) if source.revision else "its default branch")
                           + f" (--revision {config.revision} loads that one)")
@@ -186,3 +187,11 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
+
+
+def _same_commit(repo_id: str, a: str | None, b: str | None) -> bool:
+    """Whether two revisions of a Hub id (a branch and its commit's hash, say) are one commit in the local cache."""
+    from lora_cli.models import cached_commit
+
+    commit = cached_commit(repo_id, a)
+    return commit is not None and commit == cached_commit(repo_id, b)
