@@ -11,7 +11,7 @@ from lora_cli import loss as loss_mod
 from lora_cli.data import IGNORE, Encoder, Example, collate, first_fit, pack
 from lora_cli.errors import UserError
 from lora_cli.loss import CausalLMLoss, attention_mask_for
-from lora_cli.training import check_packing
+from lora_cli.training import check_packing, stateful_layers
 
 
 def records():
@@ -134,6 +134,58 @@ def test_packing_check_catches_records_that_see_each_other(monkeypatch):
     monkeypatch.setattr(loss_mod, "attention_mask_for", lambda model, block: torch.ones(block.shape[0], block.shape[-1]))
     with pytest.raises(UserError, match="packed together see each other in LlamaForCausalLM"):
         check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "LlamaForCausalLM")
+
+
+def test_packing_is_refused_for_layers_that_carry_a_state(cli, tmp_path):
+    """LFM2's short convolutions (and Mamba, linear attention, RG-LRU layers) carry a state from one record into
+    the next, which no attention mask stops: a random tiny LFM2 (its own initializer range) moves a packed record's
+    loss by about 1e-6, under what the check on the model tells from rounding, so --packing trained it silently.
+    Its config says so."""
+    from conftest import write_jsonl
+    from tiny import save_tiny
+
+    model = save_tiny(tmp_path / "lfm2", "lfm2")
+    data = write_jsonl(tmp_path / "d.jsonl", records())
+    code, _, err = cli("train", "--model", model, "--data", data, "--output", tmp_path / "run", "--packing",
+                       "--max-steps", "1")
+    assert code == 1 and "error: --packing: Lfm2ForCausalLM has layers that carry a state from one token to the " \
+                         "next (its config's layer_types lists conv layers)" in " ".join(err.split()), err
+    assert not (tmp_path / "run").exists()
+    assert cli("train", "--model", model, "--data", data, "--output", tmp_path / "run", "--max-steps", "1")[0] == 0
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "falcon_h1", "bamba", "qwen3_next", "minimax", "lfm2", "lfm2_moe",
+                                        "recurrent_gemma", "granitemoehybrid", "nemotron_h", "zamba2", "mamba2"])
+def test_configs_of_layers_with_a_state_are_told(model_type):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert stateful_layers(CONFIG_MAPPING[model_type]()) is not None
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gemma3n_text", "gpt_oss", "llama4_text", "cohere2",
+                                        "deepseek_v3", "modernbert-decoder", "olmo3", "phimoe", "whisper"])
+def test_configs_of_attention_models_are_not_told(model_type):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert stateful_layers(CONFIG_MAPPING[model_type]()) is None
+
+
+def test_packing_check_catches_a_state_the_config_does_not_name():
+    """RWKV's config names no layer kinds: behind another record than a copy of itself, a record's loss changes."""
+    loss_model, example, pad = _loss_model("rwkv")
+    assert stateful_layers(loss_model.model.config) is None
+    with pytest.raises(UserError, match="see each other in RwkvForCausalLM .* behind another record"):
+        check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "RwkvForCausalLM",
+                      loss_model.model.config)
+
+
+def test_packing_check_names_positions_that_do_not_restart():
+    """BartForCausalLM counts positions along the whole packed sequence: nothing leaks from the record before
+    (the same loss behind either), but the record is computed at other positions than alone."""
+    loss_model, example, pad = _loss_model("bart")
+    with pytest.raises(UserError, match="does not restart positions at each record"):
+        check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "BartForCausalLM",
+                      loss_model.model.config)
 
 
 def test_packing_on_a_model_without_4d_masks_is_one_clear_error(cli, tmp_path):

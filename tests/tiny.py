@@ -92,6 +92,12 @@ def tiny_config(arch: str, vocab: int = 128) -> tf.PretrainedConfig:
         return tf.JetMoeConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
                                kv_channels=16, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
                                max_position_embeddings=256)
+    if arch == "lfm2":  # hybrid: short-convolution layers beside attention, which carry a state along the sequence
+        return tf.Lfm2Config(**{**c, "initializer_range": 0.02}, num_key_value_heads=2,  # (its own default)
+                             layer_types=["conv", "full_attention"])
+    if arch == "rwkv":  # recurrent, and nothing in its config says so
+        return tf.RwkvConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                             intermediate_size=64, context_length=256)
     if arch == "mamba":  # no attention; its slow path reads dt_proj.weight directly
         return tf.MambaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8)
     raise ValueError(arch)
