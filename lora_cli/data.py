@@ -106,11 +106,12 @@ class EncodeStats:
     shape: str = ""
     packed: int = 0  # sequences after --packing (0 = not packed)
     empty_answers: int = 0  # records whose answer (an assistant turn with loss) is empty: an empty CSV cell, often
+    no_answer: int = 0  # records of turns without an assistant turn with loss (only a user turn): nothing to learn
     template: str | None = None  # the chat template rendered with, if not the tokenizer's own (custom, built-in)
 
     def add(self, part: EncodeStats) -> None:
         """Count in what encoding a part of the records counted."""
-        for name in ("dropped_no_loss", "truncated", "chunked", "empty_answers"):
+        for name in ("dropped_no_loss", "truncated", "chunked", "empty_answers", "no_answer"):
             setattr(self, name, getattr(self, name) + getattr(part, name))
         self.template = self.template or part.template
 
@@ -950,6 +951,11 @@ class Encoder:
         stats.examples = len(examples)
         stats.tokens = sum(len(e.input_ids) for e in examples)
         stats.loss_tokens = sum(e.n_loss for e in examples)
+        if not examples and stats.no_answer:
+            raise UserError(f"{name}: no record has a token to learn from: {stats.no_answer:,} of {stats.records:,} "
+                            "records have no assistant turn to learn (none, or only turns of weight 0): the loss is "
+                            "on the answers; give each conversation its answer, or --train-on-prompt to learn every "
+                            "token")
         if not examples:
             raise UserError(f"{name}: no record has a token to learn from ({stats.dropped_no_loss} sequences dropped: empty, "
                             f"or every answer token cut by --max-length {self.max_length})")
@@ -996,6 +1002,8 @@ class Encoder:
         if shape == "text":
             return self._text(_str(rec["text"], where, "text"), stats)
         messages, first_loss, plain_pair = to_chat(rec, shape, where)
+        stats.no_answer += not self.train_on_prompt and not any(
+            m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS) for i, m in enumerate(messages))
         stats.empty_answers += any(m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS)
                                    and not m.get("tool_calls") and not str(m.get("content") or "").strip()
                                    for i, m in enumerate(messages))

@@ -1015,8 +1015,9 @@ def _losses(stats, max_length: int, verb: str, empty_means: str) -> list[tuple[s
     """Rows on what the length limit and empty answers did to a set's records (train: `verb` learn; eval: score)."""
     rows = []
     if stats.dropped_no_loss or stats.truncated or stats.chunked:
-        rows.append(("", f"dropped {stats.dropped_no_loss:,} with nothing to {verb} · truncated {stats.truncated:,} · "
-                         f"chunked {stats.chunked:,} (max length {max_length})"))
+        without = f" ({stats.no_answer:,} without an assistant turn)" if stats.no_answer else ""
+        rows.append(("", f"dropped {stats.dropped_no_loss:,} with nothing to {verb}{without} · truncated "
+                         f"{stats.truncated:,} · chunked {stats.chunked:,} (max length {max_length})"))
     if stats.empty_answers:
         rows.append(("warning", f"{stats.empty_answers} record{'s answer' if stats.empty_answers > 1 else ' answers'} with "
                                 f"nothing (an empty completion, output or assistant turn: an empty CSV cell?); "

@@ -187,6 +187,19 @@ def test_truncation_drops_records_without_loss_and_counts_them(tok):
         Encoder(tok, 32).encode_all(recs[:1])
 
 
+def test_records_without_an_answer_are_named_as_such(tok):
+    """Chat records with only a user turn: the error blamed emptiness or --max-length, not the missing answer."""
+    asked = [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(4)]
+    with pytest.raises(UserError, match="no record has a token to learn from: 4 of 4 records have no assistant turn "
+                                        r"to learn \(none, or only turns of weight 0\).*--train-on-prompt"):
+        Encoder(tok, 512).encode_all(asked)
+    answered = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    exs, stats = Encoder(tok, 512).encode_all(asked + answered)
+    assert len(exs) == 1 and stats.dropped_no_loss == 4 and stats.no_answer == 4
+    exs, stats = Encoder(tok, 512, train_on_prompt=True).encode_all(asked)  # every token learned
+    assert len(exs) == 4 and stats.no_answer == 0
+
+
 def test_examples_hold_8_bytes_a_token(tok):
     """Token ids and labels are int32 arrays of their own: a truncated or chunked record keeps no view of the
     longer sequence it was cut from (the whole record would stay in memory)."""
