@@ -381,8 +381,17 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         check_token_ids(model, tokenizer, max(int(e.input_ids.max()) for e in train_ex + (eval_ex or [])))
         # the fused head + loss only where it computes the model's own logits (checked before LoRA or compiling;
         # ZeRO-3 has partitioned the weights: a forward outside its engine cannot run, and the rules decide)
-        fast_head = engine == "DeepSpeed" or head_is_last(
-            model, torch.as_tensor(train_ex[0].input_ids[:4], device=next(model.parameters()).device).long()[None])
+        try:  # (the model's first forward, before LoRA)
+            fast_head = engine == "DeepSpeed" or head_is_last(
+                model, torch.as_tensor(train_ex[0].input_ids[:4], device=next(model.parameters()).device).long()[None])
+        except Exception as e:
+            if "out of memory" in str(e).lower():
+                raise
+            from transformers import __version__ as version
+
+            raise UserError(f"{type(model).__name__} fails in its own forward pass over 4 tokens, before any LoRA "
+                            f"({type(e).__name__}: {e}); the model or its config.json does not run in transformers "
+                            f"{version} as it is") from None
         set_seed(cfg.seed)
         paths, adapter_cfg = add_lora(model, cfg, source)
         misread = peft_misread_targets(model, adapter_cfg.target_modules)

@@ -261,6 +261,21 @@ def test_a_failed_run_leaves_no_folder_it_made(cli, tmp_path, tiny_llama, chat_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
+def test_a_model_that_fails_its_own_forward_is_named(cli, tmp_path, tiny_llama, chat_data, monkeypatch):
+    """A model (or config) that transformers cannot run was reported as lora's 'internal error'."""
+    import transformers.models.llama.modeling_llama as llama
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("shape '[1, 4, 4, 8]' is invalid for input of size 64")
+
+    monkeypatch.setattr(llama.LlamaAttention, "forward", broken)
+    code, _, err = cli("train", "--model", tiny_llama, "--data", chat_data, "--output", tmp_path / "run")
+    assert code == 1 and "error: LlamaForCausalLM fails in its own forward pass over 4 tokens, before any LoRA " \
+                         "(RuntimeError: shape '[1, 4, 4, 8]' is invalid for input of size 64); the model or its " \
+                         "config.json does not run in transformers" in " ".join(err.split()), err
+    assert "internal error" not in err and not (tmp_path / "run").exists()
+
+
 def test_all_flag_problems_are_reported_at_once(cli, tmp_path, tiny_llama, chat_data):
     result = cli(*train_args(tiny_llama, chat_data, tmp_path / "o", "--rank", "0", "--lr", "-1", "--batch-size", "0"))
     assert_user_error(result, "--rank", "--lr", "--batch-size")
