@@ -1002,11 +1002,9 @@ class Encoder:
         if shape == "text":
             return self._text(_str(rec["text"], where, "text"), stats)
         messages, first_loss, plain_pair = to_chat(rec, shape, where)
-        stats.no_answer += not self.train_on_prompt and not any(
-            m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS) for i, m in enumerate(messages))
-        stats.empty_answers += any(m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS)
-                                   and not m.get("tool_calls") and not str(m.get("content") or "").strip()
-                                   for i, m in enumerate(messages))
+        answers = [m for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_loss and not m.get(NO_LOSS)]
+        stats.no_answer += not answers and not self.train_on_prompt
+        stats.empty_answers += any(not m.get("tool_calls") and not str(m.get("content") or "").strip() for m in answers)
         if plain_pair and self.plain_pairs:
             return [self._plain_pair(messages[0]["content"], messages[1]["content"], stats)]
         if self.template != getattr(self.tok, "chat_template", None):
