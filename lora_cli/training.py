@@ -461,7 +461,9 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             if state["step"] > plan.total_steps:  # (an interrupted run: it would be called done, its length lost)
                 raise UserError(f"the run's last checkpoint is at step {state['step']}, past the {plan.total_steps} "
                                 f"steps asked; give --max-steps {state['step']} or more (or --epochs)")
-            if bad := _truncate_metrics(run_dir / METRICS_FILE, state["step"]):
+            # the main process's alone: it appends to the file next, and another's rewrite landing after that
+            # replaced the file it appends to (rows lost, silently)
+            if main and (bad := _truncate_metrics(run_dir / METRICS_FILE, state["step"])):
                 say(f"warning: {run_dir / METRICS_FILE}: dropped {len(bad)} line(s) that are not metric rows "
                     f"(line {', '.join(map(str, bad[:5]))}{' …' if len(bad) > 5 else ''}); the file was damaged or edited")
             # the schedule is the resumed run's (--max-steps or --epochs may have grown): the optimizer's saved
