@@ -951,14 +951,15 @@ class Encoder:
         stats.examples = len(examples)
         stats.tokens = sum(len(e.input_ids) for e in examples)
         stats.loss_tokens = sum(e.n_loss for e in examples)
-        if not examples and stats.no_answer:
-            raise UserError(f"{name}: no record has a token to learn from: {stats.no_answer:,} of {stats.records:,} "
-                            "records have no assistant turn to learn (none, or only turns of weight 0): the loss is "
-                            "on the answers; give each conversation its answer, or --train-on-prompt to learn every "
-                            "token")
         if not examples:
-            raise UserError(f"{name}: no record has a token to learn from ({stats.dropped_no_loss} sequences dropped: empty, "
-                            f"or every answer token cut by --max-length {self.max_length})")
+            cut = stats.dropped_no_loss - stats.no_answer  # (the sequences of records without an answer are dropped too)
+            cut_why = f"{cut} sequences dropped: empty, or every answer token cut by --max-length {self.max_length}"
+            if not stats.no_answer:
+                raise UserError(f"{name}: no record has a token to learn from ({cut_why})")
+            raise UserError(f"{name}: no record has a token to learn from: {stats.no_answer:,} of {stats.records:,} "
+                            "records have no assistant turn to learn (none, or only turns of weight 0; the loss is on "
+                            "the answers: give each its answer, or --train-on-prompt to learn every token)"
+                            + (f", and {cut_why}" if cut > 0 else ""))
         return examples, stats
 
     def _encode_block(self, records: list[dict], name: str, first: str, span: tuple[int, int]

@@ -1026,7 +1026,7 @@ def _losses(stats, max_length: int, verb: str, empty_means: str) -> list[tuple[s
     """Rows on what the length limit and empty answers did to a set's records (train: `verb` learn; eval: score)."""
     rows = []
     if stats.dropped_no_loss or stats.truncated or stats.chunked:
-        without = f" ({stats.no_answer:,} without an assistant turn)" if stats.no_answer else ""
+        without = f" ({stats.no_answer:,} without an assistant turn to learn)" if stats.no_answer else ""
         rows.append(("", f"dropped {stats.dropped_no_loss:,} with nothing to {verb}{without} · truncated "
                          f"{stats.truncated:,} · chunked {stats.chunked:,} (max length {max_length})"))
     if stats.empty_answers:

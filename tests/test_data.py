@@ -190,9 +190,14 @@ def test_truncation_drops_records_without_loss_and_counts_them(tok):
 def test_records_without_an_answer_are_named_as_such(tok):
     """Chat records with only a user turn: the error blamed emptiness or --max-length, not the missing answer."""
     asked = [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(4)]
-    with pytest.raises(UserError, match="no record has a token to learn from: 4 of 4 records have no assistant turn "
-                                        r"to learn \(none, or only turns of weight 0\).*--train-on-prompt"):
+    with pytest.raises(UserError, match=r"no record has a token to learn from: 4 of 4 records have no assistant "
+                                        r"turn to learn \(none, or only turns of weight 0; .*--train-on-prompt to "
+                                        r"learn every token\)$"):
         Encoder(tok, 512).encode_all(asked)
+    cut = [{"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "yo"}]}] * 3
+    with pytest.raises(UserError, match=r": 2 of 5 records have no assistant turn to learn .*\), and 3 sequences "
+                                        r"dropped: empty, or every answer token cut by --max-length 16$"):
+        Encoder(tok, 16).encode_all(asked[:2] + cut)  # both reasons named, not only the missing answers
     answered = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
     exs, stats = Encoder(tok, 512).encode_all(asked + answered)
     assert len(exs) == 1 and stats.dropped_no_loss == 4 and stats.no_answer == 4
