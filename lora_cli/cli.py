@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None and one_of_several_processes():
             _exit_now(e.code)  # see one_of_several_processes
         raise
+    except BaseException:  # --debug's traceback
+        if argv is None and one_of_several_processes():
+            import traceback
+
+            traceback.print_exc()
+            _exit_now(130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

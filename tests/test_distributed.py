@@ -56,12 +56,14 @@ def test_a_launched_process_ends_without_the_interpreters_clean_up(world):
               "sys.argv = ['lora', *sys.argv[1:]]\n"
               "main()\n")
     env = {**os.environ, "WORLD_SIZE": world}
-    for argv, code in ((["--help"], 0), (["inspect", "/nonexistent"], 1)):
+    for argv, code in ((["--help"], 0), (["inspect", "/nonexistent"], 1), (["--debug", "inspect", "/nonexistent"], 1)):
         r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env)
         assert r.returncode == code, r.stderr
         assert "atexit ran" in r.stderr
         assert ("finalized" in r.stderr) == (world == "1")
-        if code:
+        if "--debug" in argv:  # the traceback instead of the error line, then the same exit
+            assert r.stderr.startswith("Traceback") and "UserError: adapter '/nonexistent' does not exist" in r.stderr
+        elif code:
             assert r.stderr.startswith("error: adapter '/nonexistent' does not exist\n")
         else:
             assert r.stdout.startswith("Usage: lora") and "inspect" in r.stdout and r.stdout.endswith("\n")
