@@ -504,6 +504,9 @@ def _load_failure(source: ModelSource, what: str, e: Exception, allow_pickle: bo
     if absent and not allow_pickle and source.kind != "gguf":  # (pickles: only when asked for)
         return (f"cannot load {what} {source.ref!r}: no safetensors weights; if its weights are pickled (*.bin), "
                 f"--allow-pickle loads them from a source you trust ({msg})")
+    if type(e).__name__.startswith("StrictDataclass"):  # a config.json value of the wrong type (transformers reads
+        # the config to load a tokenizer too)
+        return f"model {source.ref!r} has an invalid config.json: {msg}"
     if source.kind == "hub":
         at = f" at revision {source.revision!r}" if source.revision else ""
         return (f"cannot load {what} {source.ref!r}{at}: not a local path, and the Hub did not provide it "

@@ -48,6 +48,9 @@ def bad_inputs(tmp_path, tiny_llama, chat_data):
     (d / "unknown.yaml").write_text("rnak: 8\n")
     (d / "twice.yaml").write_text("rank: 8\nlr: 0.001\nrank: 16\n")
     (d / "twice-spelled.yaml").write_text("batch_size: 2\nbatch-size: 8\n")
+    shutil.copytree(tiny_llama, d / "badcfg")  # a config.json value of the wrong type (was "cannot load tokenizer")
+    (d / "badcfg/config.json").write_text(json.dumps({**json.loads((tiny_llama / "config.json").read_text()),
+                                                      "rms_norm_eps": "x"}))
     pickled = d / "pickled"
     pickled.mkdir()
     shutil.copy(tiny_llama / "config.json", pickled / "config.json")
@@ -139,6 +142,8 @@ CASES = {
     "unknown record shape": (lambda d, m, c: train_args(m, d / "shape.jsonl", d / "o"),
                              ["record 1", "unknown shape", "question", "messages"]),
     "nothing to learn": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "5"), ["no record has a token"]),
+    "config.json value of a wrong type": (lambda d, m, c: train_args(d / "badcfg", c, d / "o"),
+                                          ["has an invalid config.json", "rms_norm_eps", "expected float, got str"]),
     "max-length beyond the context": (lambda d, m, c: train_args(m, c, d / "o", "--max-length", "4096"),
                                       ["exceeds the model's context of 256 tokens"]),
     "lr 0": (lambda d, m, c: train_args(m, c, d / "o", "--lr", "0"), ["--lr must be a finite number > 0"]),
