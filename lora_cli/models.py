@@ -63,16 +63,19 @@ def hub_revision(source: ModelSource) -> dict:
     return {"revision": source.revision} if source.revision else {}
 
 
-def cached_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit that a Hub id's revision (a branch, tag or commit; None: main) is in the local cache, or None
-    where the cache does not hold it."""
+def same_commit(repo_id: str, a: str | None, b: str | None) -> bool:
+    """Whether two revisions of a Hub id (a branch, tag or commit; None: main) are one commit in the local cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    try:
-        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # (an id the cache's naming rejects)
-        return None
-    return Path(path).parent.name if isinstance(path, str) else None
+    def commit(revision):
+        try:
+            path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        except Exception:  # (an id the cache's naming rejects)
+            return None
+        return Path(path).parent.name if isinstance(path, str) else None
+
+    found = commit(a)
+    return found is not None and found == commit(b)
 
 
 def _classify(ref: str, allow_pickle: bool) -> ModelSource:

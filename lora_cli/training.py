@@ -441,7 +441,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
         device = acc.device
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if cfg.packing:  # before anything is written to the run directory
-            check_packing(loss_model, train_ex[0], pad_id, device, dtype, type(model).__name__, model.config)
+            check_packing(loss_model, model, train_ex[0], pad_id, device, dtype)
 
         state = {"step": 0, "loss_tokens_seen": 0, "wall_time_s": 0.0, "eval_history": [], "best_eval_loss": None,
                  "best_eval_step": None, "last_loss": None, "data_fingerprint": fingerprint(train_ex),
@@ -627,7 +627,7 @@ def train(cfg: TrainConfig, console, given: dict, resume: bool = False, force: b
             say(Text("next", style="bold cyan"))
             say(_next_commands(run_dir, cfg.model, cfg.allow_pickle, cfg.trust_remote_code, cfg.revision),
                 soft_wrap=True, highlight=False)
-        if world > 1:  # tear the process group down: one left to interpreter exit can abort the process
+        if world > 1:  # tear the process group down (gloo's threads outlive it: see cli.one_of_several_processes)
             acc.wait_for_everyone()
             acc.end_training()
     return summary
@@ -914,15 +914,15 @@ def stateful_layers(config) -> str | None:
     return None
 
 
-def check_packing(loss_model, example: Example, pad_id: int, device, dtype, model_name: str, config=None) -> None:
+def check_packing(loss_model, model, example: Example, pad_id: int, device, dtype) -> None:
     """--packing needs a model that takes per-record position ids and a block-diagonal attention mask, and
     whose layers carry nothing along the sequence but attention. Refused: a model whose config names such layers
     (`stateful_layers`); one whose record, a few tokens, gets another loss behind another record than behind a
     copy of itself (it sees through the mask: behind either, a model that keeps records apart computes the same
     numbers; a random tiny LFM2 differs by 1e-6, a trained model by far more); one where it gets another loss than
     alone (position ids not restarted); one that fails on the 4-D mask."""
-    why = stateful_layers(config) if config is not None else None
-    if why:
+    model_name = type(model).__name__
+    if why := stateful_layers(model.config):
         raise UserError(f"--packing: {model_name} has layers that carry a state from one token to the next ({why}): "
                         "a record packed behind another would start from that record's state, which an attention "
                         "mask cannot stop; train without --packing")

@@ -125,7 +125,7 @@ def _loss_model(arch):
 
 def test_packing_check_passes_a_model_that_keeps_records_apart():
     loss_model, example, pad = _loss_model("llama")
-    check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "LlamaForCausalLM")
+    check_packing(loss_model, loss_model.model, example, pad, torch.device("cpu"), torch.float32)
 
 
 def test_packing_check_catches_records_that_see_each_other(monkeypatch):
@@ -133,7 +133,7 @@ def test_packing_check_catches_records_that_see_each_other(monkeypatch):
     loss_model, example, pad = _loss_model("llama")
     monkeypatch.setattr(loss_mod, "attention_mask_for", lambda model, block: torch.ones(block.shape[0], block.shape[-1]))
     with pytest.raises(UserError, match="packed together see each other in LlamaForCausalLM"):
-        check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "LlamaForCausalLM")
+        check_packing(loss_model, loss_model.model, example, pad, torch.device("cpu"), torch.float32)
 
 
 def test_packing_is_refused_for_layers_that_carry_a_state(cli, tmp_path):
@@ -175,8 +175,7 @@ def test_packing_check_catches_a_state_the_config_does_not_name():
     loss_model, example, pad = _loss_model("rwkv")
     assert stateful_layers(loss_model.model.config) is None
     with pytest.raises(UserError, match="see each other in RwkvForCausalLM .* behind another record"):
-        check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "RwkvForCausalLM",
-                      loss_model.model.config)
+        check_packing(loss_model, loss_model.model, example, pad, torch.device("cpu"), torch.float32)
 
 
 def test_packing_check_names_positions_that_do_not_restart():
@@ -184,8 +183,7 @@ def test_packing_check_names_positions_that_do_not_restart():
     (the same loss behind either), but the record is computed at other positions than alone."""
     loss_model, example, pad = _loss_model("bart")
     with pytest.raises(UserError, match="does not restart positions at each record"):
-        check_packing(loss_model, example, pad, torch.device("cpu"), torch.float32, "BartForCausalLM",
-                      loss_model.model.config)
+        check_packing(loss_model, loss_model.model, example, pad, torch.device("cpu"), torch.float32)
 
 
 def test_packing_on_a_model_without_4d_masks_is_one_clear_error(cli, tmp_path):

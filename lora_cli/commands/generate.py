@@ -121,6 +121,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         load_tokenizer,
         other_architecture,
         resolve_model,
+        same_commit,
         torch_dtype,
     )
 
@@ -137,7 +138,7 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
         if warning:
             console.print(warning)
         if config.revision and config.base_model_name_or_path == source.ref and config.revision != source.revision \
-                and not _same_commit(source.ref, config.revision, source.revision):
+                and not same_commit(source.ref, config.revision, source.revision):
             console.print(f"note: {a} was trained on revision {config.revision!r} of {source.ref}, loaded here at "
                           + (repr(source.revision) if source.revision else "its default branch")
                           + f" (--revision {config.revision} loads that one)")
@@ -187,11 +188,3 @@ def _run(model_ref, adapters, prompts, system, no_chat, compare, max_new_tokens,
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_command)
-
-
-def _same_commit(repo_id: str, a: str | None, b: str | None) -> bool:
-    """Whether two revisions of a Hub id (a branch and its commit's hash, say) are one commit in the local cache."""
-    from lora_cli.models import cached_commit
-
-    commit = cached_commit(repo_id, a)
-    return commit is not None and commit == cached_commit(repo_id, b)
